@@ -1,0 +1,37 @@
+# Two commands for a newcomer (see README.md):
+#   make train   set up .venv on first use, then train configs/tiny.yaml on the built-in corpus
+#   make test    set up .venv on first use, then run the whole test suite
+# Torch: when the venv has no torch yet, TORCH_SPEC is installed first (the CPU wheel here).
+# To reuse an existing CUDA torch: make VENV_FLAGS=--system-site-packages train
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_SPEC ?= torch==2.13.0
+VENV_FLAGS ?=
+PYTEST_ARGS ?=
+export DS_BUILD_OPS ?= 0
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: setup train test test-fast bench lint
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV_FLAGS) $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
+	$(PIP) install -e ".[dev]"
+	touch $@
+
+train: setup
+	$(VENV)/bin/moeforge train $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+bench: setup
+	$(VENV)/bin/moeforge bench moe
+
+lint: setup
+	$(VENV)/bin/ruff check moe parallel attention launch tests

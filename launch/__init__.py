@@ -1,0 +1,3 @@
+"""Entry points: CLI, typed config, data, the training loop on the DeepSpeed engine,
+checkpoints, launchers, benchmarks and sweeps. Uses every other package.
+"""

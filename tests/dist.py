@@ -1,0 +1,72 @@
+"""A small owned harness for multi-process tests on CPU (gloo).
+
+    results = run_ranks(world_size, body, tmp_path, *args)
+
+spawns ``world_size`` processes, initialises a gloo group through a FileStore under
+``tmp_path``, runs ``body(rank, world_size, *args)`` in each, always destroys the group,
+returns each rank's (picklable) return value, re-raises a child's exception in the parent,
+and fails after ``timeout`` seconds instead of hanging.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _worker(rank: int, world_size: int, store_path: str, body: Callable, args: tuple, queue) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    try:
+        store = dist.FileStore(store_path, world_size)
+        dist.init_process_group(
+            "gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=120)
+        )
+        try:
+            out = body(rank, world_size, *args)
+            queue.put((rank, "ok", out))
+        finally:
+            dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001 - forwarded to the parent verbatim
+        queue.put((rank, "error", traceback.format_exc()))
+
+
+def run_ranks(
+    world_size: int, body: Callable, tmp_path: Path, *args: Any, timeout: float = 300.0
+) -> list[Any]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    store_path = str(Path(tmp_path) / f"store_{os.getpid()}_{id(body)}")
+    procs = [
+        ctx.Process(target=_worker, args=(r, world_size, store_path, body, args, queue))
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    errors: list[str] = []
+    try:
+        for _ in range(world_size):
+            rank, status, payload = queue.get(timeout=timeout)
+            if status == "ok":
+                results[rank] = payload
+            else:
+                errors.append(f"rank {rank} failed:\n{payload}")
+                break
+    except Exception as err:  # queue.Empty
+        errors.append(f"timed out after {timeout}s waiting for ranks ({err!r})")
+    finally:
+        for p in procs:
+            p.join(timeout=5 if errors else 30)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return [results[r] for r in range(world_size)]
