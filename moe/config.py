@@ -1,0 +1,31 @@
+"""Typed configuration of the MoE layer (the `moe:` section of a run config)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class MoEConfig(BaseModel):
+    """Everything an MoELayer and the model's MoE placement need; validated on load."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_experts: int = Field(ge=1)
+    top_k: int = Field(default=1, ge=1)
+    capacity_factor: float | None = 1.25
+    eval_capacity_factor: float | None = 2.0
+    min_capacity: int = Field(default=4, ge=0)
+    priority: Literal["sequence", "probability"] = "sequence"
+    router: Literal["token_choice", "expert_choice"] = "token_choice"
+    jitter_eps: float = Field(default=0.0, ge=0.0, lt=1.0)
+    activation: Literal["relu", "gelu", "swiglu"] = "relu"
+    shared_expert: bool = False
+    every: int = Field(default=2, ge=1, description="an MoE FFN every `every` blocks")
+    aux_loss_coef: float = Field(default=1e-2, ge=0.0)
+    z_loss_coef: float = Field(default=1e-3, ge=0.0)
+
+    def layer_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``MoELayer(d_model, d_ff, **kwargs)``."""
+        return self.model_dump(exclude={"every", "aux_loss_coef", "z_loss_coef"})
