@@ -1,0 +1,122 @@
+"""Pieces shared by the gated attention unit (`gau`) and FLASH (`flash`).
+
+Hua et al., ICML 2022, "Transformer Quality in Linear Time" (arXiv 2202.10447), §2 and §3;
+attention_spec.md §4. Both methods are full blocks: they replace attention + FFN, so the
+model builds them as ``x + unit(norm(x))`` and the unit returns ``(U ⊙ Ŷ) W_o`` without
+the residual.
+
+Shape letters: B batch, n sequence length, D model width, e expanded width (expansion·D),
+s shared query/key width, G chunks, C chunk length, P number of scale-offset projections.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from attention.base import AttentionOptions
+
+
+class GatedUnitOptions(AttentionOptions):
+    """Options common to GAU and FLASH; defaults are the paper's (s = 128, e = 2D)."""
+
+    expansion: int = Field(2, ge=1, description="e = expansion * d_model (paper: 2)")
+    qk_dim: int = Field(128, ge=1, description="s, the shared query/key width (paper: 128)")
+    max_relative_distance: int = Field(
+        128,
+        ge=0,
+        description="learned Toeplitz bias b_{t-s}, distances clipped to ±this; 0 turns it off",
+    )
+    bias: bool = True
+
+
+class GatedUnitCore(nn.Module):
+    """The projections of a gated unit: U, V (gate and values), and P scale-offset views of Z.
+
+    U = SiLU(x W_u), V = SiLU(x W_v) in [B, n, e]; Z = SiLU(x W_z) in [B, n, s];
+    view p is Z ⊙ γ_p + β_p (γ ~ N(0, 0.02²), β = 0 at init, as in the paper's pseudocode).
+    """
+
+    def __init__(self, d_model: int, options: GatedUnitOptions, num_views: int) -> None:
+        super().__init__()
+        hidden = options.expansion * d_model
+        self.hidden_dim = hidden
+        self.qk_dim = options.qk_dim
+        self.to_gate_value = nn.Linear(d_model, 2 * hidden, bias=options.bias)
+        self.to_shared = nn.Linear(d_model, options.qk_dim, bias=options.bias)
+        self.gamma = nn.Parameter(torch.randn(num_views, options.qk_dim) * 0.02)
+        self.beta = nn.Parameter(torch.zeros(num_views, options.qk_dim))
+        self.out = nn.Linear(hidden, d_model, bias=options.bias)
+        self.relative_bias = (
+            ToeplitzBias(options.max_relative_distance)
+            if options.max_relative_distance > 0
+            else None
+        )
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """x [B, n, D] -> U [B, n, e], V [B, n, e], and P views [B, n, s] of Z."""
+        gate, value = F.silu(self.to_gate_value(x)).chunk(2, dim=-1)
+        shared = F.silu(self.to_shared(x))
+        views = [shared * self.gamma[p] + self.beta[p] for p in range(self.gamma.shape[0])]
+        return gate, value, views
+
+    def bias_matrix(self, length: int, device: torch.device) -> torch.Tensor | None:
+        """b_{t-s} as an fp32 (fp64) [length, length] matrix, or None when the bias is off."""
+        if self.relative_bias is None:
+            return None
+        return self.relative_bias(length, device)
+
+
+class ToeplitzBias(nn.Module):
+    """A learned scalar bias per clipped relative distance t - s (one head), zero at init."""
+
+    def __init__(self, max_distance: int) -> None:
+        super().__init__()
+        self.max_distance = max_distance
+        self.table = nn.Parameter(torch.zeros(2 * max_distance + 1))
+
+    def forward(self, length: int, device: torch.device) -> torch.Tensor:
+        """[length, length] fp32 (fp64 for fp64 tables) with entry [t, s] = table[clip(t - s, ±max) + max]."""
+        positions = torch.arange(length, device=device)
+        distance = positions[:, None] - positions[None, :]
+        index = distance.clamp(-self.max_distance, self.max_distance) + self.max_distance
+        return upcast(self.table)[index]
+
+
+def relu_squared_scores(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    divisor: torch.Tensor | float,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """relu²(q kᵀ / divisor + b) in fp32 (or fp64), no softmax: q [.., t, s], k [.., m, s] -> [.., t, m].
+
+    ``divisor`` is a float or a tensor broadcastable to the scores (per-sequence lengths).
+    Scores are computed in fp32 whatever the input dtype (relu² overflows fp16/bf16 easily).
+    """
+    scores = upcast(query) @ upcast(key).transpose(-1, -2)
+    scores = scores / divisor
+    if bias is not None:
+        scores = scores + bias
+    return F.relu(scores).square()
+
+
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """t in fp32 when it is in a half type (fp16/bf16); fp32 and fp64 are kept."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def fp32_region(x: torch.Tensor) -> torch.autocast:
+    """A context in which autocast is off, so the score math really runs in fp32."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
+def real_lengths(
+    key_padding_mask: torch.Tensor | None, batch: int, length: int, device: torch.device
+) -> torch.Tensor:
+    """Number of real tokens per sequence as fp32 [B] (at least 1), n when there is no mask."""
+    if key_padding_mask is None:
+        return torch.full((batch,), float(length), device=device)
+    return key_padding_mask.sum(dim=-1).clamp(min=1).float()

@@ -1,0 +1,139 @@
+"""FLASH: the gated attention unit with mixed chunk attention (local quadratic + global linear).
+
+Hua et al., ICML 2022, §3 (arXiv 2202.10447); attention_spec.md §4. Like GAU it replaces
+attention + FFN (``replaces_ffn = True``; the model builds ``x + flash(norm(x))``).
+
+Shape letters: B batch, n sequence length (padded up to N = G·C), D model width, G chunks,
+C chunk length, e expanded width, s query/key width.
+
+Four scale-offset views of the shared Z give Q_quad, K_quad, Q_lin, K_lin. For chunk g:
+
+    Ŷ_quad[g] = relu²(Q_quad[g] K_quad[g]ᵀ / L_quad + b) V[g]    (tril inside g when causal)
+    Ŷ_lin[g]  = Q_lin[g] · Σ_h K_lin[h]ᵀ V[h] / L_lin               (all h; h < g when causal)
+    y = (U ⊙ (Ŷ_quad + Ŷ_lin)) W_o
+
+The causal linear part is an *exclusive* prefix sum over chunks: the current chunk is seen
+only through the quadratic part. Scale constants are an open item of the spec (§15, item 3);
+the defaults follow its recommendation and are options: L_quad = C, L_lin = the number of
+real tokens of the sequence (non-causal) or C (causal). Defaults: C = 256, s = 128, e = 2D,
+Toeplitz bias clipped at ±128. Cost O(n·C·(s + e) + n·s·e) time, O(n·C + G·s·e) memory.
+``num_heads`` is accepted for the common interface and ignored: FLASH is single-head.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from attention._gau_common import (
+    GatedUnitCore,
+    GatedUnitOptions,
+    fp32_region,
+    real_lengths,
+    relu_squared_scores,
+    upcast,
+)
+from attention.base import Attention, check_padding_mask, pad_to_multiple, zero_padded_queries
+from attention.registry import register
+
+
+class FlashOptions(GatedUnitOptions):
+    chunk_size: int = Field(256, ge=1, description="C, the local chunk length (paper: 256)")
+    linear_part: bool = Field(True, description="the global linear attention across chunks")
+    quad_divisor: int | None = Field(None, ge=1, description="L_quad; None = chunk_size")
+    linear_divisor: int | None = Field(
+        None,
+        ge=1,
+        description="L_lin; None = real tokens per sequence (non-causal) or chunk_size (causal)",
+    )
+
+
+@register
+class FlashAttention(Attention):
+    """FLASH mixed chunk attention, linear in n; causal and non-causal, with padding."""
+
+    name = "flash"
+    supports_causal = True
+    supports_padding = True
+    replaces_ffn = True
+    Options = FlashOptions
+
+    def __init__(self, d_model: int, num_heads: int, **kwargs: Any) -> None:
+        super().__init__(d_model, num_heads, **kwargs)
+        self.core = GatedUnitCore(d_model, self.options, num_views=4)
+
+    def forward(self, x, *, key_padding_mask=None, state=None):
+        """x [B, n, D] (mask bool [B, n], True = real) -> (y [B, n, D], None)."""
+        check_padding_mask(x, key_padding_mask)
+        options = self.options
+        chunk = options.chunk_size
+        batch, length, _ = x.shape
+        lengths = real_lengths(key_padding_mask, batch, length, x.device)
+        x, mask, _ = pad_to_multiple(x, key_padding_mask, chunk)
+        num_chunks = x.shape[1] // chunk
+        gate, value, views = self.core.project(x)
+        with fp32_region(x):
+            q_quad, k_quad, q_lin, k_lin = (
+                upcast(view).view(batch, num_chunks, chunk, -1) for view in views
+            )
+            value32 = upcast(value).view(batch, num_chunks, chunk, -1)
+            keep = None if mask is None else mask.view(batch, num_chunks, chunk, 1).float()
+            mixed = self._quadratic(q_quad, k_quad, value32, keep)
+            if options.linear_part:
+                mixed = mixed + self._linear(q_lin, k_lin, value32, keep, lengths)
+        mixed = mixed.reshape(batch, num_chunks * chunk, -1).to(gate.dtype)
+        y = self.core.out(gate * mixed)
+        y = zero_padded_queries(y, mask)
+        return y[:, :length], None
+
+    def _quadratic(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        keep: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Local relu² attention inside each chunk: [B, G, C, s|e] fp32 -> [B, G, C, e]."""
+        chunk = query.shape[2]
+        divisor = float(self.options.quad_divisor or chunk)
+        weights = relu_squared_scores(
+            query, key, divisor, self.core.bias_matrix(chunk, query.device)
+        )
+        if keep is not None:
+            weights = weights * keep.transpose(-1, -2)  # zero the columns of pad keys
+        if self.causal:
+            weights = weights.tril()
+        if self.training and self.options.dropout > 0:
+            weights = F.dropout(weights, p=self.options.dropout)
+        return weights @ value
+
+    def _linear(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        keep: torch.Tensor | None,
+        lengths: torch.Tensor,
+    ) -> torch.Tensor:
+        """Global linear attention across chunks: [B, G, C, s|e] fp32 -> [B, G, C, e]."""
+        chunk = query.shape[2]
+        if keep is not None:
+            key = key * keep  # zero K_lin rows at pad keys
+        # Σ over the positions of each chunk of k_lin ⊗ v: [B, G, s, e].
+        chunk_states = key.transpose(-1, -2) @ value
+        if self.causal:
+            # Exclusive prefix sum over chunks, built by shifting (not by subtracting the
+            # current chunk, which would let future tokens of the chunk leak by rounding).
+            shifted = F.pad(chunk_states[:, :-1], (0, 0, 0, 0, 1, 0))
+            states = shifted.cumsum(dim=1)
+            divisor: torch.Tensor | float = float(self.options.linear_divisor or chunk)
+        else:
+            states = chunk_states.sum(dim=1, keepdim=True)
+            if self.options.linear_divisor is None:
+                divisor = lengths[:, None, None, None]
+            else:
+                divisor = float(self.options.linear_divisor)
+        return (query @ states) / divisor

@@ -1,0 +1,93 @@
+"""The gated attention unit (GAU), quadratic: one relu²-attention head gating an expanded MLP.
+
+Hua et al., ICML 2022, §2 (arXiv 2202.10447); attention_spec.md §4. Replaces attention + FFN
+(the paper stacks two GAUs per former attention + FFN pair), so ``replaces_ffn = True`` and
+the model builds the block as ``x + gau(norm(x))``.
+
+Shape letters: B batch, n sequence length, D model width, e expanded width, s query/key
+width.
+
+    y = (U ⊙ (A V)) W_o,   A = relu²(Q Kᵀ / L + b),   Q = Z ⊙ γ_q + β_q,  K = Z ⊙ γ_k + β_k
+
+Defaults: expansion 2 (e = 2D), s = 128, learned Toeplitz bias clipped at ±128, and
+L = the number of real tokens of each sequence (the paper's ``/ n``, computed from the
+padding mask so that padding a batch does not change the scale; spec §4 pitfalls).
+``num_heads`` is accepted for the common interface and ignored: GAU is single-head.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from attention._gau_common import (
+    GatedUnitCore,
+    GatedUnitOptions,
+    fp32_region,
+    real_lengths,
+    relu_squared_scores,
+    upcast,
+)
+from attention.base import Attention, check_padding_mask, zero_padded_queries
+from attention.registry import register
+
+
+class GAUOptions(GatedUnitOptions):
+    score_divisor: int | None = Field(
+        None,
+        ge=1,
+        description="L in relu²(QKᵀ/L + b); None = real tokens per sequence (paper's n)",
+    )
+
+
+@register
+class GatedAttentionUnit(Attention):
+    """Quadratic GAU, O(n²(s + e)) time and O(n²) memory; causal via a lower-triangular A."""
+
+    name = "gau"
+    supports_causal = True
+    supports_padding = True
+    replaces_ffn = True
+    Options = GAUOptions
+
+    def __init__(self, d_model: int, num_heads: int, **kwargs: Any) -> None:
+        super().__init__(d_model, num_heads, **kwargs)
+        self.core = GatedUnitCore(d_model, self.options, num_views=2)
+
+    def forward(self, x, *, key_padding_mask=None, state=None):
+        """x [B, n, D] (mask bool [B, n], True = real) -> (y [B, n, D], None)."""
+        check_padding_mask(x, key_padding_mask)
+        batch, length, _ = x.shape
+        gate, value, (query, key) = self.core.project(x)
+        if self.options.score_divisor is None:
+            divisor = real_lengths(key_padding_mask, batch, length, x.device)[:, None, None]
+        else:
+            divisor = float(self.options.score_divisor)
+        with fp32_region(x):
+            weights = relu_squared_scores(
+                query, key, divisor, self.core.bias_matrix(length, x.device)
+            )
+            weights = mask_weights(weights, key_padding_mask, self.causal)
+            if self.training and self.options.dropout > 0:
+                weights = F.dropout(weights, p=self.options.dropout)
+            mixed = weights @ upcast(value)
+        y = self.core.out(gate * mixed.to(gate.dtype))
+        return zero_padded_queries(y, key_padding_mask), None
+
+
+def mask_weights(
+    weights: torch.Tensor, key_padding_mask: torch.Tensor | None, causal: bool
+) -> torch.Tensor:
+    """Zero the columns of relu² weights [B, .., t, m] at pad keys, and above the diagonal.
+
+    Multiplicative masking is exact here: the weights are >= 0 and there is no normaliser.
+    """
+    if key_padding_mask is not None:
+        shape = (weights.shape[0],) + (1,) * (weights.dim() - 2) + (weights.shape[-1],)
+        weights = weights * key_padding_mask.reshape(shape).to(weights.dtype)
+    if causal:
+        weights = weights.tril()
+    return weights
