@@ -1,0 +1,239 @@
+"""The one module that imports DeepSpeed, and every contract moeforge relies on in it.
+
+Contracts (DESIGN.md "DeepSpeed contracts", read in deepspeed 0.19.8's source; pinned by
+tests/parallel/test_deepspeed_bridge.py so an upgrade that breaks one fails loudly):
+
+1. ``runtime/engine.py`` turns on its MoE handling (``has_moe_layers``: expert gradient
+   reduction over the expert-data-parallel group, MoE optimizer groups under ZeRO) only for
+   modules that are instances of ``deepspeed.moe.layer.MoE``, scanned before the optimizer
+   is built. moeforge's MoELayer is not one (it stores stacked expert weights and must not
+   depend on deepspeed), so ``initialize`` attaches one parameter-free ``ExpertGroupMarker``
+   (a documented MoE subclass that skips MoE's constructor) per MoE layer under
+   ``model.deepspeed_moe_markers``. The engine then sees MoE layers, calls the marker's
+   ``set_deepspeed_parallelism`` (which creates the expert groups) and keeps MoE handling on.
+   The markers report ``num_local_experts = 0`` so the engine's per-expert checkpoint files,
+   which expect ``deepspeed_moe.experts.deepspeed_experts.<i>`` names, are never written;
+   the stacked expert weights stay in the engine's module state (see launch/checkpoint.py).
+2. Expert parameters carry ``allreduce = False`` and ``group_name = "ep_size_<ep>"``
+   (``moe/utils.py: is_moe_param``); their gradients reduce over
+   ``groups._get_expert_data_parallel_group(group_name)``, which
+   ``groups._create_expert_and_data_parallel(ep)`` creates.
+3. ZeRO 1/2 need expert parameters in optimizer groups marked ``moe: True`` with that
+   ``name`` (``moe/utils.py: split_params_into_different_moe_groups_for_optimizer``).
+4. ZeRO-3 with MoE layers is refused inside the engine; ``check_zero_stage`` refuses it
+   earlier with a message that says what to do.
+5. Precision: ``torch_autocast`` keeps parameters fp32 (a truly fp32 router); classic
+   ``bf16`` casts every parameter to bf16 at engine build.
+
+Without CUDA, ``DS_ACCELERATOR=cpu`` is set before deepspeed is imported (gloo backend).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+SUPPORTED_VERSIONS = ((0, 19, 0), (0, 20, 0))  # [low, high)
+EXPERT_NAME_FRAGMENT = ".experts."
+MARKERS_ATTRIBUTE = "deepspeed_moe_markers"
+
+_deepspeed: Any = None
+
+
+def import_deepspeed() -> Any:
+    """Import deepspeed once (CPU accelerator when no CUDA) and check its version range."""
+    global _deepspeed
+    if _deepspeed is not None:
+        return _deepspeed
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("DS_BUILD_OPS", "0")
+    try:
+        import deepspeed
+    except ImportError as err:
+        raise ImportError(
+            "deepspeed is required for training: pip install 'deepspeed>=0.19,<0.20'"
+        ) from err
+    check_version(deepspeed.__version__)
+    _deepspeed = deepspeed
+    return deepspeed
+
+
+def check_version(version: str) -> None:
+    """Raise if ``version`` is outside the range whose contracts this module was checked on."""
+    parts = tuple(int(p) for p in version.split("+")[0].split(".")[:3] if p.isdigit())
+    low, high = SUPPORTED_VERSIONS
+    if not (low <= parts < high):
+        raise RuntimeError(
+            f"deepspeed {version} is outside the supported range "
+            f"[{'.'.join(map(str, low))}, {'.'.join(map(str, high))}); the MoE contracts in "
+            "parallel/deepspeed_bridge.py were checked only there: pip install 'deepspeed>=0.19,<0.20'"
+        )
+
+
+def expert_group_name(ep_size: int) -> str:
+    """The group name DeepSpeed uses for experts split ``ep_size`` ways."""
+    return f"ep_size_{ep_size}"
+
+
+def is_expert_parameter_name(name: str) -> bool:
+    """Whether a parameter name belongs to stacked expert weights (``...experts.w1``)."""
+    return EXPERT_NAME_FRAGMENT in f".{name}"
+
+
+def check_zero_stage(zero_stage: int, has_experts: bool) -> None:
+    """Refuse ZeRO-3 for a model with experts (the engine asserts on it deep inside)."""
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"parallel.zero_stage ({zero_stage}) must be 0, 1, 2 or 3")
+    if zero_stage == 3 and has_experts:
+        raise ValueError(
+            "parallel.zero_stage (3) is refused for MoE models: DeepSpeed does not partition "
+            "native MoE layers under ZeRO-3; use parallel.zero_stage 0, 1 or 2"
+        )
+
+
+def tag_expert_parameters(model: nn.Module, ep_size: int) -> list[str]:
+    """Mark expert parameters with ``allreduce=False`` and ``group_name``; returns their names."""
+    names = []
+    for name, param in model.named_parameters():
+        if is_expert_parameter_name(name):
+            param.allreduce = False
+            param.group_name = expert_group_name(ep_size)
+            names.append(name)
+    return names
+
+
+def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups (no decay on biases, norms, embeddings), experts split into moe groups."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.dim() < 2 or "embed" in name or "norm" in name:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    groups = [
+        {"name": "decay", "params": decay, "weight_decay": weight_decay},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if not any(getattr(p, "allreduce", True) is False for p in model.parameters()):
+        return groups
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    import_deepspeed()
+    return split_params_into_different_moe_groups_for_optimizer(groups)
+
+
+def _marker_class() -> type[nn.Module]:
+    deepspeed = import_deepspeed()
+    from deepspeed.moe.layer import MoE
+    from deepspeed.utils import groups
+
+    class ExpertGroupMarker(MoE):
+        """Tells the engine an MoE layer with ``num_experts`` experts exists; holds nothing.
+
+        MoE.__init__ (gate, per-expert modules) is skipped on purpose: moeforge's MoELayer
+        does the work. ``set_deepspeed_parallelism`` is the engine's documented hook for
+        creating the expert and expert-data-parallel groups before the optimizer is built.
+        """
+
+        def __init__(self, num_experts: int, ep_size: int) -> None:
+            nn.Module.__init__(self)
+            self.num_experts = num_experts
+            self.ep_size = ep_size
+            self.expert_group_name = expert_group_name(ep_size)
+            self.num_local_experts = 0  # no engine-written per-expert files (contract 1)
+            self.use_residual = False
+            self.enable_expert_tensor_parallelism = False
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+            if self.expert_group_name not in groups._get_expert_parallel_group_dict():
+                groups._create_expert_and_data_parallel(
+                    self.ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel_
+                )
+
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError(
+                "ExpertGroupMarker only flags MoE layers to the engine; never call it"
+            )
+
+    del deepspeed
+    return ExpertGroupMarker
+
+
+def attach_moe_markers(model: nn.Module, num_experts_per_layer: list[int], ep_size: int) -> None:
+    """Attach one ExpertGroupMarker per MoE layer under ``model.deepspeed_moe_markers``."""
+    if not num_experts_per_layer:
+        return
+    marker = _marker_class()
+    model.add_module(
+        MARKERS_ATTRIBUTE, nn.ModuleList(marker(n, ep_size) for n in num_experts_per_layer)
+    )
+
+
+def fused_adam() -> Callable[..., torch.optim.Optimizer] | None:
+    """apex's FusedAdam (AdamW mode) when importable on CUDA, else None (use torch's AdamW)."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from apex.optimizers import FusedAdam  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return lambda groups, **kw: FusedAdam(groups, adam_w_mode=True, **kw)
+
+
+def init_distributed(backend: str | None = None) -> None:
+    """Initialise torch.distributed through deepspeed from the environment (RANK, ...)."""
+    deepspeed = import_deepspeed()
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+
+
+def initialize(
+    model: nn.Module,
+    ds_config: dict[str, Any],
+    *,
+    num_experts_per_layer: list[int],
+    ep_size: int = 1,
+    weight_decay: float = 0.0,
+    zero_stage: int = 0,
+) -> Any:
+    """Tag experts, attach the MoE markers, split optimizer groups, build the DeepSpeed engine.
+
+    ``num_experts_per_layer``: experts of each MoE layer, in order (empty for a dense model).
+    The optimizer is AdamW: apex FusedAdam when available, else the one ``ds_config`` names.
+    """
+    deepspeed = import_deepspeed()
+    has_experts = bool(num_experts_per_layer)
+    check_zero_stage(zero_stage, has_experts)
+    if has_experts:
+        tag_expert_parameters(model, ep_size)
+        attach_moe_markers(model, num_experts_per_layer, ep_size)
+    groups = optimizer_param_groups(model, weight_decay)
+    optimizer = None
+    fused = fused_adam()
+    if fused is not None and "optimizer" in ds_config:
+        params = dict(ds_config["optimizer"].get("params", {}))
+        params.pop("torch_adam", None)
+        params.pop("adam_w_mode", None)
+        optimizer = fused(groups, **params)
+        ds_config = {k: v for k, v in ds_config.items() if k != "optimizer"}
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=groups, optimizer=optimizer, config=ds_config
+    )
+    return engine
+
+
+def expert_data_parallel_group(ep_size: int) -> Any:
+    """The process group over which expert gradients with ``ep_size`` are averaged."""
+    import_deepspeed()
+    from deepspeed.utils import groups
+
+    return groups._get_expert_data_parallel_group(expert_group_name(ep_size))
