@@ -1,0 +1,137 @@
+"""Linformer (Wang et al., 2020): low-rank projection of keys and values along the sequence.
+
+Shape letters: B batch, n sequence length, D model width, H heads, d head width,
+k projected length, N = n_max the longest sequence the projections cover.
+
+    y = softmax( Q (E K)^T / sqrt(d) ) (F V),   E, F in R^{k x N}, sliced to their first n columns
+
+K and V are projected from x first (the paper's formula; fairseq compresses x before the
+projections, which differs only in how the projection bias is handled). Padded rows of K
+and V are zeroed *before* compression (the official self-attention path ignores the mask,
+spec §13), so pad contents never reach the output; and because ``E[:, :n] K`` with zero
+rows past L equals ``E[:, :L] K[:L]``, a right-padded sequence gives the same output as the
+unpadded one. Sharing: one E and one F per layer for all heads (headwise sharing, as in
+fairseq and lucidrains); ``share_kv`` ties F = E; ``share_layers`` makes every layer of the
+model use one E (= F) built once by ``build_shared`` (the paper's layerwise sharing).
+Not causal: E mixes every position, so the future would leak.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+
+from attention.base import (
+    Attention,
+    AttentionOptions,
+    check_padding_mask,
+    default_scale,
+    zero_padded_queries,
+)
+from attention.registry import register
+
+
+class LinformerOptions(AttentionOptions):
+    """Linformer options; defaults k = 256 and n_max = 512 (the paper's RoBERTa setting)."""
+
+    k: int = Field(256, ge=1)
+    n_max: int = Field(512, ge=1)
+    share_kv: bool = False
+    share_layers: bool = False
+    bias: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> LinformerOptions:
+        if self.share_layers and not self.share_kv:
+            raise ValueError("share_layers=True needs share_kv=True (the paper's layerwise mode)")
+        return self
+
+
+class SequenceProjection(nn.Module):
+    """A learned [k, n_max] matrix that projects the sequence axis n -> k (E or F)."""
+
+    def __init__(self, k: int, n_max: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(k, n_max))
+        # fairseq's init: Xavier uniform with gain 1/sqrt(2).
+        nn.init.xavier_uniform_(self.weight, gain=1.0 / math.sqrt(2.0))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """t [B, H, n, d] -> [B, H, k, d], using the first n columns of the weight."""
+        n = t.shape[-2]
+        return torch.matmul(self.weight[:, :n].to(t.dtype), t)
+
+
+@register
+class LinformerAttention(Attention):
+    """Linformer self-attention, O(n k d); encoder-only, needs n <= n_max.
+
+    Defaults: k = 256, n_max = 512 (set n_max to the model's context length; the benchmark
+    uses n_max = 8192), one E and one F per layer shared by the heads.
+    """
+
+    name = "linformer"
+    supports_causal = False
+    supports_padding = True
+    needs_fixed_max_len = True
+    Options = LinformerOptions
+
+    def __init__(self, d_model: int, num_heads: int, **kwargs: Any) -> None:
+        super().__init__(d_model, num_heads, **kwargs)
+        o = self.options
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=o.bias)
+        self.out = nn.Linear(d_model, d_model, bias=o.bias)
+        shared = kwargs.get("shared")
+        if o.share_layers:
+            if not isinstance(shared, SequenceProjection):
+                raise ValueError("linformer share_layers=True needs shared= from build_shared")
+            # Stored outside the module tree so that its parameter is owned by the model once.
+            self._shared = [shared]
+            self.key_projection = None
+            self.value_projection = None
+        else:
+            self._shared = []
+            self.key_projection = SequenceProjection(o.k, o.n_max)
+            self.value_projection = None if o.share_kv else SequenceProjection(o.k, o.n_max)
+
+    @classmethod
+    def build_shared(
+        cls, d_model: int, num_heads: int, options: AttentionOptions
+    ) -> nn.Module | None:
+        """One E (= F) for every layer when ``share_layers`` is set, else None."""
+        if getattr(options, "share_layers", False):
+            return SequenceProjection(options.k, options.n_max)
+        return None
+
+    def projections(self) -> tuple[SequenceProjection, SequenceProjection]:
+        """(E, F) used by this layer."""
+        if self._shared:
+            return self._shared[0], self._shared[0]
+        key = self.key_projection
+        return key, self.value_projection if self.value_projection is not None else key
+
+    def forward(self, x, *, key_padding_mask=None, state=None):
+        check_padding_mask(x, key_padding_mask)
+        n = x.shape[1]
+        if n > self.options.n_max:
+            raise ValueError(
+                f"linformer sequence length ({n}) exceeds n_max ({self.options.n_max}); "
+                "build it with a larger n_max"
+            )
+        q, k, v = (self.split_heads(t) for t in self.qkv(x).chunk(3, dim=-1))
+        if key_padding_mask is not None:  # zero pads before compression (spec §13)
+            keep = key_padding_mask[:, None, :, None].to(k.dtype)
+            k, v = k * keep, v * keep
+        key_projection, value_projection = self.projections()
+        k, v = key_projection(k), value_projection(v)  # [B, H, k, d]
+        dropout = self.options.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout, scale=default_scale(self.head_dim)
+        )
+        y = zero_padded_queries(self.out(self.merge_heads(y)), key_padding_mask)
+        return y, None
