@@ -93,13 +93,20 @@ def relu_squared_scores(
 ) -> torch.Tensor:
     """relu²(q kᵀ / divisor + b) in fp32 (or fp64), no softmax: q [.., t, s], k [.., m, s] -> [.., t, m].
 
-    ``divisor`` is a float or a tensor broadcastable to the scores (per-sequence lengths).
+    ``divisor`` is a float or a tensor broadcastable to the queries (per-sequence lengths).
     Scores are computed in fp32 whatever the input dtype (relu² overflows fp16/bf16 easily).
     """
-    scores = upcast(query) @ upcast(key).transpose(-1, -2)
-    scores = scores / divisor
-    if bias is not None:
-        scores = scores + bias
+    query = upcast(query) / divisor  # [.., t, s] is cheaper to scale than [.., t, m]
+    key = upcast(key)
+    if bias is None:
+        scores = query @ key.transpose(-1, -2)
+    else:
+        # One fused GEMM + bias add over the flattened leading dimensions.
+        length, width, keys = query.shape[-2], query.shape[-1], key.shape[-2]
+        query3 = query.reshape(-1, length, width)
+        key3 = key.reshape(-1, keys, width)
+        scores = torch.baddbmm(bias.to(query.dtype), query3, key3.transpose(-1, -2))
+        scores = scores.view(*query.shape[:-2], length, keys)
     return F.relu(scores).square()
 
 

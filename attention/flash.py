@@ -133,7 +133,7 @@ class FlashAttention(Attention):
         else:
             states = chunk_states.sum(dim=1, keepdim=True)
             if self.options.linear_divisor is None:
-                divisor = lengths[:, None, None, None]
+                divisor = lengths.view(-1, 1, 1, 1)
             else:
                 divisor = float(self.options.linear_divisor)
-        return (query @ states) / divisor
+        return query @ (states / divisor)  # scale the small [B, G, s, e] states, not the output
