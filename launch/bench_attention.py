@@ -1,0 +1,397 @@
+"""Attention benchmark: forward+backward time and peak memory of every method, on CPU.
+
+    moeforge bench attention                                  # all methods, n = 1024..8192
+    python -m launch.bench_attention --lengths 256,512 --repeats 2
+    python -m launch.bench_attention --methods full,bigbird,linformer --markdown docs/attention_bench.md
+    python -m launch.bench_attention --causal                 # causal-capable methods only
+
+Setting (issue 5): d_model 256, 4 heads, batch 1, one x [1, n, 256] with requires_grad, loss
+y.sum(). Each registered method (``attention.available()``) and, where installed, the same
+method from the packages people use (Hugging Face BigBird, performer-pytorch, linformer,
+FLASH-pytorch, long-short-transformer) run in the same process; the methods are interleaved
+inside each repetition, so that a load change on a shared machine hits all of them, and the
+median over repetitions is reported (after one warm-up call each). The exponent is the
+log-log slope of time between the smallest and largest n; "vs full" is the time ratio to
+``full`` at the largest n.
+
+Peak memory: a separate, untimed fwd+bwd under ``torch.profiler`` with
+``profile_memory=True``; the peak of the running sum of every op's allocations minus frees,
+in start-time order. It counts tensors made during the step (activations, saved tensors,
+gradients), not parameters or the input, and is exact only to op granularity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+import attention
+
+D_MODEL, NUM_HEADS = 256, 4
+DEFAULT_LENGTHS = (1024, 2048, 4096, 8192)
+# Option names that bound the sequence length (a fixed table, e.g. Linformer's E): the
+# benchmark sets them to the largest n measured.
+LENGTH_OPTIONS = ("n_max", "max_len", "max_seq_len", "max_length", "max_position_embeddings")
+
+
+class Forward:
+    """A module and how to call it on x [1, n, D] to get y [1, n, D]."""
+
+    def __init__(self, module: nn.Module, call: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.module = module.train()  # fwd+bwd is a training step; dropout is 0 everywhere
+        self.call = call
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.call(x)
+
+
+@dataclass
+class Result:
+    """Timings (ms, per n) and peak memory (MiB, per n) of one method; note says why not."""
+
+    name: str
+    times_ms: dict[int, float] = field(default_factory=dict)
+    peak_mib: dict[int, float] = field(default_factory=dict)
+    note: str = ""
+
+
+class Skip(Exception):
+    """A method that cannot run in this setting (package missing, mode unsupported).
+
+    ``only_this_length`` marks a skip for one n (too short for the method); the method is
+    still tried at the other lengths.
+    """
+
+    def __init__(self, reason: str, only_this_length: bool = False) -> None:
+        super().__init__(reason)
+        self.only_this_length = only_this_length
+
+
+# -- pure helpers (tested without timing) ----------------------------------------------------
+
+
+def fit_exponent(times_ms: dict[int, float]) -> float | None:
+    """Log-log slope of time in n between the smallest and largest n measured."""
+    if len(times_ms) < 2:
+        return None
+    low, high = min(times_ms), max(times_ms)
+    if times_ms[low] <= 0 or times_ms[high] <= 0:
+        return None
+    return math.log(times_ms[high] / times_ms[low]) / math.log(high / low)
+
+
+def ratio_to_reference(result: Result, reference: Result | None, n: int) -> float | None:
+    """result's time over the reference's at n, or None when either is missing."""
+    if reference is None or n not in result.times_ms or n not in reference.times_ms:
+        return None
+    return result.times_ms[n] / reference.times_ms[n]
+
+
+def format_table(results: list[Result], lengths: list[int], markdown: bool = False) -> str:
+    """One row per method: ms per n, exponent, ratio to full at the largest n, peak MiB."""
+    reference = next((r for r in results if r.name == "full"), None)
+    largest = max(lengths)
+    header = (
+        ["method"]
+        + [f"ms n={n}" for n in lengths]
+        + ["exponent", f"vs full n={largest}", f"peak MiB n={largest}", "note"]
+    )
+    rows = []
+    for result in results:
+        exponent = fit_exponent(result.times_ms)
+        ratio = ratio_to_reference(result, reference, largest)
+        rows.append(
+            [result.name]
+            + [_number(result.times_ms.get(n), "{:.1f}") for n in lengths]
+            + [
+                _number(exponent, "{:.2f}"),
+                _number(ratio, "{:.3f}"),
+                _number(result.peak_mib.get(largest), "{:.1f}"),
+                result.note,
+            ]
+        )
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        return "\n".join(lines)
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *rows)]
+    render = lambda row: "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()
+    return "\n".join(
+        [render(header), render(["-" * w for w in widths])] + [render(r) for r in rows]
+    )
+
+
+def _number(value: float | None, pattern: str) -> str:
+    return "-" if value is None else pattern.format(value)
+
+
+def parse_lengths(text: str) -> list[int]:
+    """'1024,2048' -> [1024, 2048] (sorted, unique, each >= 1)."""
+    try:
+        lengths = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--lengths must be integers, got {text!r}") from err
+    if not lengths or lengths[0] < 1:
+        raise argparse.ArgumentTypeError(f"--lengths must be positive integers, got {text!r}")
+    return lengths
+
+
+# -- building the methods -------------------------------------------------------------------
+
+
+def build_registered(name: str, max_length: int, causal: bool) -> Forward:
+    """A moeforge method with its defaults, length-bound options set to max_length."""
+    cls = attention.get(name)
+    if causal and not cls.supports_causal:
+        raise Skip("no causal mode")
+    options = {key: max_length for key in LENGTH_OPTIONS if key in cls.Options.model_fields}
+    module = attention.build(name, d_model=D_MODEL, num_heads=NUM_HEADS, causal=causal, **options)
+    return Forward(module, lambda x: module(x)[0])
+
+
+def _import(package: str, pip_name: str):
+    try:
+        return importlib.import_module(package)
+    except ImportError as err:
+        raise Skip(f"not installed (pip install {pip_name})") from err
+
+
+def build_hf_bigbird(n: int, causal: bool) -> Forward:
+    """transformers' BigBirdBlockSparseAttention (b=64, r=3) plus an output projection."""
+    if causal:
+        raise Skip("no causal mode")
+    big_bird = _import("transformers.models.big_bird.modeling_big_bird", "transformers")
+    config = big_bird.BigBirdConfig(
+        hidden_size=D_MODEL,
+        num_attention_heads=NUM_HEADS,
+        block_size=64,
+        num_random_blocks=3,
+        attention_type="block_sparse",
+        max_position_embeddings=n,
+    )
+    shortest = (5 + 2 * config.num_random_blocks) * config.block_size
+    if n % config.block_size or n <= shortest:
+        # HF's model switches to full attention for such n; the layer alone cannot run them.
+        raise Skip(f"n={n}: block-sparse needs n > {shortest}, a multiple of 64", True)
+    attn = big_bird.BigBirdBlockSparseAttention(config, seed=0)
+    out = nn.Linear(D_MODEL, D_MODEL)
+    masks = big_bird.BigBirdModel.create_masks_for_block_sparse_attn(
+        torch.ones(1, n), config.block_size
+    )
+    blocked, band, from_mask, to_mask = masks
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        context = attn(x, band, from_mask, to_mask, blocked, blocked)[0]
+        return out(context)
+
+    return Forward(nn.ModuleList([attn, out]), forward)
+
+
+def build_performer_pytorch(n: int, causal: bool) -> Forward:
+    """performer_pytorch.SelfAttention with its defaults (nb_features = d ln d)."""
+    performer = _import("performer_pytorch", "performer-pytorch")
+    module = performer.SelfAttention(
+        dim=D_MODEL, heads=NUM_HEADS, dim_head=D_MODEL // NUM_HEADS, causal=causal
+    )
+    return Forward(module, module)
+
+
+def build_linformer_package(n: int, causal: bool) -> Forward:
+    """linformer.LinformerSelfAttention with k = 256 and seq_len = n."""
+    if causal:
+        raise Skip("no causal mode")
+    linformer = _import("linformer", "linformer")
+    module = linformer.LinformerSelfAttention(
+        dim=D_MODEL, seq_len=n, k=256, heads=NUM_HEADS, dim_head=D_MODEL // NUM_HEADS
+    )
+    return Forward(module, module)
+
+
+def build_flash_pytorch(n: int, causal: bool) -> Forward:
+    """flash_pytorch.FLASH (group 256, query_key_dim 128, expansion 2): attention + FFN."""
+    flash = _import("flash_pytorch", "FLASH-pytorch")
+    module = flash.FLASH(
+        dim=D_MODEL, group_size=256, query_key_dim=128, expansion_factor=2.0, causal=causal
+    )
+    return Forward(module, module)
+
+
+def build_long_short_package(n: int, causal: bool) -> Forward:
+    """long_short_transformer.LongShortAttention (window 128, segment 16, r = 1)."""
+    long_short = _import("long_short_transformer", "long-short-transformer")
+    rotary = _import("rotary_embedding_torch", "rotary-embedding-torch")
+
+    class RotaryShim(nn.Module):
+        """long-short-transformer 0.0.5 passes ``cache_key``, removed from newer rotary."""
+
+        def __init__(self, dim: int) -> None:
+            super().__init__()
+            self.rotary = rotary.RotaryEmbedding(dim)
+
+        def forward(self, positions: torch.Tensor, cache_key: object = None) -> torch.Tensor:
+            return self.rotary(positions)
+
+    module = long_short.LongShortAttention(
+        pos_emb=RotaryShim(D_MODEL // NUM_HEADS),
+        dim=D_MODEL,
+        heads=NUM_HEADS,
+        dim_head=D_MODEL // NUM_HEADS,
+        causal=causal,
+        window_size=128,
+        segment_size=16,
+        r=1,
+    )
+    return Forward(module, module)
+
+
+PACKAGES: dict[str, Callable[[int, bool], Forward]] = {
+    "hf_bigbird": build_hf_bigbird,
+    "performer_pytorch": build_performer_pytorch,
+    "linformer_pkg": build_linformer_package,
+    "flash_pytorch": build_flash_pytorch,
+    "long_short_pkg": build_long_short_package,
+}
+
+
+# -- measuring ------------------------------------------------------------------------------
+
+
+def step(forward: Forward, x: torch.Tensor) -> float:
+    """One forward+backward; returns seconds."""
+    x.grad = None
+    start = time.perf_counter()
+    y = forward(x)
+    y = y[0] if isinstance(y, tuple) else y
+    y.sum().backward()
+    return time.perf_counter() - start
+
+
+def peak_memory_mib(forward: Forward, x: torch.Tensor) -> float:
+    """Peak bytes allocated during one fwd+bwd (profiler op granularity), in MiB."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        step(forward, x)
+    current = peak = 0
+    for event in sorted(profiler.events(), key=lambda e: e.time_range.start):
+        current += event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak / 2**20
+
+
+def run(
+    methods: list[str],
+    lengths: list[int],
+    repeats: int,
+    causal: bool,
+    measure_memory: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[Result]:
+    """Time every method at every n (interleaved per repetition); returns one Result each."""
+    results = {name: Result(name) for name in methods}
+    skipped_lengths: dict[str, list[int]] = {}
+    for n in lengths:
+        torch.manual_seed(0)
+        x = torch.randn(1, n, D_MODEL, requires_grad=True)
+        forwards: dict[str, Forward] = {}
+        for name in methods:
+            if results[name].note:
+                continue  # skipped or failed at a smaller n
+            try:
+                builder = PACKAGES.get(name)
+                forward = (
+                    builder(n, causal) if builder else build_registered(name, max(lengths), causal)
+                )
+                step(forward, x)  # warm-up (and a first error check)
+                forwards[name] = forward
+            except Skip as skip:
+                if skip.only_this_length:
+                    skipped_lengths.setdefault(name, []).append(n)
+                else:
+                    results[name].note = f"skipped: {skip}"
+            except Exception as err:  # a method's failure is reported, not fatal
+                results[name].note = f"error at n={n}: {type(err).__name__}: {err}"[:160]
+        samples: dict[str, list[float]] = {name: [] for name in forwards}
+        for _ in range(repeats):
+            for name, forward in forwards.items():
+                samples[name].append(step(forward, x))
+        for name, forward in forwards.items():
+            results[name].times_ms[n] = 1000 * statistics.median(samples[name])
+            if measure_memory:
+                results[name].peak_mib[n] = peak_memory_mib(forward, x)
+            log(f"n={n:<6} {name:<20} {results[name].times_ms[n]:10.1f} ms")
+        del forwards
+    for name, skipped in skipped_lengths.items():
+        if not results[name].note:
+            results[name].note = f"skipped n={','.join(map(str, skipped))} (too short)"
+    return list(results.values())
+
+
+def default_methods(causal: bool) -> list[str]:
+    """Every registered method, then every package baseline."""
+    return attention.available() + list(PACKAGES)
+
+
+def header(args: argparse.Namespace) -> str:
+    return (
+        f"fwd+bwd on CPU, d_model {D_MODEL}, {NUM_HEADS} heads, batch 1, "
+        f"{'causal' if args.causal else 'bidirectional'}, median of {args.repeats} "
+        f"(interleaved), torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{platform.processor() or platform.machine()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="moeforge bench attention", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--methods", default="", help="comma list (default: all + packages)")
+    parser.add_argument("--lengths", type=parse_lengths, default=list(DEFAULT_LENGTHS))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--causal", action="store_true", help="causal mode (capable methods)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory pass")
+    parser.add_argument("--markdown", default=None, help="also write the table to this file")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    known = set(attention.available()) | set(PACKAGES)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] or default_methods(
+        args.causal
+    )
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; choose from {', '.join(sorted(known))}")
+    print(header(args), flush=True)
+    log = lambda line: print(line, file=sys.stderr, flush=True)
+    results = run(methods, args.lengths, args.repeats, args.causal, not args.no_memory, log)
+    print(format_table(results, args.lengths))
+    if args.markdown:
+        with open(args.markdown, "w") as handle:
+            handle.write(
+                "# Attention benchmark\n\n"
+                f"{header(args)}. Command: `moeforge bench attention"
+                f"{' ' + ' '.join(argv if argv is not None else sys.argv[1:])}`.\n\n"
+                "Exponent: log-log slope of time between the smallest and largest n. Peak MiB: "
+                "running sum of allocations minus frees under torch.profiler(profile_memory=True), "
+                "excluding parameters and the input.\n\n"
+                f"{format_table(results, args.lengths, markdown=True)}\n"
+            )
+        print(f"wrote {args.markdown}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
