@@ -1,0 +1,136 @@
+"""Experts as stacked weights run by one grouped (or batched) matmul.
+
+Shape letters: N routed rows (kept assignments, grouped by expert), E experts, C capacity,
+d model width, f expert hidden width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS = ("relu", "gelu", "swiglu")
+
+
+def _grouped_mm_works() -> bool:
+    """torch._grouped_mm exists and runs forward and backward here (checked once)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        x = torch.randn(3, 2, requires_grad=True)
+        w = torch.randn(2, 2, 2, requires_grad=True)
+        y = torch._grouped_mm(x, w, offs=torch.tensor([1, 3], dtype=torch.int32))
+        y.backward(torch.ones_like(y))
+        ref = torch.cat([x[:1] @ w[0], x[1:] @ w[1]])
+        return bool(torch.allclose(y, ref))
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+_GROUPED_MM: bool | None = None
+
+
+def _aligned(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """torch._grouped_mm needs row strides that are multiples of 16 bytes."""
+    size = x.element_size()
+    return (x.shape[-1] * size) % 16 == 0 and (weight.shape[-1] * size) % 16 == 0
+
+
+def grouped_matmul(
+    x: torch.Tensor, weight: torch.Tensor, group_sizes: torch.Tensor, *, impl: str = "auto"
+) -> torch.Tensor:
+    """Rows of x [N, d_in], grouped by expert, times that expert's weight [E, d_in, d_out].
+
+    group_sizes [E] int64 sum to N. ``impl``: "grouped" (torch._grouped_mm, one kernel, no
+    host synchronisation), "loop" (one matmul per expert; needs the sizes on the host) or
+    "auto" (grouped where it works).
+    """
+    global _GROUPED_MM
+    if impl == "auto":
+        if _GROUPED_MM is None:
+            _GROUPED_MM = _grouped_mm_works()
+        impl = "grouped" if _GROUPED_MM and _aligned(x, weight) else "loop"
+    if impl == "grouped":
+        offsets = torch.cumsum(group_sizes, 0).to(torch.int32)
+        return torch._grouped_mm(x.contiguous(), weight, offs=offsets)
+    # unbind gives one backward node for all experts (indexing weight[e] in a loop would
+    # materialise a full-size zero gradient per expert).
+    pieces = [xs @ w for xs, w in zip(x.split(group_sizes.tolist()), weight.unbind(0))]
+    return torch.cat(pieces) if pieces else x.new_zeros(0, weight.shape[-1])
+
+
+class GroupedExperts(nn.Module):
+    """E feed-forward experts d -> f -> d with stacked weights and no biases.
+
+    Parameters: ``w1`` [E, d, f], ``w2`` [E, f, d], and ``w3`` [E, d, f] for swiglu
+    (y = (silu(x w1) * (x w3)) w2). Initialised with Switch Transformer's reduced scale:
+    truncated normal with std sqrt(0.1 / fan_in).
+    """
+
+    def __init__(self, num_experts: int, d_model: int, d_ff: int, activation: str = "relu") -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        self.num_experts = num_experts
+        self.activation = activation
+        self.w1 = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
+        self.w2 = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
+        self.w3 = (
+            nn.Parameter(torch.empty(num_experts, d_model, d_ff))
+            if activation == "swiglu"
+            else None
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for w in (self.w1, self.w2, self.w3):
+            if w is not None:
+                nn.init.trunc_normal_(w, std=math.sqrt(0.1 / w.shape[1]))
+
+    def _hidden(self, h1: torch.Tensor, h3: torch.Tensor | None) -> torch.Tensor:
+        if self.activation == "relu":
+            return F.relu(h1)
+        if self.activation == "gelu":
+            return F.gelu(h1)
+        return F.silu(h1) * h3
+
+    def forward(
+        self, x: torch.Tensor, group_sizes: torch.Tensor, *, impl: str = "auto"
+    ) -> torch.Tensor:
+        """x [N, d] grouped by expert (group_sizes [E] rows each) -> [N, d], no padding."""
+        h3 = grouped_matmul(x, self.w3, group_sizes, impl=impl) if self.w3 is not None else None
+        h = self._hidden(grouped_matmul(x, self.w1, group_sizes, impl=impl), h3)
+        return grouped_matmul(h, self.w2, group_sizes, impl=impl)
+
+    def forward_buffer(self, buffer: torch.Tensor) -> torch.Tensor:
+        """buffer [E, C, d] (one row block per expert, padded to capacity) -> [E, C, d]."""
+        h3 = torch.bmm(buffer, self.w3) if self.w3 is not None else None
+        h = self._hidden(torch.bmm(buffer, self.w1), h3)
+        return torch.bmm(h, self.w2)
+
+
+class DenseFFN(nn.Module):
+    """A dense feed-forward block d -> f -> d (with biases), the same activations as experts."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "relu") -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        self.activation = activation
+        width = 2 * d_ff if activation == "swiglu" else d_ff
+        self.fc1 = nn.Linear(d_model, width)
+        self.fc2 = nn.Linear(d_ff, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        if self.activation == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        elif self.activation == "gelu":
+            h = F.gelu(h)
+        else:
+            h = F.relu(h)
+        return self.fc2(h)

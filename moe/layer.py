@@ -1,0 +1,131 @@
+"""MoELayer: router -> dispatcher -> experts -> combine. This file only composes.
+
+Shape letters: B batch, S sequence, T = B * S tokens, d model width, E experts.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from moe.dispatch import LocalDispatcher
+from moe.experts import ACTIVATIONS, DenseFFN, GroupedExperts
+from moe.losses import router_entropy
+from moe.router import PRIORITIES, ExpertChoiceRouter, TopKRouter, check_capacity_factor
+
+ROUTERS = ("token_choice", "expert_choice")
+EXPERT_LAYOUTS = ("grouped", "buffer")
+
+
+class MoEOutput(NamedTuple):
+    """What an MoELayer returns; aux losses are named, never positional extras."""
+
+    output: torch.Tensor  # same shape and dtype as the input
+    aux_loss: torch.Tensor  # 0-dim fp32, Switch load-balancing loss
+    z_loss: torch.Tensor  # 0-dim fp32, router z-loss
+    tokens_per_expert: torch.Tensor  # [E] int64, kept
+    dropped_fraction: torch.Tensor  # 0-dim fp32
+    router_entropy: torch.Tensor  # 0-dim fp32, mean router entropy (nats), no gradient
+
+
+class MoELayer(nn.Module):
+    """A Switch / GShard Mixture-of-Experts feed-forward layer.
+
+    Args:
+        d_model: model width d.
+        d_ff: hidden width of each expert.
+        num_experts: E.
+        top_k: experts per token (token choice).
+        capacity_factor: training capacity factor; None or 0 = dropless.
+        eval_capacity_factor: the same in eval mode.
+        min_capacity: lower bound on slots per expert.
+        priority: "sequence" (earlier tokens win) or "probability" (higher gate wins).
+        router: "token_choice" or "expert_choice".
+        jitter_eps: multiplicative jitter U(1-eps, 1+eps) on the router input in training.
+        activation: "relu", "gelu" or "swiglu".
+        shared_expert: also apply a dense FFN to every token and add it.
+        expert_layout: "grouped" (kept rows only, no padding; default) or "buffer"
+            (experts run on the padded [E, C, d] buffer with one bmm).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int,
+        *,
+        top_k: int = 1,
+        capacity_factor: float | None = 1.25,
+        eval_capacity_factor: float | None = 2.0,
+        min_capacity: int = 4,
+        priority: str = "sequence",
+        router: str = "token_choice",
+        jitter_eps: float = 0.0,
+        activation: str = "relu",
+        shared_expert: bool = False,
+        expert_layout: str = "grouped",
+    ) -> None:
+        super().__init__()
+        for name, value in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k ({top_k}) must be between 1 and num_experts ({num_experts})")
+        check_capacity_factor("capacity_factor", capacity_factor)
+        check_capacity_factor("eval_capacity_factor", eval_capacity_factor)
+        if priority not in PRIORITIES:
+            raise ValueError(f"priority must be one of {PRIORITIES}, got {priority!r}")
+        if router not in ROUTERS:
+            raise ValueError(f"router must be one of {ROUTERS}, got {router!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if expert_layout not in EXPERT_LAYOUTS:
+            raise ValueError(
+                f"expert_layout must be one of {EXPERT_LAYOUTS}, got {expert_layout!r}"
+            )
+        self.d_model = d_model
+        self.num_experts = num_experts
+        self.expert_layout = expert_layout
+        common = dict(
+            capacity_factor=capacity_factor,
+            eval_capacity_factor=eval_capacity_factor,
+            min_capacity=min_capacity,
+            jitter_eps=jitter_eps,
+        )
+        if router == "token_choice":
+            self.router = TopKRouter(d_model, num_experts, top_k=top_k, priority=priority, **common)
+        else:
+            self.router = ExpertChoiceRouter(d_model, num_experts, **common)
+        self.experts = GroupedExperts(num_experts, d_model, d_ff, activation)
+        self.shared_expert = DenseFFN(d_model, d_ff, activation) if shared_expert else None
+        self.dispatcher = LocalDispatcher()
+
+    def forward(self, x: torch.Tensor) -> MoEOutput:
+        """x [B, S, d] or [T, d] -> MoEOutput with output of the same shape."""
+        if x.dim() < 2 or x.shape[-1] != self.d_model:
+            raise ValueError(
+                f"input's last dim must be d_model ({self.d_model}), got shape {tuple(x.shape)}"
+            )
+        tokens = x.reshape(-1, self.d_model)
+        routing = self.router(tokens)
+        plan = self.dispatcher.plan(routing)
+        if self.expert_layout == "grouped":
+            rows = self.experts(self.dispatcher.permute(tokens, plan), plan.tokens_per_expert)
+            y = self.dispatcher.unpermute(rows, plan)
+        else:
+            buffer = self.experts.forward_buffer(self.dispatcher.permute_to_buffer(tokens, plan))
+            y = self.dispatcher.unpermute_from_buffer(buffer, plan)
+        if self.shared_expert is not None:
+            y = y + self.shared_expert(tokens)
+        with torch.no_grad():
+            entropy = router_entropy(routing.probs)
+        return MoEOutput(
+            output=y.view(x.shape),
+            aux_loss=routing.aux_loss,
+            z_loss=routing.z_loss,
+            tokens_per_expert=routing.tokens_per_expert,
+            dropped_fraction=routing.drop_rate,
+            router_entropy=entropy,
+        )

@@ -1,0 +1,317 @@
+"""Routing: gating (fp32 logits from a router module) and selection (pure functions).
+
+Shape letters: T tokens, E experts, k choices per token, C capacity (slots per expert).
+
+``route`` is token choice (Switch top-1, GShard top-k); ``expert_choice_route`` lets each
+expert take its top-C tokens (Zhou et al. 2022). Both return a frozen ``Routing`` so that
+dispatch and combine never keep state on a module between calls.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe.losses import load_balancing_loss, router_z_loss
+
+PRIORITIES = ("sequence", "probability")
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Where each token goes.
+
+    Attributes:
+        expert_index: [T, k] int64 chosen expert per token and choice.
+        gate: [T, k] fp32 combine weight (renormalised over the k choices for k > 1; 0 where
+            dropped).
+        slot: [T, k] int64 row of the token in its expert's buffer, -1 where dropped.
+        tokens_per_expert: [E] int64 kept assignments per expert (after dropping).
+        capacity: slots per expert (for dropless, the largest expert count).
+        aux_loss: 0-dim fp32 load-balancing loss.
+        z_loss: 0-dim fp32 router z-loss.
+        drop_rate: 0-dim fp32 fraction of assignments dropped (expert choice: of tokens
+            that no expert took).
+        probs: [T, E] fp32 router probabilities.
+    """
+
+    expert_index: torch.Tensor
+    gate: torch.Tensor
+    slot: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    capacity: int
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+    drop_rate: torch.Tensor
+    probs: torch.Tensor
+
+    @property
+    def num_experts(self) -> int:
+        return self.probs.shape[-1]
+
+    @property
+    def dropped_fraction(self) -> float:
+        """Fraction of assignments dropped, as a Python float (synchronises on GPU)."""
+        return float(self.drop_rate)
+
+
+def is_dropless(capacity_factor: float | None) -> bool:
+    return capacity_factor is None or capacity_factor == 0
+
+
+def check_capacity_factor(name: str, value: float | None) -> None:
+    if value is not None and (not math.isfinite(value) or value < 0):
+        raise ValueError(f"{name} must be >= 0 (0 or None = dropless), got {value}")
+
+
+def compute_capacity(
+    num_tokens: int, num_experts: int, top_k: int, capacity_factor: float, min_capacity: int
+) -> int:
+    """ceil(capacity_factor * T * k / E), at least ``min_capacity``."""
+    return max(math.ceil(capacity_factor * num_tokens * top_k / num_experts), min_capacity)
+
+
+def priority_order(expert_index: torch.Tensor, probs: torch.Tensor, priority: str) -> torch.Tensor:
+    """Order in which the T*k assignments claim slots, as flat indices j*T + t.
+
+    Every first choice comes before any second choice (GShard). Within a choice rank,
+    ``sequence`` keeps token order; ``probability`` orders tokens by their highest router
+    probability, descending (V-MoE batch-prioritized routing), the same order for each rank.
+    """
+    num_tokens, top_k = expert_index.shape
+    device = expert_index.device
+    if priority == "sequence":
+        return torch.arange(num_tokens * top_k, device=device)
+    token_order = torch.argsort(probs.max(dim=-1).values, descending=True, stable=True)
+    offsets = torch.arange(top_k, device=device)[:, None] * num_tokens
+    return (token_order[None, :] + offsets).reshape(-1)
+
+
+def rank_within_expert(
+    expert_index: torch.Tensor, order: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position of each assignment among those of its expert, in priority ``order``.
+
+    Uses one stable sort (O(Tk log Tk)), never a [T, E] or [T, E, C] one-hot.
+    Returns rank [T, k] int64 and counts [E] int64 (assignments per expert before dropping).
+    """
+    num_tokens, top_k = expert_index.shape
+    flat_expert = expert_index.t().reshape(-1)  # index j*T + t
+    ordered_expert = flat_expert[order]
+    sorted_expert, sort_idx = torch.sort(ordered_expert, stable=True)
+    counts = torch.bincount(flat_expert, minlength=num_experts)
+    starts = torch.cumsum(counts, 0) - counts
+    rank_sorted = (
+        torch.arange(flat_expert.numel(), device=flat_expert.device) - starts[sorted_expert]
+    )
+    rank_ordered = torch.empty_like(rank_sorted)
+    rank_ordered[sort_idx] = rank_sorted
+    rank_flat = torch.empty_like(rank_sorted)
+    rank_flat[order] = rank_ordered
+    return rank_flat.view(top_k, num_tokens).t(), counts
+
+
+def route(
+    logits: torch.Tensor,
+    *,
+    top_k: int,
+    capacity_factor: float | None,
+    min_capacity: int = 4,
+    priority: str = "sequence",
+) -> Routing:
+    """Token-choice top-k routing under a capacity limit.
+
+    Args:
+        logits: [T, E] router logits; cast to fp32 here.
+        top_k: choices per token (1 = Switch).
+        capacity_factor: slots per expert = ceil(cf * T * k / E) (at least min_capacity);
+            None or 0 = dropless (capacity = the largest expert count).
+        min_capacity: lower bound on the capacity.
+        priority: "sequence" or "probability" (see ``priority_order``).
+    Returns:
+        Routing with [T, k] fields.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [tokens, experts], got shape {tuple(logits.shape)}")
+    num_tokens, num_experts = logits.shape
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k ({top_k}) must be between 1 and num_experts ({num_experts})")
+    check_capacity_factor("capacity_factor", capacity_factor)
+    if priority not in PRIORITIES:
+        raise ValueError(f"priority must be one of {PRIORITIES}, got {priority!r}")
+    if min_capacity < 0:
+        raise ValueError(f"min_capacity must be >= 0, got {min_capacity}")
+
+    logits = logits.float()
+    probs = torch.softmax(logits, dim=-1)
+    top_probs, expert_index = torch.topk(probs, top_k, dim=-1)
+    gate = top_probs / top_probs.sum(dim=-1, keepdim=True) if top_k > 1 else top_probs
+
+    order = priority_order(expert_index, probs, priority)
+    rank, counts = rank_within_expert(expert_index, order, num_experts)
+    if is_dropless(capacity_factor):
+        capacity = int(counts.max()) if num_tokens > 0 else 0
+    else:
+        capacity = compute_capacity(num_tokens, num_experts, top_k, capacity_factor, min_capacity)
+    kept = rank < capacity
+    slot = torch.where(kept, rank, torch.full_like(rank, -1))
+    dropped = (counts - capacity).clamp_min(0).sum()
+    return Routing(
+        expert_index=expert_index,
+        gate=gate * kept,
+        slot=slot,
+        tokens_per_expert=counts.clamp_max(capacity),
+        capacity=capacity,
+        aux_loss=load_balancing_loss(probs, expert_index[:, 0]),
+        z_loss=router_z_loss(logits),
+        drop_rate=dropped.float() / max(num_tokens * top_k, 1),
+        probs=probs,
+    )
+
+
+def expert_choice_route(
+    logits: torch.Tensor, *, capacity_factor: float, min_capacity: int = 4
+) -> Routing:
+    """Expert choice (Zhou et al. 2022): each expert takes its top-C tokens by probability.
+
+    C = ceil(cf * T / E) (at least min_capacity, at most T). A token may be taken by any
+    number of experts, so the Routing has k = E columns: column e is expert e, gate is the
+    softmax probability where taken and 0 elsewhere. Balanced by construction, so aux_loss is
+    0; z_loss is computed as usual.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [tokens, experts], got shape {tuple(logits.shape)}")
+    if is_dropless(capacity_factor) or capacity_factor < 0:
+        raise ValueError(
+            f"capacity_factor must be > 0 for router='expert_choice', got {capacity_factor}"
+        )
+    logits = logits.float()
+    num_tokens, num_experts = logits.shape
+    probs = torch.softmax(logits, dim=-1)
+    capacity = min(
+        compute_capacity(num_tokens, num_experts, 1, capacity_factor, min_capacity), num_tokens
+    )
+    _, chosen = torch.topk(probs.t(), capacity, dim=-1)  # [E, C] token ids, best first
+    experts = torch.arange(num_experts, device=logits.device)
+    slot = torch.full((num_tokens, num_experts), -1, dtype=torch.long, device=logits.device)
+    slot[chosen, experts[:, None]] = torch.arange(capacity, device=logits.device)
+    taken = slot >= 0
+    untaken = (~taken.any(dim=-1)).float().mean() if num_tokens else probs.sum() * 0.0
+    return Routing(
+        expert_index=experts.expand(num_tokens, num_experts),
+        gate=probs * taken,
+        slot=slot,
+        tokens_per_expert=torch.full(
+            (num_experts,), capacity, dtype=torch.long, device=logits.device
+        ),
+        capacity=capacity,
+        aux_loss=probs.sum() * 0.0,
+        z_loss=router_z_loss(logits),
+        drop_rate=untaken,
+        probs=probs,
+    )
+
+
+class Router(nn.Module):
+    """Gating: an fp32 weight [E, d] and fp32 logits, whatever the model's dtype.
+
+    The weight stays fp32 when the module is cast (``.to(bf16)``) unless ``keep_fp32`` is
+    False (DeepSpeed's classic bf16 mode needs every parameter in bf16); the input is cast to
+    fp32 and autocast is off for the logits (Switch Transformer's selective precision).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        *,
+        capacity_factor: float | None = 1.25,
+        eval_capacity_factor: float | None = 2.0,
+        min_capacity: int = 4,
+        jitter_eps: float = 0.0,
+    ) -> None:
+        super().__init__()
+        check_capacity_factor("capacity_factor", capacity_factor)
+        check_capacity_factor("eval_capacity_factor", eval_capacity_factor)
+        if not 0.0 <= jitter_eps < 1.0:
+            raise ValueError(f"jitter_eps must be in [0, 1), got {jitter_eps}")
+        self.num_experts = num_experts
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
+        self.min_capacity = min_capacity
+        self.jitter_eps = jitter_eps
+        self.keep_fp32 = True
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model, dtype=torch.float32))
+        # Switch Transformer init: truncated normal, std sqrt(0.1 / fan_in).
+        nn.init.trunc_normal_(self.weight, std=math.sqrt(0.1 / d_model))
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - torch's signature
+        super()._apply(fn, recurse)
+        if self.keep_fp32 and self.weight.dtype != torch.float32:
+            self.weight.data = self.weight.data.float()
+        return self
+
+    def active_capacity_factor(self) -> float | None:
+        return self.capacity_factor if self.training else self.eval_capacity_factor
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, d] (any dtype) -> logits [T, E] fp32."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x.float()
+            if self.training and self.jitter_eps > 0:
+                noise = torch.empty_like(x).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
+                x = x * noise
+            return F.linear(x, self.weight.float())
+
+
+class TopKRouter(Router):
+    """Token choice: each token picks its top-k experts (Switch: k = 1)."""
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        *,
+        top_k: int = 1,
+        priority: str = "sequence",
+        **kwargs,
+    ) -> None:
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k ({top_k}) must be between 1 and num_experts ({num_experts})")
+        if priority not in PRIORITIES:
+            raise ValueError(f"priority must be one of {PRIORITIES}, got {priority!r}")
+        super().__init__(d_model, num_experts, **kwargs)
+        self.top_k = top_k
+        self.priority = priority
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        return route(
+            self.logits(x),
+            top_k=self.top_k,
+            capacity_factor=self.active_capacity_factor(),
+            min_capacity=self.min_capacity,
+            priority=self.priority,
+        )
+
+
+class ExpertChoiceRouter(Router):
+    """Expert choice: each expert picks its top-C tokens (Zhou et al. 2022)."""
+
+    def __init__(self, d_model: int, num_experts: int, **kwargs) -> None:
+        super().__init__(d_model, num_experts, **kwargs)
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            if is_dropless(getattr(self, name)):
+                raise ValueError(
+                    f"{name} must be > 0 for router='expert_choice' (no dropless mode)"
+                )
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        return expert_choice_route(
+            self.logits(x),
+            capacity_factor=self.active_capacity_factor(),
+            min_capacity=self.min_capacity,
+        )

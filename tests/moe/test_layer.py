@@ -1,0 +1,177 @@
+"""MoELayer against a float64 naive loop; precision; argument errors."""
+
+import pytest
+import torch
+
+from moe import MoELayer
+from moe.experts import grouped_matmul
+from tests.moe.reference import naive_moe
+
+D, FF, E = 8, 16, 4
+
+
+def make_inputs(seed: int, tokens: int = 23):
+    torch.manual_seed(seed)
+    x = torch.randn(tokens, D)
+    x[:, 0] = x[:, 0].abs() + 1.0  # with router row 3 = -100 e_0, expert 3 is always last
+    return x
+
+
+def layer_and_reference(
+    top_k, activation, capacity_factor, priority="sequence", layout="grouped", seed=0
+):
+    layer = MoELayer(
+        D,
+        FF,
+        E,
+        top_k=top_k,
+        capacity_factor=capacity_factor,
+        min_capacity=1,
+        priority=priority,
+        activation=activation,
+        expert_layout=layout,
+    )
+    with torch.no_grad():
+        layer.router.weight.mul_(20.0)  # sharper routing: fewer near-ties, real drops
+        layer.router.weight[3] = 0.0
+        layer.router.weight[3, 0] = -100.0
+    x = make_inputs(seed)
+    return layer, x
+
+
+@pytest.mark.parametrize("layout", ["grouped", "buffer"])
+@pytest.mark.parametrize("capacity_factor", [1.0, None])
+@pytest.mark.parametrize("activation", ["relu", "swiglu"])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_output_and_gradients_equal_float64_naive_loop(top_k, activation, capacity_factor, layout):
+    layer, x = layer_and_reference(top_k, activation, capacity_factor, layout=layout)
+    x.requires_grad_(True)
+    out = layer(x)
+    assert out.tokens_per_expert[3].item() == 0, "expert 3 must receive no tokens"
+    if capacity_factor == 1.0 and top_k == 1:
+        assert out.dropped_fraction.item() > 0, "the dropping case must really drop"
+    upstream = torch.randn_like(out.output)
+    (out.output * upstream).sum().backward()
+
+    params = {n: p.detach().double().requires_grad_(True) for n, p in layer.named_parameters()}
+    x64 = x.detach().double().requires_grad_(True)
+    y64, slots = naive_moe(
+        x64,
+        params["router.weight"],
+        params["experts.w1"],
+        params["experts.w2"],
+        params.get("experts.w3"),
+        top_k=top_k,
+        capacity_factor=capacity_factor,
+        min_capacity=1,
+        priority="sequence",
+        activation=activation,
+    )
+    (y64 * upstream.double()).sum().backward()
+
+    tol = dict(atol=2e-5, rtol=1e-4)  # fp32 layer vs float64 reference
+    torch.testing.assert_close(out.output.double(), y64, **tol)
+    torch.testing.assert_close(x.grad.double(), x64.grad, **tol)
+    for name, p in layer.named_parameters():
+        torch.testing.assert_close(p.grad.double(), params[name].grad, **tol, msg=name)
+    assert layer.experts.w1.grad[3].abs().max() == 0  # idle expert: zero gradient
+
+
+def test_probability_priority_equals_naive_loop():
+    layer, x = layer_and_reference(2, "relu", 0.6, priority="probability")
+    out = layer(x)
+    w = {n: p.detach().double() for n, p in layer.named_parameters()}
+    y64, _ = naive_moe(
+        x.double(),
+        w["router.weight"],
+        w["experts.w1"],
+        w["experts.w2"],
+        None,
+        top_k=2,
+        capacity_factor=0.6,
+        min_capacity=1,
+        priority="probability",
+        activation="relu",
+    )
+    torch.testing.assert_close(out.output.double(), y64, atol=2e-5, rtol=1e-4)
+
+
+def test_shape_3d_input_and_shared_expert():
+    layer = MoELayer(D, FF, E, shared_expert=True)
+    x = torch.randn(2, 5, D)
+    out = layer(x)
+    assert out.output.shape == x.shape
+    flat = layer(x.reshape(10, D)).output
+    torch.testing.assert_close(out.output.reshape(10, D), flat)
+    routed_only = out.output.reshape(10, D) - layer.shared_expert(x.reshape(10, D))
+    layer.shared_expert = None
+    torch.testing.assert_close(layer(x).output.reshape(10, D), routed_only, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["loop", "grouped"])
+def test_grouped_matmul_impls_agree(impl):
+    torch.manual_seed(0)
+    x = torch.randn(10, 4, dtype=torch.float64)
+    w = torch.randn(4, 4, 8, dtype=torch.float64)
+    sizes = torch.tensor([3, 0, 5, 2])
+    expected = torch.cat([x[:3] @ w[0], x[3:8] @ w[2], x[8:] @ w[3]])
+    if impl == "grouped" and not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch._grouped_mm not available")
+    got = grouped_matmul(x.float(), w.float(), sizes, impl=impl)
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_expert_choice_layer_runs_and_balances():
+    layer = MoELayer(D, FF, E, router="expert_choice", capacity_factor=1.0)
+    out = layer(torch.randn(16, D))
+    assert out.tokens_per_expert.tolist() == [4, 4, 4, 4]
+
+
+@pytest.mark.parametrize("mode", ["cast", "autocast"])
+def test_router_stays_fp32_under_bf16(mode):
+    layer = MoELayer(D, FF, E)
+    x = torch.randn(2, 6, D)
+    seen = {}
+    layer.router.register_forward_hook(lambda m, i, o: seen.update(routing=o))
+    orig_logits = layer.router.logits
+    layer.router.logits = lambda t: seen.setdefault("logits", orig_logits(t))
+    if mode == "cast":
+        layer = layer.to(torch.bfloat16)
+        out = layer(x.to(torch.bfloat16))
+        assert layer.experts.w1.dtype == torch.bfloat16
+    else:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x)
+    assert layer.router.weight.dtype == torch.float32
+    assert seen["logits"].dtype == torch.float32
+    r = seen["routing"]
+    assert r.probs.dtype == r.gate.dtype == torch.float32
+    assert out.aux_loss.dtype == out.z_loss.dtype == torch.float32
+    assert out.output.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(top_k=5), r"top_k \(5\) must be between 1 and num_experts \(4\)"),
+        (dict(capacity_factor=-0.5), r"capacity_factor must be >= 0 .*got -0.5"),
+        (dict(eval_capacity_factor=-1.0), r"eval_capacity_factor must be >= 0"),
+        (
+            dict(activation="tanh"),
+            r"activation must be one of \('relu', 'gelu', 'swiglu'\), got 'tanh'",
+        ),
+        (
+            dict(priority="random"),
+            r"priority must be one of \('sequence', 'probability'\), got 'random'",
+        ),
+        (dict(router="hash"), r"router must be one of"),
+    ],
+)
+def test_bad_arguments_raise_value_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MoELayer(D, FF, E, **kwargs)
+
+
+def test_wrong_input_width_raises():
+    with pytest.raises(ValueError, match=r"last dim must be d_model \(8\), got shape \(3, 7\)"):
+        MoELayer(D, FF, E)(torch.randn(3, 7))
