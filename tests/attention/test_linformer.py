@@ -27,23 +27,32 @@ def test_identity_projection_with_k_equal_n_is_full_attention() -> None:
     module = build(k=n, n_max=n)
     set_identity(module, n)
     full = attention.build("full", d_model=D, num_heads=H).double().eval()
-    full.load_state_dict(module.state_dict(), strict=False)
+    with torch.no_grad():
+        full.qkv.weight.copy_(torch.cat([module.query.weight, module.key_value.weight]))
+        full.qkv.bias.copy_(torch.cat([module.query.bias, module.key_value.bias]))
+        full.out.load_state_dict(module.out.state_dict())
     x = torch.randn(2, n, D, dtype=torch.float64)
     torch.testing.assert_close(module(x)[0], full(x)[0], atol=1e-12, rtol=0)
 
 
-def test_matches_dense_low_rank_oracle_fp64_and_fp32() -> None:
+@pytest.mark.parametrize("share_kv", [False, True])
+def test_matches_dense_low_rank_oracle_fp64_and_fp32(share_kv: bool) -> None:
     torch.manual_seed(1)
     n, k = 20, 6
-    module = build(k=k, n_max=32)
+    module = build(k=k, n_max=32, share_kv=share_kv)
     x = torch.randn(2, n, D, dtype=torch.float64)
     mask = torch.ones(2, n, dtype=torch.bool)
     mask[1, 15:] = False
     mask[0, 4] = False
-    q, key, value = (module.split_heads(t) for t in module.qkv(x).chunk(3, dim=-1))
-    keep = mask[:, None, :, None].double()
+    # fairseq ordering: compress the (pad-zeroed) input, then project keys and values.
+    x_zeroed = x * mask[..., None]
     e_proj, f_proj = (p.weight[:, :n].double() for p in module.projections())
-    reference = dense_softmax_oracle(q, e_proj @ (key * keep), f_proj @ (value * keep))
+    weight_k, weight_v = module.key_value.weight.chunk(2)
+    bias_k, bias_v = module.key_value.bias.chunk(2)
+    q = module.split_heads(module.query(x))
+    key = module.split_heads((e_proj @ x_zeroed) @ weight_k.T + bias_k)
+    value = module.split_heads((f_proj @ x_zeroed) @ weight_v.T + bias_v)
+    reference = dense_softmax_oracle(q, key, value)
     reference = module.out(module.merge_heads(reference)) * mask[..., None]
     y, state = module(x, key_padding_mask=mask)
     assert state is None
