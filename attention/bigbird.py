@@ -27,6 +27,7 @@ the global RNG. Causal attention is not supported (the paper's kernel is encoder
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -73,6 +74,7 @@ class BigBirdOptions(AttentionOptions):
         return self
 
 
+@dataclass(frozen=True)
 class BlockPlan:
     """Which local key blocks each local query block attends, per head.
 
@@ -81,9 +83,8 @@ class BlockPlan:
     that could not be filled because too few blocks were left).
     """
 
-    def __init__(self, index: torch.Tensor, valid: torch.Tensor) -> None:
-        self.index = index
-        self.valid = valid
+    index: torch.Tensor
+    valid: torch.Tensor
 
 
 def head_generator(seed: int, layer_idx: int, head: int) -> torch.Generator:
@@ -118,7 +119,7 @@ def make_block_plan(
         generator = head_generator(seed, layer_idx, head)
         keys = torch.rand(nl, nl, generator=generator)
         keys = keys.masked_fill(in_window, 2.0)  # candidates have keys in [0, 1)
-        order = keys.argsort(dim=-1)[:, :num_random_blocks]
+        order = keys.argsort(dim=-1, stable=True)[:, :num_random_blocks]
         order = order.sort(dim=-1).values if num_random_blocks else order
         random_valid = keys.gather(1, order) < 1.5
         indices.append(torch.cat([window, order], dim=1))
