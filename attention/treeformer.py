@@ -381,8 +381,9 @@ class TreeformerAttention(Attention):
         key_nodes = NodeSums.apply(k.to(compute) * keep, gates, nodes)
         value_nodes = NodeSums.apply(v.to(compute) * keep, gates, nodes)
         if self.options.tc_aggregate == "mean":
-            key_nodes = key_nodes / counts.clamp_min(1).unsqueeze(-1)
-            value_nodes = value_nodes / counts.clamp_min(1).unsqueeze(-1)
+            # Not clamp_min(1): a one-key node must pass the count's (gate) gradient on.
+            divisor = torch.where(counts > 0, counts, torch.ones_like(counts)).unsqueeze(-1)
+            key_nodes, value_nodes = key_nodes / divisor, value_nodes / divisor
 
         # The query's path: nodes at levels 0..h of its own sequence, non-empty ones only.
         # Scores against all nodes by one GEMM, then the path's columns are picked: cheaper on
