@@ -15,10 +15,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from attention import Attention
+from moe.layer import MoELayer
 
 
 @dataclass(frozen=True)
@@ -126,32 +126,6 @@ class EmbeddingLayer(nn.Module):
         return Activations(hidden=hidden, padding_mask=padding_mask, aux_loss=zero, z_loss=zero)
 
 
-# Feed-forward -------------------------------------------------------------------------------
-
-
-class DenseFeedForward(nn.Module):
-    """Position-wise FFN [B, n, D] -> [B, n, D]; relu, gelu or swiglu like the experts."""
-
-    def __init__(self, d_model: int, d_ff: int, activation: str = "relu") -> None:
-        super().__init__()
-        if activation not in ("relu", "gelu", "swiglu"):
-            raise ValueError(f"activation '{activation}' must be one of relu, gelu, swiglu")
-        self.activation = activation
-        self.w1 = nn.Linear(d_model, d_ff, bias=False)
-        self.w2 = nn.Linear(d_ff, d_model, bias=False)
-        self.w3 = nn.Linear(d_model, d_ff, bias=False) if activation == "swiglu" else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.w1(x)
-        if self.w3 is not None:
-            h = F.silu(h) * self.w3(x)
-        elif self.activation == "gelu":
-            h = F.gelu(h)
-        else:
-            h = F.relu(h)
-        return self.w2(h)
-
-
 # Blocks -------------------------------------------------------------------------------------
 
 
@@ -178,7 +152,7 @@ class TransformerBlock(nn.Module):
         self.attention = attention
         self.norm2 = norm(d_model) if ffn is not None else None
         self.ffn = ffn
-        self.is_moe = ffn is not None and not isinstance(ffn, DenseFeedForward)
+        self.is_moe = isinstance(ffn, MoELayer)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, acts: Activations) -> Activations:

@@ -34,7 +34,6 @@ from torch import nn
 import attention
 from moe.blocks import (
     Activations,
-    DenseFeedForward,
     EmbeddingLayer,
     RoutingStats,
     TransformerBlock,
@@ -42,6 +41,7 @@ from moe.blocks import (
     input_names,
 )
 from moe.config import MoEConfig
+from moe.experts import DenseFFN
 from moe.layer import MoELayer
 
 IGNORE_INDEX = -100
@@ -264,7 +264,7 @@ class Transformer(nn.Module):
                 ffn = MoELayer(config.d_model, config.d_ff, **moe.layer_kwargs())
             else:
                 activation = moe.activation if moe is not None else "relu"
-                ffn = DenseFeedForward(config.d_model, config.d_ff, activation)
+                ffn = DenseFFN(config.d_model, config.d_ff, activation)
             layers.append(
                 TransformerBlock(config.d_model, module, ffn, norm=norm, dropout=config.dropout)
             )

@@ -216,6 +216,12 @@ def initialize(
     if has_experts:
         tag_expert_parameters(model, ep_size)
         attach_moe_markers(model, num_experts_per_layer, ep_size)
+    if ds_config.get("bf16", {}).get("enabled", False):
+        # Classic bf16 casts every parameter; modules that pin an fp32 weight (the router's
+        # ``keep_fp32``) must let it go, their math still runs in fp32 (contract 5).
+        for module in model.modules():
+            if hasattr(module, "keep_fp32"):
+                module.keep_fp32 = False
     groups = optimizer_param_groups(model, weight_decay)
     optimizer = None
     fused = fused_adam()

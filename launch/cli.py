@@ -1,0 +1,100 @@
+"""The ``moeforge`` command.
+
+    moeforge train [CONFIG] [--set key=value ...] [--run-dir PATH] [--resume]
+                   [--deepspeed-config FILE]        # no CONFIG: configs/tiny.yaml
+    moeforge bench NAME [ARGS ...]                  # runs launch/bench_NAME.py:main(ARGS)
+
+One process:   moeforge train
+Two DP ranks:  torchrun --nproc_per_node=2 -m launch.cli train
+DeepSpeed:     deepspeed --num_gpus 2 launch/cli.py train      (--num_gpus counts processes)
+MPI:           mpirun -n 2 moeforge train
+
+A user error (unknown config key, bad value, missing data, incompatible resume) prints one
+line naming the field and the fix and exits with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+
+from launch.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moeforge train", description="Train an MoE transformer.")
+    parser.add_argument("config", nargs="?", help="YAML config (default: configs/tiny.yaml)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value by dotted key, e.g. --set moe.num_experts=16",
+    )  # fmt: skip
+    parser.add_argument("--run-dir", type=Path, help="where metrics and checkpoints go")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the run dir's checkpoint"
+    )
+    parser.add_argument(
+        "--deepspeed-config", help="DeepSpeed JSON whose keys override the generated ones"
+    )
+    parser.add_argument(
+        "--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS
+    )  # deepspeed launcher
+    return parser
+
+
+def train_main(argv: list[str]) -> int:
+    """``moeforge train``: returns the exit status."""
+    args = _train_parser().parse_args(argv)
+    from launch.config import load_config
+    from launch.trainer import train
+
+    config = load_config(args.config, args.overrides)
+    run_dir = args.run_dir
+    if run_dir is None:
+        stem = Path(args.config).stem if args.config else "tiny"
+        run_dir = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    train(config, run_dir, resume=args.resume, deepspeed_json=args.deepspeed_config)
+    return 0
+
+
+def bench_main(argv: list[str]) -> int:
+    """``moeforge bench NAME``: dispatch to launch/bench_NAME.py:main(argv)."""
+    if not argv or argv[0].startswith("-"):
+        raise UserError("moeforge bench needs a benchmark name, e.g. moeforge bench train")
+    name, rest = argv[0], argv[1:]
+    try:
+        module = importlib.import_module(f"launch.bench_{name}")
+    except ModuleNotFoundError as err:
+        if err.name != f"launch.bench_{name}":
+            raise
+        found = sorted(p.stem[len("bench_") :] for p in Path(__file__).parent.glob("bench_*.py"))
+        raise UserError(f"unknown benchmark '{name}'; available: {', '.join(found)}") from None
+    return int(module.main(rest) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``moeforge`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"train": train_main, "bench": bench_main}
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        if argv and argv[0] not in ("-h", "--help"):
+            print(
+                f"moeforge: error: unknown command '{argv[0]}'; use one of: train, bench",
+                file=sys.stderr,
+            )
+            return EXIT_USER_ERROR
+        print(__doc__.strip().splitlines()[2], file=sys.stderr)
+        return 0 if argv else EXIT_USER_ERROR
+    try:
+        return commands[argv[0]](argv[1:])
+    except UserError as err:
+        print(f"moeforge: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

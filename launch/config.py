@@ -1,0 +1,361 @@
+"""The run config: typed sections composed into one root model, loaded strictly from YAML.
+
+    config = load_config("configs/tiny.yaml", overrides=["moe.num_experts=16"])
+    validate(config, world_size=2)
+    ds_json = deepspeed_config(config, run_dir)
+
+Each section is defined next to what it configures (model and attention in
+moe/transformer.py, moe in moe/config.py, data in launch/data.py, checkpoint in
+launch/checkpoint.py); the training-loop sections live here. An unknown key fails with its
+dotted path and the closest valid name; a wrong type names what was expected and what was
+given; cross-cutting checks are in ``validate``. Every user-caused problem is a UserError
+(one line naming the field and the fix; the CLI prints it and exits with status 2).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from launch.checkpoint import CheckpointConfig
+from launch.data import DataConfig
+from launch.errors import UserError
+from moe.config import MoEConfig
+from moe.transformer import AttentionConfig, ModelConfig, check_attention
+from parallel.deepspeed_bridge import check_zero_stage
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+
+
+class ParallelConfig(BaseModel):
+    """Parallel layout: world = dp x tp x pp; experts split ``ep`` ways inside dp."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ep: int = Field(default=1, ge=1)
+    tp: int = Field(default=1, ge=1)
+    pp: int = Field(default=1, ge=1)
+    zero_stage: int = Field(default=0, ge=0, le=3)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
+class OptimizerConfig(BaseModel):
+    """AdamW (apex FusedAdam when importable on CUDA, torch's otherwise)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lr: float = Field(default=1e-3, gt=0.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(default=1e-8, gt=0.0)
+    weight_decay: float = Field(default=0.1, ge=0.0)
+    grad_clip: float = Field(default=1.0, ge=0.0, description="0 disables clipping")
+
+
+class ScheduleConfig(BaseModel):
+    """Linear warmup then cosine decay to ``min_lr_ratio`` at train.steps (WarmupCosineLR)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    warmup_steps: int = Field(default=100, ge=1)
+    warmup_start_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
+    min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
+
+
+class TrainConfig(BaseModel):
+    """Length, batch and evaluation cadence of a run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(default=1000, ge=1)
+    seed: int = 0
+    micro_batch: int = Field(default=16, ge=1, description="sequences per rank per micro step")
+    grad_accum: int = Field(default=1, ge=1)
+    eval_every: int = Field(default=200, ge=0, description="0: only at the end")
+    eval_batches: int = Field(default=8, ge=1, description="micro batches per rank per eval")
+    log_every: int = Field(default=10, ge=1)
+    mlm_probability: float = Field(default=0.15, gt=0.0, lt=1.0)
+    stop_at: int | None = Field(
+        default=None, ge=1, description="stop (with a checkpoint) after this step; resume later"
+    )
+
+
+class LoggingConfig(BaseModel):
+    """Where metrics go besides metrics.jsonl in the run directory."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    progress: bool = True
+    tensorboard: bool = True
+    csv: bool = True
+
+
+class RunConfig(BaseModel):
+    """The root config: one field per section."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    moe: MoEConfig | None = Field(default_factory=lambda: MoEConfig(num_experts=8))
+    attention: AttentionConfig = Field(default_factory=AttentionConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    precision: Literal["bf16", "bf16-params", "fp32"] = "bf16"
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+
+# Loading -----------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read YAML ``path`` (default configs/tiny.yaml), apply ``a.b=c`` overrides, validate."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist; pass an existing YAML file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(
+            f"config file {path} is not valid YAML: {str(err).splitlines()[0]}"
+        ) from None
+    if not isinstance(raw, dict):
+        raise UserError(
+            f"config file {path} must hold a mapping of sections, got {type(raw).__name__}"
+        )
+    for item in overrides or []:
+        apply_override(raw, item)
+    return config_from_dict(raw)
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set dotted key ``a.b=c`` in ``raw``; the value is parsed as YAML (1e-3, true, [1, 2])."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set '{item}' must look like section.key=value, e.g. train.steps=100")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    parts = key.strip().split(".")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            where = ".".join(parts[: depth + 1])
+            raise UserError(
+                f"--set {key}: {where} is a value, not a section; set {where}=... instead"
+            )
+        node = child
+    node[parts[-1]] = value
+
+
+def config_from_dict(raw: dict[str, Any]) -> RunConfig:
+    """Validate a plain dict into a RunConfig, turning the first pydantic error into a UserError."""
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(describe_error(err.errors()[0])) from None
+
+
+def describe_error(error: dict[str, Any]) -> str:
+    """One line for one pydantic error: dotted path, what was wrong, the fix."""
+    loc = [str(p) for p in error.get("loc", ()) if not _is_union_tag(p)]
+    path = ".".join(loc)
+    kind = error.get("type", "")
+    given = error.get("input")
+    if kind == "extra_forbidden":
+        valid = _valid_names(loc[:-1])
+        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+        hint = (
+            f"did you mean '{'.'.join(loc[:-1] + close)}'?"
+            if close
+            else f"valid keys: {', '.join(valid)}"
+        )
+        return f"unknown config key '{path}'; {hint}"
+    if kind == "missing":
+        return f"config key '{path}' is required; add it to the config or --set {path}=..."
+    msg = error.get("msg", "invalid value")
+    return f"config key '{path}': {msg} (got {type(given).__name__} {given!r}); fix the value"
+
+
+def _is_union_tag(part: Any) -> bool:
+    return isinstance(part, str) and (part.endswith("Config") or part.startswith("function-"))
+
+
+def _valid_names(loc: list[str]) -> list[str]:
+    model: Any = RunConfig
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            if part.isdigit() or model is None:
+                continue
+            return []
+        model = _model_of(field.annotation)
+    return sorted(getattr(model, "model_fields", {}))
+
+
+def _model_of(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+# Cross-cutting checks --------------------------------------------------------------------
+
+
+def validate(config: RunConfig, world_size: int) -> int:
+    """Check what spans sections against the world size; returns the data-parallel degree."""
+    par = config.parallel
+    if par.tp != 1 or par.pp != 1:
+        raise UserError(
+            f"parallel.tp ({par.tp}) and parallel.pp ({par.pp}) must be 1: tensor and pipeline "
+            "parallelism are not implemented yet"
+        )
+    if world_size % (par.tp * par.pp) != 0:
+        raise UserError(
+            f"world size {world_size} must be divisible by parallel.tp ({par.tp}) x parallel.pp "
+            f"({par.pp}); change the degrees or the number of processes"
+        )
+    dp = world_size // (par.tp * par.pp)
+    if config.moe is not None:
+        if config.moe.num_experts % par.ep != 0:
+            raise UserError(
+                f"moe.num_experts ({config.moe.num_experts}) must be divisible by parallel.ep "
+                f"({par.ep}); change one of them"
+            )
+        if dp % par.ep != 0:
+            raise UserError(
+                f"parallel.ep ({par.ep}) must divide the data-parallel degree ({dp} = world "
+                f"{world_size} / (tp {par.tp} x pp {par.pp})); change parallel.ep or the process count"
+            )
+    elif par.ep != 1:
+        raise UserError(
+            f"parallel.ep ({par.ep}) needs experts; set moe.num_experts or parallel.ep=1"
+        )
+    try:
+        check_zero_stage(par.zero_stage, config.moe is not None)
+        check_attention(config.model, config.attention)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if config.data.seq_len > config.model.max_seq_len:
+        raise UserError(
+            f"data.seq_len ({config.data.seq_len}) exceeds model.max_seq_len "
+            f"({config.model.max_seq_len}); raise model.max_seq_len or lower data.seq_len"
+        )
+    if config.model.mode == "classify" and config.data.label_field is None:
+        raise UserError("model.mode classify needs data.label_field (the integer label column)")
+    if config.model.mode != "classify" and config.data.label_field is not None:
+        raise UserError(
+            f"data.label_field is only used with model.mode classify (got {config.model.mode})"
+        )
+    return dp
+
+
+# Outputs -----------------------------------------------------------------------------------
+
+
+def save_resolved(config: RunConfig, path: Path) -> None:
+    """Write the fully resolved config (every default filled in) as YAML."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def deepspeed_config(
+    config: RunConfig, run_dir: Path, user_json: str | Path | None = None
+) -> dict[str, Any]:
+    """The DeepSpeed JSON derived from ``config``; keys of ``user_json`` override (deep merge)."""
+    train, opt, sched = config.train, config.optimizer, config.schedule
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": train.micro_batch,
+        "gradient_accumulation_steps": train.grad_accum,
+        "gradient_clipping": opt.grad_clip,
+        "steps_per_print": 10**9,  # the trainer prints; keep the engine quiet
+        "wall_clock_breakdown": False,
+        "zero_optimization": {"stage": config.parallel.zero_stage},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": opt.lr,
+                "betas": list(opt.betas),
+                "eps": opt.eps,
+                "weight_decay": opt.weight_decay,
+                "torch_adam": True,
+            },
+        },
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": train.steps,
+                "warmup_num_steps": sched.warmup_steps,
+                "warmup_min_ratio": sched.warmup_start_ratio,
+                "cos_min_ratio": sched.min_lr_ratio,
+                "warmup_type": "linear",
+            },
+        },
+    }
+    if config.precision == "bf16":
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    elif config.precision == "bf16-params":
+        ds["bf16"] = {"enabled": True}
+    monitor_dir = str(run_dir / "monitor")
+    if config.logging.tensorboard:
+        ds["tensorboard"] = {"enabled": True, "output_path": monitor_dir, "job_name": "tensorboard"}
+    if config.logging.csv:
+        ds["csv_monitor"] = {"enabled": True, "output_path": monitor_dir, "job_name": "csv"}
+    if user_json is not None:
+        path = Path(user_json)
+        if not path.is_file():
+            raise UserError(f"--deepspeed-config {path} does not exist; pass an existing JSON file")
+        try:
+            user = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise UserError(f"--deepspeed-config {path} is not valid JSON: {err}") from None
+        ds = _deep_merge(ds, user)
+    return ds
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def incompatible_fields(saved: dict[str, Any], current: RunConfig) -> list[str]:
+    """Dotted fields whose change breaks resuming (shapes, data order, layout, precision)."""
+    now = current.model_dump(mode="json")
+    fixed = ("model", "moe", "attention", "data", "parallel", "precision")
+    changed: list[str] = []
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                walk(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
+        elif a != b:
+            changed.append(f"{prefix} ({a!r} -> {b!r})")
+
+    for section in fixed:
+        walk(saved.get(section), now.get(section), section)
+    for key in ("seed", "micro_batch", "grad_accum"):
+        walk(saved.get("train", {}).get(key), now["train"][key], f"train.{key}")
+    return changed

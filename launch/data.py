@@ -1,0 +1,383 @@
+"""Data: load text (HF datasets or the embedded corpus), tokenize, pack, split, shard.
+
+Shape letters: N sequences, L = data.seq_len, B micro batch.
+
+    data = build_data(config.data, mode, run_dir)        # tokenized, packed, split
+    sampler = BatchSampler(data.train, micro_batch, grad_accum, dp_size, dp_rank, seed)
+    batch = sampler.rows(step, accum_index)      # this rank's rows of the global batch
+
+Sources: ``data.path`` unset -> the embedded corpus, built on first use from the Python
+standard library's own source files (sysconfig "stdlib" path, ``*.py``, sorted relative
+paths, capped at ``data.corpus_max_bytes``) and cached under ~/.cache/moeforge: no network.
+A local file (.txt: one document per file, .jsonl/.json, .parquet) or a directory of them is
+read through Hugging Face ``datasets``; any other value is a hub dataset name
+(``data.name`` config, ``data.split``, ``data.text_field``).
+
+Order: documents are tokenized (bytes by default, or a BPE trained locally with
+``tokenizers`` and saved in the run directory), joined with an end-of-document token, cut
+into windows of L + 1 tokens (inputs and shifted targets), split into train/validation by a
+fixed permutation (``data.split_seed``), and the train windows are visited in a per-epoch
+permutation seeded by ``train.seed``. Global step s takes the next
+micro_batch x grad_accum x dp windows; rank r takes rows (a * dp + r) * B ... + B of micro
+step a, so a run with 2 ranks sees exactly the global batches of a run with 1 rank and
+twice the micro batch. The data position is therefore the step number alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from launch.errors import UserError
+
+CACHE_DIR = Path(os.environ.get("MOEFORGE_CACHE", Path.home() / ".cache" / "moeforge"))
+LOCAL_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+SPECIAL_TOKENS = ("<pad>", "<eos>", "<mask>", "<cls>")
+
+
+class DataError(UserError):
+    """A data problem the user can fix (missing path, empty dataset); one line."""
+
+
+class DataConfig(BaseModel):
+    """Where text comes from and how it becomes training sequences (``data:`` section)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str | None = Field(default=None, description="None: embedded stdlib corpus")
+    name: str | None = Field(default=None, description="HF dataset config name")
+    split: str = "train"
+    text_field: str = "text"
+    label_field: str | None = None
+    tokenizer: Literal["byte", "bpe"] = "byte"
+    bpe_vocab_size: int = Field(default=4096, ge=300)
+    seq_len: int = Field(default=128, ge=2)
+    val_fraction: float = Field(default=0.05, gt=0.0, lt=0.5)
+    split_seed: int = 1234
+    corpus_max_bytes: int = Field(default=12_000_000, ge=10_000)
+
+
+# Tokenizers --------------------------------------------------------------------------------
+
+
+class ByteTokenizer:
+    """UTF-8 bytes 0..255, then <pad>=256, <eos>=257, <mask>=258, <cls>=259."""
+
+    def __init__(self) -> None:
+        self.vocab_size = 256 + len(SPECIAL_TOKENS)
+        self.pad_id, self.eos_id, self.mask_id, self.cls_id = range(256, 260)
+        self.token_bytes = np.ones(self.vocab_size, dtype=np.int64)  # specials count as 1
+
+    def encode(self, text: str) -> np.ndarray:
+        """Text -> int32 ids [len(utf-8 bytes)]."""
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+
+    def save(self, run_dir: Path) -> None:
+        """Nothing to save: the byte tokenizer has no state."""
+
+
+class BPETokenizer:
+    """Byte-level BPE trained locally with ``tokenizers``, saved as run_dir/tokenizer.json."""
+
+    FILE = "tokenizer.json"
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = tokenizer.get_vocab_size()
+        self.pad_id, self.eos_id, self.mask_id, self.cls_id = (
+            tokenizer.token_to_id(t) for t in SPECIAL_TOKENS
+        )
+        lengths = [len(tokenizer.id_to_token(i) or "x") for i in range(self.vocab_size)]
+        self.token_bytes = np.asarray(lengths, dtype=np.int64)  # byte-level: 1 char = 1 byte
+        for special in (self.pad_id, self.eos_id, self.mask_id, self.cls_id):
+            self.token_bytes[special] = 1
+
+    @classmethod
+    def train_or_load(cls, texts: list[str], vocab_size: int, run_dir: Path | None) -> BPETokenizer:
+        """Load run_dir/tokenizer.json if present, else train on ``texts``."""
+        try:
+            from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        except ImportError as err:
+            raise DataError(
+                "data.tokenizer bpe needs the tokenizers package: pip install tokenizers"
+            ) from err
+        if run_dir is not None and (run_dir / cls.FILE).is_file():
+            return cls(Tokenizer.from_file(str(run_dir / cls.FILE)))
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=list(SPECIAL_TOKENS),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tokenizer.train_from_iterator(texts, trainer=trainer)
+        return cls(tokenizer)
+
+    def encode(self, text: str) -> np.ndarray:
+        """Text -> int32 ids."""
+        return np.asarray(self.tokenizer.encode(text).ids, dtype=np.int32)
+
+    def save(self, run_dir: Path) -> None:
+        """Write tokenizer.json into the run directory (atomically)."""
+        tmp = run_dir / (self.FILE + ".tmp")
+        self.tokenizer.save(str(tmp))
+        tmp.replace(run_dir / self.FILE)
+
+
+# Sources -----------------------------------------------------------------------------------
+
+
+def default_corpus(max_bytes: int) -> Path:
+    """The embedded corpus as JSONL (one stdlib file per line), built once and cached."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    version = f"{sys.version_info.major}{sys.version_info.minor}"
+    path = CACHE_DIR / f"stdlib-py{version}-{max_bytes}.jsonl"
+    if path.is_file():
+        return path
+    files = sorted(
+        p for p in stdlib.rglob("*.py") if "site-packages" not in p.parts and "test" not in p.parts
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    total = 0
+    with tmp.open("w", encoding="utf-8") as out:
+        for file in files:
+            text = file.read_text(encoding="utf-8", errors="replace")
+            if not text.strip():
+                continue
+            total += len(text.encode("utf-8"))
+            out.write(json.dumps({"text": text, "path": str(file.relative_to(stdlib))}) + "\n")
+            if total >= max_bytes:
+                break
+    if total == 0:
+        raise DataError(f"no Python sources found under {stdlib}; set data.path to a corpus")
+    tmp.replace(path)  # atomic: concurrent ranks may race, each writes a whole file
+    return path
+
+
+def _looks_local(path: str) -> bool:
+    """Whether ``path`` names a local file (hub names look like ``owner/name``)."""
+    return path.startswith(("/", "./", "../", "~")) or Path(path).suffix in LOCAL_SUFFIXES
+
+
+def load_records(config: DataConfig) -> tuple[list[str], list[int] | None]:
+    """Texts (and integer labels when data.label_field is set) in a deterministic order."""
+    path = str(default_corpus(config.corpus_max_bytes)) if config.path is None else config.path
+    local = Path(path).expanduser()
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    import datasets
+
+    datasets.disable_progress_bars()
+    if local.exists():
+        files = (
+            sorted(p for p in local.rglob("*") if p.suffix in LOCAL_SUFFIXES)
+            if local.is_dir()
+            else [local]
+        )
+        if not files:
+            raise DataError(
+                f"data.path {local} holds no .txt/.jsonl/.json/.parquet files; add some or fix the path"
+            )
+        kinds = {LOCAL_SUFFIXES.get(p.suffix) for p in files}
+        if len(kinds) != 1 or None in kinds:
+            raise DataError(
+                f"data.path {local}: files must all be one of .txt, .jsonl/.json, .parquet "
+                f"(found {sorted(str(k) for k in kinds)})"
+            )
+        builder = kinds.pop()
+        kwargs = {"sample_by": "document"} if builder == "text" else {}
+        dataset = datasets.load_dataset(
+            builder, data_files=[str(p) for p in files], split="train", **kwargs
+        )
+    elif _looks_local(path):
+        raise DataError(
+            f"data.path {path} does not exist; point it at a file or directory, or unset it for the embedded corpus"
+        )
+    else:
+        try:
+            dataset = datasets.load_dataset(path, config.name, split=config.split)
+        except Exception as err:  # noqa: BLE001 - hub/network errors vary; report one line
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise DataError(
+                f"data.path '{path}' could not be loaded from the hub ({first}); check the name or use a local file"
+            ) from None
+    if config.text_field not in dataset.column_names:
+        raise DataError(
+            f"data.text_field '{config.text_field}' is not a column of {path} "
+            f"(columns: {', '.join(dataset.column_names)})"
+        )
+    texts = [t for t in dataset[config.text_field]]
+    labels = None
+    if config.label_field is not None:
+        if config.label_field not in dataset.column_names:
+            raise DataError(f"data.label_field '{config.label_field}' is not a column of {path}")
+        labels = [int(v) for v in dataset[config.label_field]]
+    if not any(t and t.strip() for t in texts):
+        raise DataError(f"data.path {path} is empty: no non-blank '{config.text_field}' values")
+    return texts, labels
+
+
+# Packing and splitting ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Split:
+    """Rows of one split: tokens int64 [N, L or L+1]; mask bool [N, L] or None; labels [N]."""
+
+    tokens: torch.Tensor
+    padding_mask: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+
+@dataclass(frozen=True)
+class Data:
+    """Tokenized, packed and split data plus the tokenizer that made it."""
+
+    train: Split
+    val: Split
+    tokenizer: ByteTokenizer | BPETokenizer
+    num_documents: int
+
+
+def build_data(config: DataConfig, mode: str, run_dir: Path | None = None) -> Data:
+    """Load, tokenize, pack (LM modes) or pad (classify), and split into train/validation."""
+    texts, labels = load_records(config)
+    if config.tokenizer == "bpe":
+        tokenizer: ByteTokenizer | BPETokenizer = BPETokenizer.train_or_load(
+            texts, config.bpe_vocab_size, run_dir
+        )
+    else:
+        tokenizer = ByteTokenizer()
+    if mode == "classify":
+        rows, mask = _pad_documents(texts, tokenizer, config.seq_len)
+        all_rows = Split(rows, mask, torch.tensor(labels, dtype=torch.int64))
+    else:
+        window = config.seq_len + 1 if mode == "causal_lm" else config.seq_len
+        all_rows = Split(_pack(texts, tokenizer, window))
+    if len(all_rows) < 2:
+        raise DataError(
+            f"data has {len(all_rows)} sequence(s) of data.seq_len={config.seq_len}; "
+            "add text or lower data.seq_len"
+        )
+    order = torch.from_numpy(np.random.default_rng(config.split_seed).permutation(len(all_rows)))
+    num_val = max(1, math.ceil(config.val_fraction * len(all_rows)))
+    return Data(
+        train=_take(all_rows, order[num_val:]),
+        val=_take(all_rows, order[:num_val]),
+        tokenizer=tokenizer,
+        num_documents=len(texts),
+    )
+
+
+def _pack(texts: list[str], tokenizer: Any, window: int) -> torch.Tensor:
+    pieces = []
+    eos = np.asarray([tokenizer.eos_id], dtype=np.int32)
+    for text in texts:
+        if text:
+            pieces.append(tokenizer.encode(text))
+            pieces.append(eos)
+    stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+    count = len(stream) // window
+    return torch.from_numpy(stream[: count * window].astype(np.int64).reshape(count, window))
+
+
+def _pad_documents(
+    texts: list[str], tokenizer: Any, length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = torch.full((len(texts), length), tokenizer.pad_id, dtype=torch.int64)
+    for i, text in enumerate(texts):
+        ids = np.concatenate([[tokenizer.cls_id], tokenizer.encode(text or "")])[:length]
+        rows[i, : len(ids)] = torch.from_numpy(ids.astype(np.int64))
+    return rows, rows != tokenizer.pad_id
+
+
+def _take(split: Split, index: torch.Tensor) -> Split:
+    return Split(
+        tokens=split.tokens[index],
+        padding_mask=None if split.padding_mask is None else split.padding_mask[index],
+        labels=None if split.labels is None else split.labels[index],
+    )
+
+
+# Sampling ----------------------------------------------------------------------------------
+
+
+class BatchSampler:
+    """Deterministic global batches: the position in the data is the step number alone."""
+
+    def __init__(
+        self, split: Split, micro_batch: int, grad_accum: int, dp_size: int, dp_rank: int, seed: int
+    ) -> None:
+        self.split, self.micro_batch, self.grad_accum = split, micro_batch, grad_accum
+        self.dp_size, self.dp_rank, self.seed = dp_size, dp_rank, seed
+        self.global_batch = micro_batch * grad_accum * dp_size
+        self._epoch, self._order = -1, torch.empty(0, dtype=torch.int64)
+
+    def _indices(self, start: int, count: int) -> torch.Tensor:
+        size = len(self.split)
+        out = []
+        for position in range(start, start + count):
+            epoch, offset = divmod(position, size)
+            if epoch != self._epoch:
+                perm = np.random.default_rng([self.seed, epoch]).permutation(size)
+                self._epoch, self._order = epoch, torch.from_numpy(perm)
+            out.append(self._order[offset])
+        return torch.stack(out)
+
+    def micro_batch_indices(self, step: int, accum_index: int) -> torch.Tensor:
+        """Row indices [B] this rank uses at global step ``step`` (0-based), micro step ``accum_index``."""
+        first = (
+            step * self.global_batch
+            + (accum_index * self.dp_size + self.dp_rank) * self.micro_batch
+        )
+        return self._indices(first, self.micro_batch)
+
+    def rows(self, step: int, accum_index: int) -> Split:
+        """This rank's rows for one micro step."""
+        return _take(self.split, self.micro_batch_indices(step, accum_index))
+
+
+def eval_batches(
+    split: Split, micro_batch: int, num_batches: int, dp_size: int, dp_rank: int
+) -> list[Split]:
+    """The fixed validation micro batches of this rank (the first rows of the val split)."""
+    batches = []
+    for j in range(num_batches):
+        first = (j * dp_size + dp_rank) * micro_batch
+        if (j * dp_size + dp_size) * micro_batch > len(split):
+            break
+        batches.append(_take(split, torch.arange(first, first + micro_batch)))
+    if not batches:
+        raise DataError(
+            f"the validation split has {len(split)} sequences, fewer than one batch of "
+            f"train.micro_batch x ranks = {micro_batch * dp_size}; raise data.val_fraction"
+        )
+    return batches
+
+
+def mask_for_mlm(
+    tokens: torch.Tensor, tokenizer: Any, probability: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking of ``probability`` of tokens [B, L]: returns (inputs, targets with -100)."""
+    chosen = torch.rand(tokens.shape, generator=generator) < probability
+    targets = torch.where(chosen, tokens, torch.full_like(tokens, -100))
+    roll = torch.rand(tokens.shape, generator=generator)
+    random_ids = torch.randint(0, 256, tokens.shape, generator=generator)
+    inputs = torch.where(chosen & (roll < 0.8), torch.full_like(tokens, tokenizer.mask_id), tokens)
+    inputs = torch.where(chosen & (roll >= 0.8) & (roll < 0.9), random_ids, inputs)
+    return inputs, targets

@@ -1,0 +1,356 @@
+"""The training loop on the DeepSpeed engine: data -> engine steps -> metrics, eval, checkpoints.
+
+Shape letters: B micro batch, L sequence length, V vocabulary.
+
+    result = train(load_config("configs/tiny.yaml"), Path("runs/tiny"))
+
+Per logged step, ``RUN_DIR/metrics.jsonl`` gets one JSON object with step, loss (the total
+that is back-propagated), ce_loss, aux_loss, z_loss (sums over MoE layers), dropped_fraction
+and router_entropy (means over MoE layers), lr and tokens_per_s (all ranks); evaluations add
+records with val_loss (nats per token) and val_bpb (bits per byte of the targets' text).
+Values are averaged over the micro steps of the step and over data-parallel ranks.
+Re-running a run directory that holds a checkpoint continues it exactly: same data order
+(the position is the step), same RNG states, same optimizer and schedule state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+
+from launch import checkpoint
+from launch.config import RunConfig, deepspeed_config, incompatible_fields, save_resolved, validate
+from launch.data import BatchSampler, Data, Split, build_data, eval_batches, mask_for_mlm
+from launch.errors import UserError
+from launch.launcher import discover_environment
+from launch.log import get_logger, quiet_deepspeed
+from moe.transformer import IGNORE_INDEX, Transformer, count_parameters, is_moe_block
+from parallel import deepspeed_bridge as bridge
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a finished (or stopped) run reports."""
+
+    run_dir: Path
+    step: int
+    loss: float | None
+    val_loss: float | None
+    val_bpb: float | None
+    tokens_per_s: float | None
+    seconds: float
+
+
+def make_inputs(
+    batch: Split, mode: str, data: Data, probability: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(inputs [B, L], targets [B, L] or [B], padding mask [B, L] or None) for one micro batch."""
+    if mode == "causal_lm":
+        return batch.tokens[:, :-1], batch.tokens[:, 1:], None
+    if mode == "masked_lm":
+        inputs, targets = mask_for_mlm(batch.tokens, data.tokenizer, probability, generator)
+        return inputs, targets, None
+    return batch.tokens, batch.labels, batch.padding_mask
+
+
+def _device(engine: Any) -> torch.device:
+    return next(engine.module.parameters()).device
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def evaluate(
+    engine: Any, batches: list[Split], mode: str, data: Data, seed: int
+) -> tuple[float, float]:
+    """(validation loss in nats per target, bits per byte) over every rank's fixed batches."""
+    engine.eval()
+    token_bytes = torch.as_tensor(data.tokenizer.token_bytes)
+    generator = torch.Generator().manual_seed(seed + 7919)
+    nats = count = num_bytes = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            inputs, targets, mask = make_inputs(batch, mode, data, 0.15, generator)
+            device = _device(engine)
+            out = engine(inputs.to(device), padding_mask=None if mask is None else mask.to(device))
+            logits = out.logits.float().reshape(-1, out.logits.shape[-1])
+            flat = targets.reshape(-1).to(device)
+            nats += F.cross_entropy(logits, flat, ignore_index=IGNORE_INDEX, reduction="sum").item()
+            valid = flat != IGNORE_INDEX
+            count += valid.sum().item()
+            if mode != "classify":
+                num_bytes += token_bytes[flat[valid].cpu()].sum().item()
+    engine.train()
+    nats, count, num_bytes = _all_reduce_sum([nats, count, num_bytes], _device(engine))
+    loss = nats / max(count, 1.0)
+    bpb = nats / math.log(2) / num_bytes if num_bytes else float("nan")
+    return loss, bpb
+
+
+class MetricsWriter:
+    """Appends JSON records to RUN_DIR/metrics.jsonl (rank 0) and to DeepSpeed's monitors."""
+
+    def __init__(self, run_dir: Path, engine: Any, resume_step: int | None, enabled: bool) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.engine, self.enabled = engine, enabled
+        if enabled and resume_step is not None and self.path.is_file():
+            # Drop records written after the checkpoint by the run that stopped.
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= resume_step
+            ]
+            self.path.write_text("".join(f"{line}\n" for line in kept))
+        elif enabled:
+            self.path.write_text("")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as out:
+            out.write(json.dumps(record) + "\n")
+        monitor = getattr(self.engine, "monitor", None)
+        if monitor is not None and getattr(monitor, "enabled", False):
+            step = record["step"]
+            events = [(f"moeforge/{k}", float(v), step) for k, v in record.items() if k != "step"]
+            monitor.write_events(events)
+
+
+def _check_resume(
+    config: RunConfig, run_dir: Path, world_size: int, resume: bool
+) -> dict[str, Any] | None:
+    saved = checkpoint.saved_state(run_dir)
+    if saved is None:
+        if resume:
+            raise UserError(
+                f"--resume: {run_dir} has no complete checkpoint; drop --resume to start a new run"
+            )
+        return None
+    changed = incompatible_fields(yaml.safe_load(checkpoint.saved_config_text(run_dir)), config)
+    if changed:
+        raise UserError(
+            f"cannot resume {run_dir}: {changed[0]} differs from its checkpoint; "
+            "restore the saved value or use a new --run-dir"
+        )
+    if saved["world_size"] != world_size:
+        raise UserError(
+            f"cannot resume {run_dir}: it was written by {saved['world_size']} ranks, this run has "
+            f"{world_size}; relaunch with {saved['world_size']} processes or use a new --run-dir"
+        )
+    return saved
+
+
+def _build_data(config: RunConfig, run_dir: Path, rank: int) -> Data:
+    # Rank 0 builds the corpus cache and any BPE first; the others then read them.
+    data = build_data(config.data, config.model.mode, run_dir) if rank == 0 else None
+    if rank == 0:
+        data.tokenizer.save(run_dir)
+    if dist.is_initialized():
+        dist.barrier()
+    return data if data is not None else build_data(config.data, config.model.mode, run_dir)
+
+
+def train(
+    config: RunConfig,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    deepspeed_json: str | Path | None = None,
+) -> TrainResult:
+    """Train ``config`` in ``run_dir`` (continuing from its checkpoint if it has one)."""
+    started = time.perf_counter()
+    log = get_logger()
+    launcher = discover_environment()
+    backend = config.parallel.backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    bridge.init_distributed(backend)
+    quiet_deepspeed()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    dp = validate(config, world)
+    run_dir = Path(run_dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    saved = _check_resume(config, run_dir, world, resume)
+
+    torch.manual_seed(config.train.seed)
+    data = _build_data(config, run_dir, rank)
+    vocab = data.tokenizer.vocab_size
+    if config.model.vocab_size is not None and config.model.vocab_size < vocab:
+        raise UserError(
+            f"model.vocab_size ({config.model.vocab_size}) is smaller than the tokenizer's "
+            f"({vocab}); raise it or leave it unset"
+        )
+    model = Transformer(config.model, config.moe, config.attention, vocab_size=vocab)
+    experts = [
+        config.moe.num_experts
+        for i in range(config.model.num_layers)
+        if is_moe_block(i, config.moe) and model.blocks[i].ffn is not None
+    ]
+    counts = count_parameters(model)
+    ds_config = deepspeed_config(config, run_dir, deepspeed_json)
+    engine = bridge.initialize(
+        model,
+        ds_config,
+        num_experts_per_layer=experts,
+        ep_size=config.parallel.ep,
+        weight_decay=config.optimizer.weight_decay,
+        zero_stage=int(ds_config.get("zero_optimization", {}).get("stage", 0)),
+    )
+    start_step = 0
+    if saved is not None:
+        start_step = checkpoint.load(engine, run_dir)["step"]
+    elif rank == 0:
+        save_resolved(config, run_dir / "config.yaml")
+    config_yaml = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+    train_cfg, mode = config.train, config.model.mode
+    end_step = min(train_cfg.steps, train_cfg.stop_at or train_cfg.steps)
+    log.info(
+        "world size %d | backend %s | launcher %s | layout dp=%d x tp=%d x pp=%d, ep=%d | "
+        "precision %s | ZeRO %d",
+        world, backend, launcher, dp, config.parallel.tp, config.parallel.pp,
+        config.parallel.ep, config.precision, config.parallel.zero_stage,
+    )  # fmt: skip
+    log.info(
+        "model %s: %d layers, d=%d, %d MoE layers x %d experts | params %.2fM total, %.2fM active "
+        "| data %d train / %d val sequences of %d tokens | run dir %s%s",
+        mode, config.model.num_layers, config.model.d_model, len(experts),
+        config.moe.num_experts if config.moe else 0, counts["total"] / 1e6, counts["active"] / 1e6,
+        len(data.train), len(data.val), config.data.seq_len, run_dir,
+        f" | resuming at step {start_step}" if saved is not None else "",
+    )  # fmt: skip
+
+    sampler = BatchSampler(
+        data.train, train_cfg.micro_batch, train_cfg.grad_accum, dp, rank, train_cfg.seed
+    )
+    val_batches = eval_batches(data.val, train_cfg.micro_batch, train_cfg.eval_batches, dp, rank)
+    metrics = MetricsWriter(run_dir, engine, start_step if saved is not None else None, rank == 0)
+    device = _device(engine)
+    progress = None
+    if rank == 0 and config.logging.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(
+            total=end_step, initial=start_step, desc="train", dynamic_ncols=True, leave=True
+        )
+
+    totals = [0.0] * 7  # loss, ce, aux, z, dropped, entropy, micro steps (summed since last log)
+    tokens_since, window_start = 0, time.perf_counter()
+    last_loss = last_val = last_bpb = last_rate = None
+    for step in range(start_step, end_step):
+        for accum_index in range(train_cfg.grad_accum):
+            # MLM masking draws from its own generator so the global RNG stream (dropout,
+            # router jitter) is the same whatever the mode; a pure function of the position.
+            position = (train_cfg.seed * 1_000_003 + step) * 4099 + accum_index * dp + rank
+            generator = torch.Generator().manual_seed(position % (2**63))
+            batch = sampler.rows(step, accum_index)
+            inputs, targets, mask = make_inputs(
+                batch, mode, data, train_cfg.mlm_probability, generator
+            )
+            out = engine(
+                inputs.to(device),
+                targets=targets.to(device),
+                padding_mask=None if mask is None else mask.to(device),
+            )
+            engine.backward(out.loss)
+            engine.step()
+            routing = out.routing
+            dropped = sum(r.dropped_fraction.item() for r in routing) / max(len(routing), 1)
+            entropy = sum(r.router_entropy.item() for r in routing) / max(len(routing), 1)
+            parts = (out.loss, out.ce_loss, out.aux_loss, out.z_loss)
+            for i, value in enumerate([p.item() for p in parts] + [dropped, entropy, 1.0]):
+                totals[i] += value
+            tokens_since += inputs.numel() * dp
+        done = step + 1
+        if done % train_cfg.log_every == 0 or done == end_step:
+            sums = _all_reduce_sum(totals, device)
+            loss, ce, aux, z, dropped, entropy = (v / sums[-1] for v in sums[:-1])
+            elapsed = time.perf_counter() - window_start
+            last_rate = tokens_since / max(elapsed, 1e-9)
+            last_loss = loss
+            lr = engine.get_lr()[0] if hasattr(engine, "get_lr") else float("nan")
+            metrics.write(
+                {"step": done, "loss": loss, "ce_loss": ce, "aux_loss": aux, "z_loss": z,
+                 "dropped_fraction": dropped, "router_entropy": entropy, "lr": lr,
+                 "tokens_per_s": last_rate}
+            )  # fmt: skip
+            if progress is not None:
+                progress.set_postfix(
+                    loss=f"{ce:.3f}",
+                    aux=f"{aux:.3f}",
+                    drop=f"{dropped:.1%}",
+                    tok_s=f"{last_rate:,.0f}",
+                )
+            totals = [0.0] * 7
+            tokens_since, window_start = 0, time.perf_counter()
+        if progress is not None:
+            progress.update(1)
+        is_last = done == train_cfg.steps
+        if is_last or (train_cfg.eval_every and done % train_cfg.eval_every == 0):
+            last_val, last_bpb = evaluate(engine, val_batches, mode, data, train_cfg.seed)
+            metrics.write({"step": done, "val_loss": last_val, "val_bpb": last_bpb})
+            if progress is not None:
+                progress.write(
+                    f"[moeforge] step {done}: val_loss {last_val:.4f}, val_bpb {last_bpb:.4f}"
+                )
+            window_start = time.perf_counter()  # evaluation time is not training throughput
+        every = config.checkpoint.every
+        if done == end_step or (every and done % every == 0):
+            checkpoint.save(
+                engine, run_dir, done, world_size=world, config_yaml=config_yaml,
+                keep_last=config.checkpoint.keep_last,
+            )  # fmt: skip
+            window_start = time.perf_counter()
+    if progress is not None:
+        progress.close()
+    result = TrainResult(
+        run_dir=run_dir,
+        step=max(end_step, start_step),
+        loss=last_loss,
+        val_loss=last_val,
+        val_bpb=last_bpb,
+        tokens_per_s=last_rate,
+        seconds=time.perf_counter() - started,
+    )
+    if rank == 0:
+        print_summary(result, counts)
+    return result
+
+
+def print_summary(result: TrainResult, counts: dict[str, int]) -> None:
+    """A rich table of the run's final numbers (rank 0)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    def fmt(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    table = Table(title="moeforge train: summary", show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("steps", str(result.step))
+    table.add_row("train loss (last log)", fmt(result.loss, ".4f"))
+    table.add_row("val loss (nats/token)", fmt(result.val_loss, ".4f"))
+    table.add_row("val bits per byte", fmt(result.val_bpb, ".4f"))
+    table.add_row("tokens/s (last log)", fmt(result.tokens_per_s, ",.0f"))
+    table.add_row(
+        "params total / active", f"{counts['total'] / 1e6:.2f}M / {counts['active'] / 1e6:.2f}M"
+    )
+    table.add_row("wall time", f"{result.seconds:.1f} s")
+    table.add_row("run dir", str(result.run_dir))
+    Console(stderr=False).print(table)
