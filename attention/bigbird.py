@@ -155,13 +155,16 @@ class BigBirdAttention(Attention):
         super().__init__(d_model, num_heads, **kwargs)
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=self.options.bias)
         self.out = nn.Linear(d_model, d_model, bias=self.options.bias)
-        self._plans: dict[int, BlockPlan] = {}  # cache: a deterministic function of nl
+        # Cache of plans per (nl, device); each is a deterministic function of nl, so this
+        # holds no state between calls.
+        self._plans: dict[tuple[int, str], BlockPlan] = {}
 
-    def plan(self, num_local_blocks: int) -> BlockPlan:
+    def plan(self, num_local_blocks: int, device: torch.device | str = "cpu") -> BlockPlan:
         """The (cached, deterministic) random plan for ``num_local_blocks`` local blocks."""
-        if num_local_blocks not in self._plans:
+        key = (num_local_blocks, str(device))
+        if key not in self._plans:
             o = self.options
-            self._plans[num_local_blocks] = make_block_plan(
+            plan = make_block_plan(
                 num_local_blocks,
                 self.num_heads,
                 o.num_window_blocks,
@@ -169,7 +172,8 @@ class BigBirdAttention(Attention):
                 o.seed,
                 self.layer_idx,
             )
-        return self._plans[num_local_blocks]
+            self._plans[key] = BlockPlan(plan.index.to(device), plan.valid.to(device))
+        return self._plans[key]
 
     def layout(self, n: int) -> tuple[int, int, int]:
         """(prefix globals, suffix globals, padded length) for an input of length n."""
@@ -285,10 +289,10 @@ class BigBirdAttention(Attention):
         batch, num_heads, length, d = q.shape
         b = self.options.block_size
         nl, num_global = length // b, k_global.shape[2]
-        plan = self.plan(nl)
+        plan = self.plan(nl, q.device)
         width = plan.index.shape[-1]  # L
         heads = torch.arange(num_heads, device=q.device)[:, None, None]
-        flat = (plan.index.to(q.device) + nl * heads).reshape(-1)
+        flat = (plan.index + nl * heads).reshape(-1)
 
         def gather_blocks(t: torch.Tensor) -> torch.Tensor:
             # [B, H, nl*b, ...] -> [B, H, nl, L*b, ...]; index_select's backward is index_add.
@@ -299,7 +303,7 @@ class BigBirdAttention(Attention):
         # Allowed keys per local row [B or 1, H, nl, g + L*b], as a finite additive bias (not
         # -inf) so that a fully padded row cannot give NaN; such a row is a padded query,
         # zeroed by the caller.
-        valid = plan.valid.to(q.device).repeat_interleave(b, dim=-1)  # [H, nl, L*b]
+        valid = plan.valid.repeat_interleave(b, dim=-1)  # [H, nl, L*b]
         ones = torch.ones(num_heads, nl, num_global, dtype=torch.bool, device=q.device)
         allowed = torch.cat([ones, valid], dim=-1)[None]
         if mask_local is not None:
