@@ -76,6 +76,7 @@ class DiagonalStateSpace(nn.Module):
         dt_max: float = 1e-1,
         bidirectional: bool = False,
         lr: float | None = None,
+        chunk_size: int = 128,
     ) -> None:
         super().__init__()
         if not 0.0 < dt_min <= dt_max:
@@ -83,6 +84,7 @@ class DiagonalStateSpace(nn.Module):
         modes = d_state // 2
         directions = 2 if bidirectional else 1
         self.bidirectional = bidirectional
+        self.chunk_size = chunk_size
         log_dt = torch.rand(directions, channels) * (math.log(dt_max) - math.log(dt_min))
         self.log_dt = nn.Parameter(log_dt + math.log(dt_min))
         self.log_a_real = nn.Parameter(torch.full((directions, channels, modes), math.log(0.5)))
@@ -96,38 +98,52 @@ class DiagonalStateSpace(nn.Module):
             for param in (self.log_dt, self.log_a_real, self.a_imag):
                 param._optim = {"lr": lr, "weight_decay": 0.0}  # type: ignore[attr-defined]
 
+    def modes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ZOH modes in real form, each [R, D, N/2]: Re C', Im C', Re Δa, Im Δa (fp32 or fp64).
+
+        C' = C (exp(Δa) - 1) / a folds B̄ into C, as S4D does.
+        """
+        real = torch.float64 if self.c.dtype == torch.float64 else torch.float32
+        log_dt, log_a_real, a_imag, c_pair = (
+            p.to(real) for p in (self.log_dt, self.log_a_real, self.a_imag, self.c)
+        )
+        dt = torch.exp(log_dt).unsqueeze(-1)  # [R, D, 1]
+        a = torch.complex(-torch.exp(log_a_real), a_imag)
+        c = torch.view_as_complex(c_pair.contiguous()) * (torch.exp(dt * a) - 1) / a
+        return c.real, c.imag, dt * -torch.exp(log_a_real), dt * a_imag
+
+    @staticmethod
+    def powers(
+        decay: torch.Tensor, angle: torch.Tensor, steps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Real and imaginary parts of exp(l·Δa) for l in steps [S]: each [..., N/2, S]."""
+        magnitude = torch.exp(decay.unsqueeze(-1) * steps)
+        phase = angle.unsqueeze(-1) * steps
+        return magnitude * torch.cos(phase), magnitude * torch.sin(phase)
+
     def kernel(self, length: int) -> torch.Tensor:
-        """Real SSM kernels [R, D, L]: K_l = 2 Re Σ_k C_k (exp(Δa_k) - 1)/a_k · exp(l Δa_k)."""
-        complex_dtype = torch.complex128 if self.c.dtype == torch.float64 else torch.complex64
-        dt = torch.exp(self.log_dt).unsqueeze(-1)  # [R, D, 1]
-        a = torch.complex(-torch.exp(self.log_a_real), self.a_imag).to(complex_dtype)
-        c = torch.view_as_complex(self.c.contiguous()).to(complex_dtype)
-        c = c * (torch.exp(dt * a) - 1) / a  # ZOH with B folded into C: [R, D, N/2]
-        decay, angle = dt * -torch.exp(self.log_a_real), dt * self.a_imag  # Δa = decay + i·angle
+        """Real SSM kernels [R, D, L]: K_l = 2 Re Σ_k C'_k exp(l Δa_k)."""
+        c_re, c_im, decay, angle = self.modes()
         # exp(l·Δa) = exp(p·M·Δa) · exp(r·Δa) for l = p·M + r: only O(N·√L) exponentials, and
         # the sum over modes becomes one real batched matmul. Large tensors stay real because
         # complex exp is not vectorised on CPU.
         inner_len = math.isqrt(max(length - 1, 0)) + 1
         outer_len = -(-length // inner_len)
-        steps = torch.arange(inner_len, device=dt.device, dtype=dt.dtype)
-        blocks = torch.arange(outer_len, device=dt.device, dtype=dt.dtype) * inner_len
-        inner_abs = torch.exp(decay.unsqueeze(-1) * steps)  # [R, D, N/2, M]
-        inner_cos = torch.cos(angle.unsqueeze(-1) * steps)
-        inner_sin = torch.sin(angle.unsqueeze(-1) * steps)
-        c_re, c_im = c.real.unsqueeze(-1), c.imag.unsqueeze(-1)
-        inner_re = inner_abs * (c_re * inner_cos - c_im * inner_sin)
-        inner_im = inner_abs * (c_re * inner_sin + c_im * inner_cos)
-        outer_abs = torch.exp(decay.unsqueeze(-1) * blocks)  # [R, D, N/2, P]
-        outer_re = outer_abs * torch.cos(angle.unsqueeze(-1) * blocks)
-        outer_im = outer_abs * torch.sin(angle.unsqueeze(-1) * blocks)
+        steps = torch.arange(inner_len, device=decay.device, dtype=decay.dtype)
+        inner_cos, inner_sin = self.powers(decay, angle, steps)  # [R, D, N/2, M]
+        c_re, c_im = c_re.unsqueeze(-1), c_im.unsqueeze(-1)
+        inner_re = c_re * inner_cos - c_im * inner_sin
+        inner_im = c_re * inner_sin + c_im * inner_cos
+        blocks = torch.arange(outer_len, device=decay.device, dtype=decay.dtype) * inner_len
+        outer_re, outer_im = self.powers(decay, angle, blocks)  # [R, D, N/2, P]
         # Re(Σ_k outer·inner) = Σ_k (outer_re·inner_re - outer_im·inner_im).
         left = torch.cat([outer_re, -outer_im], dim=2).transpose(-1, -2)  # [R, D, P, N]
         right = torch.cat([inner_re, inner_im], dim=2)  # [R, D, N, M]
         powers = left @ right  # [R, D, P, M]
         return 2 * powers.reshape(*powers.shape[:2], -1)[..., :length]
 
-    def convolve(self, u: torch.Tensor) -> torch.Tensor:
-        """conv(u, K) + D ⊙ u for u [B, n, D] (pads already zeroed), in the kernel's dtype."""
+    def convolve_fft(self, u: torch.Tensor) -> torch.Tensor:
+        """conv(u, K) + D ⊙ u for u [B, n, D] by an FFT of length 2n (no circular wrap)."""
         n = u.shape[1]
         kernels = self.kernel(n)  # [R, D, n]
         full = F.pad(kernels[0], (0, n))  # lags 0..n-1 (causal part), length 2n
@@ -136,11 +152,57 @@ class DiagonalStateSpace(nn.Module):
             full = full + F.pad(kernels[1].flip(-1), (n, 0))
         signal = u.transpose(1, 2).to(kernels.dtype)  # [B, D, n]
         spectrum = torch.fft.rfft(signal, n=2 * n) * torch.fft.rfft(full, n=2 * n)
-        y = (
-            torch.fft.irfft(spectrum, n=2 * n)[..., :n]
-            + signal * self.skip.to(kernels.dtype)[:, None]
-        )
-        return y.transpose(1, 2)
+        y = torch.fft.irfft(spectrum, n=2 * n)[..., :n]
+        return (y + signal * self.skip.to(kernels.dtype)[:, None]).transpose(1, 2)
+
+    def convolve_chunked(self, u: torch.Tensor) -> torch.Tensor:
+        """Causal conv(u, K) + D ⊙ u for u [B, n, D], exactly causal (no FFT rounding leak).
+
+        Chunks of C positions: a lower-triangular Toeplitz matmul inside each chunk, and the
+        diagonal state h_g = exp(CΔa) h_(g-1) + Σ_s exp((C-1-s)Δa) u_s carried across chunks
+        (one small step per chunk). O(n·C·D + n·N·D). An output never reads a later input,
+        so the causality probe holds bit for bit, which an FFT cannot give.
+        """
+        batch, n, channels = u.shape
+        chunk = min(self.chunk_size, n)
+        num_chunks = -(-n // chunk)
+        c_re, c_im, decay, angle = (t[0] for t in self.modes())  # [D, N/2]
+        real = decay.dtype
+        u_chunks = F.pad(u.to(real), (0, 0, 0, num_chunks * chunk - n))
+        u_chunks = u_chunks.view(batch, num_chunks, chunk, channels)
+        positions = torch.arange(chunk, device=u.device)
+        lag = positions[:, None] - positions[None, :]  # t - s
+        kernel = self.kernel(chunk)[0]  # [D, C]
+        toeplitz = kernel[:, lag.clamp_min(0)] * (lag >= 0).to(real)  # [D, C, C]
+        y = torch.einsum("dts,bgsd->bgtd", toeplitz, u_chunks)
+
+        to_end = torch.arange(chunk - 1, -1, -1, device=u.device, dtype=real)
+        end_re, end_im = self.powers(decay, angle, to_end)  # [D, N/2, C]
+        x_re = torch.einsum("dks,bgsd->bgdk", end_re, u_chunks)
+        x_im = torch.einsum("dks,bgsd->bgdk", end_im, u_chunks)
+        step = torch.tensor([float(chunk)], device=u.device, dtype=real)
+        z_re, z_im = (t[..., 0] for t in self.powers(decay, angle, step))  # exp(CΔa): [D, N/2]
+        h_re = [torch.zeros_like(x_re[:, 0])]
+        h_im = [torch.zeros_like(x_im[:, 0])]
+        for g in range(num_chunks - 1):  # the state entering chunk g + 1
+            previous_re, previous_im = h_re[-1], h_im[-1]
+            h_re.append(z_re * previous_re - z_im * previous_im + x_re[:, g])
+            h_im.append(z_re * previous_im + z_im * previous_re + x_im[:, g])
+        state_re, state_im = torch.stack(h_re, 1), torch.stack(h_im, 1)  # [B, G, D, N/2]
+
+        # y_t += 2 Re Σ_k C'_k exp((t+1)Δa_k) h_k for t in the chunk.
+        ahead = torch.arange(1, chunk + 1, device=u.device, dtype=real)
+        p_re, p_im = self.powers(decay, angle, ahead)  # [D, N/2, C]
+        e_re = c_re.unsqueeze(-1) * p_re - c_im.unsqueeze(-1) * p_im
+        e_im = c_re.unsqueeze(-1) * p_im + c_im.unsqueeze(-1) * p_re
+        y = y + 2 * torch.einsum("dkt,bgdk->bgtd", e_re, state_re)
+        y = y - 2 * torch.einsum("dkt,bgdk->bgtd", e_im, state_im)
+        y = y.reshape(batch, num_chunks * chunk, channels)[:, :n]
+        return y + u.to(real) * self.skip.to(real)
+
+    def convolve(self, u: torch.Tensor) -> torch.Tensor:
+        """The SSM convolution of u [B, n, D]: FFT when bidirectional, chunked scan when causal."""
+        return self.convolve_fft(u) if self.bidirectional else self.convolve_chunked(u)
 
     def forward(
         self, u: torch.Tensor, key_padding_mask: torch.Tensor | None = None
