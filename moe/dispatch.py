@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moe.router import Routing
+from moe.router import Router, Routing
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,33 @@ class LocalDispatcher:
       layout an all-to-all exchanges).
     """
 
+    def route(self, router: Router, tokens: torch.Tensor) -> Routing:
+        """Gating and selection over this process's tokens [T, d] (the simulated and
+        expert-parallel dispatchers decide capacity over virtual ranks or the EP group)."""
+        return router(tokens)
+
     def plan(self, routing: Routing) -> DispatchPlan:
         return make_plan(routing)
+
+    def exchange(self, rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """Send permuted rows to the ranks of their experts; nothing to send locally."""
+        return rows
+
+    def exchange_back(self, rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """Return expert outputs to the ranks of their tokens; nothing to send locally."""
+        return rows
+
+    def exchange_buffer(self, buffer: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """Buffer [E, C, d] -> this rank's experts' buffer; the identity locally."""
+        return buffer
+
+    def exchange_buffer_back(self, buffer: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """Inverse of ``exchange_buffer``; the identity locally."""
+        return buffer
+
+    def expert_group_sizes(self, plan: DispatchPlan) -> torch.Tensor:
+        """[E_local] int64 rows each local expert receives after ``exchange``."""
+        return plan.tokens_per_expert
 
     def permute(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """x [T, d] -> grouped [N, d]."""

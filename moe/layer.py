@@ -5,15 +5,17 @@ Shape letters: B batch, S sequence, T = B * S tokens, d model width, E experts.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from moe.dispatch import LocalDispatcher
+from moe.ep_dispatch import AllToAllDispatcher, check_capacity_scope
 from moe.experts import ACTIVATIONS, DenseFFN, GroupedExperts
 from moe.losses import router_entropy
 from moe.router import PRIORITIES, ExpertChoiceRouter, TopKRouter, check_capacity_factor
+from moe.simulate import SimulatedDispatcher
 
 ROUTERS = ("token_choice", "expert_choice")
 EXPERT_LAYOUTS = ("grouped", "buffer")
@@ -48,6 +50,14 @@ class MoELayer(nn.Module):
         shared_expert: also apply a dense FFN to every token and add it.
         expert_layout: "grouped" (kept rows only, no padding; default) or "buffer"
             (experts run on the padded [E, C, d] buffer with one bmm).
+        capacity_scope: "per_rank" (capacity from each rank's own tokens; default) or
+            "global" (decided over all tokens of the EP group; drops independent of layout).
+        simulate_ep: > 1 reproduces that many expert-parallel ranks in this one process
+            (``moe/simulate.py``).
+        ep_group: an EP process group: this rank then holds E / ep experts (global ids from
+            ``ep_rank * E / ep``) and exchanges tokens with ``AllToAllDispatcher``.
+        equal_tokens: with ``ep_group``, every rank routes the same number of tokens, so
+            per-rank capacities need no exchange.
     """
 
     def __init__(
@@ -66,6 +76,10 @@ class MoELayer(nn.Module):
         activation: str = "relu",
         shared_expert: bool = False,
         expert_layout: str = "grouped",
+        capacity_scope: str = "per_rank",
+        simulate_ep: int = 1,
+        ep_group: Any = None,
+        equal_tokens: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts)):
@@ -98,9 +112,23 @@ class MoELayer(nn.Module):
             self.router = TopKRouter(d_model, num_experts, top_k=top_k, priority=priority, **common)
         else:
             self.router = ExpertChoiceRouter(d_model, num_experts, **common)
-        self.experts = GroupedExperts(num_experts, d_model, d_ff, activation)
+        check_capacity_scope(capacity_scope)
+        if ep_group is not None and simulate_ep != 1:
+            raise ValueError(f"simulate_ep ({simulate_ep}) must be 1 when an ep_group is given")
+        self.capacity_scope = capacity_scope
+        self.dispatcher: LocalDispatcher
+        if ep_group is not None:
+            self.dispatcher = AllToAllDispatcher(
+                ep_group, num_experts, capacity_scope=capacity_scope, equal_tokens=equal_tokens
+            )
+        elif simulate_ep != 1:
+            self.dispatcher = SimulatedDispatcher(simulate_ep, capacity_scope=capacity_scope)
+        else:
+            self.dispatcher = LocalDispatcher()
+        num_local = getattr(self.dispatcher, "num_local_experts", num_experts)
+        self.experts = GroupedExperts(num_local, d_model, d_ff, activation)
+        self.expert_offset = getattr(self.dispatcher, "expert_offset", 0)
         self.shared_expert = DenseFFN(d_model, d_ff, activation) if shared_expert else None
-        self.dispatcher = LocalDispatcher()
 
     def forward(self, x: torch.Tensor) -> MoEOutput:
         """x [B, S, d] or [T, d] -> MoEOutput with output of the same shape."""
@@ -109,14 +137,21 @@ class MoELayer(nn.Module):
                 f"input's last dim must be d_model ({self.d_model}), got shape {tuple(x.shape)}"
             )
         tokens = x.reshape(-1, self.d_model)
-        routing = self.router(tokens)
-        plan = self.dispatcher.plan(routing)
+        dispatcher = self.dispatcher
+        routing = dispatcher.route(self.router, tokens)
+        plan = dispatcher.plan(routing)
+        # permute (local) -> exchange (communication, identity in one process) -> experts ->
+        # exchange back -> unpermute (local), as named in moe/dispatch.py.
         if self.expert_layout == "grouped":
-            rows = self.experts(self.dispatcher.permute(tokens, plan), plan.tokens_per_expert)
-            y = self.dispatcher.unpermute(rows, plan)
+            rows = dispatcher.exchange(dispatcher.permute(tokens, plan), plan)
+            rows = self.experts(rows, dispatcher.expert_group_sizes(plan))
+            y = dispatcher.unpermute(dispatcher.exchange_back(rows, plan), plan)
         else:
-            buffer = self.experts.forward_buffer(self.dispatcher.permute_to_buffer(tokens, plan))
-            y = self.dispatcher.unpermute_from_buffer(buffer, plan)
+            buffer = dispatcher.exchange_buffer(dispatcher.permute_to_buffer(tokens, plan), plan)
+            buffer = self.experts.forward_buffer(buffer)
+            y = dispatcher.unpermute_from_buffer(
+                dispatcher.exchange_buffer_back(buffer, plan), plan
+            )
         if self.shared_expert is not None:
             y = y + self.shared_expert(tokens)
         with torch.no_grad():

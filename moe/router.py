@@ -37,6 +37,10 @@ class Routing:
         drop_rate: 0-dim fp32 fraction of assignments dropped (expert choice: of tokens
             that no expert took).
         probs: [T, E] fp32 router probabilities.
+        group_tokens_per_expert: [G, E] int64 kept assignments of every member of the capacity
+            group (G ranks or virtual ranks, in rank order) when routing was decided over a
+            group; None for a single process's own routing. Expert-parallel dispatch derives
+            its split sizes from it without another exchange.
     """
 
     expert_index: torch.Tensor
@@ -48,6 +52,7 @@ class Routing:
     z_loss: torch.Tensor
     drop_rate: torch.Tensor
     probs: torch.Tensor
+    group_tokens_per_expert: torch.Tensor | None = None
 
     @property
     def num_experts(self) -> int:
@@ -173,6 +178,112 @@ def route(
     )
 
 
+def group_slots(
+    group_expert_index: torch.Tensor,
+    group_priority_key: torch.Tensor,
+    *,
+    num_experts: int,
+    capacity_factor: float | None,
+    min_capacity: int,
+    priority: str,
+) -> tuple[torch.Tensor, int]:
+    """Slots decided over a whole capacity group (capacity scope ``global``).
+
+    Args:
+        group_expert_index: [Tg, k] int64 choices of every token of the group, members in rank
+            order (the concatenation a single process would see).
+        group_priority_key: [Tg] fp32 each token's highest router probability (read only for
+            ``priority="probability"``).
+    Returns:
+        slot [Tg, k] int64 (-1 dropped) and the capacity ceil(cf * Tg * k / E): exactly what
+        ``route`` gives one process holding all Tg tokens, whatever the number of members.
+    """
+    num_tokens, top_k = group_expert_index.shape
+    if priority == "sequence":
+        order = torch.arange(num_tokens * top_k, device=group_expert_index.device)
+    else:
+        token_order = torch.argsort(group_priority_key, descending=True, stable=True)
+        offsets = torch.arange(top_k, device=token_order.device)[:, None] * num_tokens
+        order = (token_order[None, :] + offsets).reshape(-1)
+    rank, counts = rank_within_expert(group_expert_index, order, num_experts)
+    if is_dropless(capacity_factor):
+        capacity = int(counts.max()) if num_tokens > 0 else 0
+    else:
+        capacity = compute_capacity(num_tokens, num_experts, top_k, capacity_factor, min_capacity)
+    return torch.where(rank < capacity, rank, torch.full_like(rank, -1)), capacity
+
+
+def member_kept_counts(
+    group_expert_index: torch.Tensor,
+    group_slot: torch.Tensor,
+    member_sizes: list[int],
+    num_experts: int,
+) -> torch.Tensor:
+    """[G, E] int64 kept assignments per member and expert, from group-wide slots [Tg, k]."""
+    device = group_expert_index.device
+    member = torch.repeat_interleave(
+        torch.arange(len(member_sizes), device=device),
+        torch.tensor(member_sizes, device=device),
+    )
+    kept = group_slot >= 0
+    key = (member[:, None] * num_experts + group_expert_index)[kept]
+    return torch.bincount(key, minlength=len(member_sizes) * num_experts).view(-1, num_experts)
+
+
+def route_member(
+    logits: torch.Tensor,
+    group_expert_index: torch.Tensor,
+    group_slot: torch.Tensor,
+    capacity: int,
+    member_sizes: list[int],
+    member: int,
+    *,
+    top_k: int,
+) -> Routing:
+    """One member's Routing when slots were decided over the group (``group_slots``).
+
+    ``logits`` [T, E] are this member's own (T = member_sizes[member]); its slots are rows
+    sum(member_sizes[:member]) onwards of ``group_slot``. The aux and z losses are this
+    member's own (over its T tokens), as each rank of a real run computes them; a run
+    averages them over its ranks like any other loss.
+    """
+    logits = logits.float()
+    num_tokens, num_experts = logits.shape
+    if num_tokens != member_sizes[member]:
+        raise ValueError(
+            f"logits have {num_tokens} tokens but member_sizes[{member}] is {member_sizes[member]}"
+        )
+    probs = torch.softmax(logits, dim=-1)
+    top_probs, expert_index = torch.topk(probs, top_k, dim=-1)
+    gate = top_probs / top_probs.sum(dim=-1, keepdim=True) if top_k > 1 else top_probs
+    start = sum(member_sizes[:member])
+    slot = group_slot[start : start + num_tokens]
+    if not torch.equal(expert_index, group_expert_index[start : start + num_tokens]):
+        raise ValueError(f"member {member}'s choices differ from its rows of group_expert_index")
+    kept = slot >= 0
+    group_counts = member_kept_counts(group_expert_index, group_slot, member_sizes, num_experts)
+    dropped = (~kept).sum()
+    return Routing(
+        expert_index=expert_index,
+        gate=gate * kept,
+        slot=slot,
+        tokens_per_expert=group_counts[member],
+        capacity=capacity,
+        aux_loss=load_balancing_loss(probs, expert_index[:, 0]),
+        z_loss=router_z_loss(logits),
+        drop_rate=dropped.float() / max(num_tokens * top_k, 1),
+        probs=probs,
+        group_tokens_per_expert=group_counts,
+    )
+
+
+def top_k_choice(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's top-k experts [T, k] int64 and its highest probability [T] fp32."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    top_probs, expert_index = torch.topk(probs, top_k, dim=-1)
+    return expert_index, top_probs[:, 0]
+
+
 def expert_choice_route(
     logits: torch.Tensor, *, capacity_factor: float, min_capacity: int = 4
 ) -> Routing:
@@ -289,8 +400,12 @@ class TopKRouter(Router):
         self.priority = priority
 
     def forward(self, x: torch.Tensor) -> Routing:
+        return self.select(self.logits(x))
+
+    def select(self, logits: torch.Tensor) -> Routing:
+        """Routing of fp32 logits [T, E] under this router's settings (no gating)."""
         return route(
-            self.logits(x),
+            logits,
             top_k=self.top_k,
             capacity_factor=self.active_capacity_factor(),
             min_capacity=self.min_capacity,
@@ -310,8 +425,12 @@ class ExpertChoiceRouter(Router):
                 )
 
     def forward(self, x: torch.Tensor) -> Routing:
+        return self.select(self.logits(x))
+
+    def select(self, logits: torch.Tensor) -> Routing:
+        """Routing of fp32 logits [T, E] under this router's settings (no gating)."""
         return expert_choice_route(
-            self.logits(x),
+            logits,
             capacity_factor=self.active_capacity_factor(),
             min_capacity=self.min_capacity,
         )

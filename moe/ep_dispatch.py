@@ -1,0 +1,245 @@
+"""Expert-parallel dispatch: the local dispatcher plus an all-to-all over the EP group.
+
+Shape letters: T tokens, k choices, E experts, E_l = E / ep local experts, C capacity,
+d width, ep EP group size, M rows this rank's experts receive.
+
+Each EP rank holds experts [ep_rank * E_l, (ep_rank + 1) * E_l). Phases (Megatron-Core names):
+*route* (the router on this rank's tokens; capacity per rank or over the EP group),
+*plan* (index vectors, plus the split sizes every rank agrees on), *permute* (local, from
+``LocalDispatcher``), *exchange* (``all_to_all_single``; the only communication),
+experts, *exchange back* (the reverse all-to-all), *unpermute* (local). Three paths:
+
+* per_rank capacity (default, as DeepSpeed and Megatron do): tokens are dropped *before* the
+  exchange and every rank sends fixed [E, C, d] buffers. C comes from each rank's own token
+  count; when ranks may hold different counts, ``plan`` gathers every rank's C (one int);
+  with ``equal_tokens=True`` all C are equal by construction and nothing extra is sent.
+* dropless (capacity factor 0 or None): ``route`` gathers every rank's kept counts per expert
+  (the split sizes) first, then only real rows travel, in variable lengths.
+* global capacity scope: ``route`` gathers every rank's choices, so capacity and priority are
+  decided over all tokens of the EP group exactly as one process holding them would
+  (``moe.router.group_slots``); the drops are then the same at ep = 1, 2, 4, ... Split sizes
+  follow from the gathered routing; no further exchange is needed.
+
+On the receiving rank rows arrive source-major (rank 0's rows for each local expert, then
+rank 1's, ...) and are reordered expert-major for one grouped matmul, so expert e sees the
+same rows in the same order as in ``SimulatedDispatcher``'s merged buffer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from moe.dispatch import DispatchPlan, LocalDispatcher, make_plan
+from moe.router import (
+    Router,
+    Routing,
+    TopKRouter,
+    group_slots,
+    is_dropless,
+    route_member,
+    top_k_choice,
+)
+from parallel.collectives import (
+    COLLECTIVE_TIMEOUT,
+    all_gather_rows,
+    all_gather_tensor,
+    all_to_all,
+)
+
+CAPACITY_SCOPES = ("per_rank", "global")
+
+
+def check_capacity_scope(value: str) -> None:
+    if value not in CAPACITY_SCOPES:
+        raise ValueError(f"capacity_scope must be one of {CAPACITY_SCOPES}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertParallelPlan(DispatchPlan):
+    """A DispatchPlan plus what the exchange needs; identical split sizes on every rank.
+
+    Attributes (beyond DispatchPlan):
+        send_splits: rows sent to each EP rank (list of ep ints).
+        recv_splits: rows received from each EP rank.
+        local_order: [M] int64 source-major received row -> expert-major position.
+        inverse_order: [M] int64 the inverse permutation.
+        local_group_sizes: [E_l] int64 rows per local expert after the exchange.
+        padded: rows are fixed [E, C] capacity buffers (per_rank scope with a capacity).
+    """
+
+    send_splits: list[int]
+    recv_splits: list[int]
+    local_order: torch.Tensor
+    inverse_order: torch.Tensor
+    local_group_sizes: torch.Tensor
+    padded: bool
+
+
+def source_to_expert_order(recv_counts: torch.Tensor) -> torch.Tensor:
+    """Index that reorders rows received source-major ([ep, E_l] counts) to expert-major."""
+    flat = recv_counts.reshape(-1)
+    starts = (torch.cumsum(flat, 0) - flat).view_as(recv_counts)
+    counts_em = recv_counts.t().reshape(-1)
+    starts_em = starts.t().reshape(-1)
+    total = int(flat.sum())
+    within = torch.arange(total, device=flat.device) - torch.repeat_interleave(
+        torch.cumsum(counts_em, 0) - counts_em, counts_em, output_size=total
+    )
+    return torch.repeat_interleave(starts_em, counts_em, output_size=total) + within
+
+
+class AllToAllDispatcher(LocalDispatcher):
+    """LocalDispatcher + all-to-all over an EP process group (gloo on CPU, NCCL on GPU).
+
+    Args:
+        group: the EP process group (``ProcessGroups.ep_group``); its size is ep.
+        num_experts: E over the whole group (ep must divide it).
+        capacity_scope: "per_rank" or "global" (see the module docstring).
+        equal_tokens: every rank routes the same number of tokens (fixed batch shapes): the
+            per_rank capacity path then needs no gather of capacities.
+        timeout: for every collective; a failure names the group and its ranks.
+    """
+
+    def __init__(
+        self,
+        group: Any,
+        num_experts: int,
+        *,
+        capacity_scope: str = "per_rank",
+        equal_tokens: bool = False,
+        timeout: timedelta = COLLECTIVE_TIMEOUT,
+    ) -> None:
+        check_capacity_scope(capacity_scope)
+        self.group = group
+        self.ep_size = dist.get_world_size(group)
+        self.ep_rank = dist.get_rank(group)
+        if num_experts % self.ep_size != 0:
+            raise ValueError(
+                f"num_experts ({num_experts}) must be divisible by the EP group size ({self.ep_size})"
+            )
+        self.num_experts = num_experts
+        self.num_local_experts = num_experts // self.ep_size
+        self.capacity_scope = capacity_scope
+        self.equal_tokens = equal_tokens
+        self.timeout = timeout
+
+    @property
+    def expert_offset(self) -> int:
+        """Global id of this rank's first expert."""
+        return self.ep_rank * self.num_local_experts
+
+    def route(self, router: Router, tokens: torch.Tensor) -> Routing:
+        """Routing of this rank's tokens; global scope and dropless gather what all ranks need."""
+        dropless = is_dropless(router.active_capacity_factor())
+        if self.capacity_scope == "global":
+            if not isinstance(router, TopKRouter):
+                raise ValueError("capacity_scope 'global' needs router='token_choice'")
+            logits = router.logits(tokens)
+            expert_index, key = top_k_choice(logits, router.top_k)
+            group_index, sizes = all_gather_rows(expert_index, self.group, self.timeout)
+            group_key = (
+                all_gather_rows(key, self.group, self.timeout)[0]
+                if router.priority == "probability"
+                else torch.zeros(group_index.shape[0], device=key.device)
+            )
+            slot, capacity = group_slots(
+                group_index,
+                group_key,
+                num_experts=self.num_experts,
+                capacity_factor=router.active_capacity_factor(),
+                min_capacity=router.min_capacity,
+                priority=router.priority,
+            )
+            return route_member(
+                logits, group_index, slot, capacity, sizes, self.ep_rank, top_k=router.top_k
+            )
+        routing = router(tokens)
+        if dropless:
+            # The split sizes, exchanged before any row moves (issue 4, dropless path).
+            counts = all_gather_tensor(routing.tokens_per_expert, self.group, self.timeout)
+            routing = dataclasses.replace(routing, group_tokens_per_expert=counts)
+        return routing
+
+    def plan(self, routing: Routing) -> ExpertParallelPlan:
+        """Index vectors plus split sizes; gathers capacities only for per_rank with uneven T."""
+        base = make_plan(routing)
+        ep, local = self.ep_size, self.num_local_experts
+        mine = slice(self.expert_offset, self.expert_offset + local)
+        if routing.group_tokens_per_expert is not None:
+            counts = routing.group_tokens_per_expert.to(torch.long)
+            send_counts = counts[self.ep_rank].view(ep, local)
+            recv_counts = counts[:, mine]
+            padded = False
+        else:
+            if self.equal_tokens:
+                capacities = torch.full((ep,), routing.capacity, dtype=torch.long)
+            else:
+                capacity = torch.tensor([routing.capacity], dtype=torch.long)
+                capacities = all_gather_tensor(capacity, self.group, self.timeout).view(-1)
+            send_counts = torch.full((ep, local), routing.capacity, dtype=torch.long)
+            recv_counts = capacities.cpu()[:, None].expand(ep, local)
+            padded = True
+        send_counts, recv_counts = send_counts.cpu(), recv_counts.cpu()
+        local_order = source_to_expert_order(recv_counts)
+        inverse_order = torch.empty_like(local_order)
+        inverse_order[local_order] = torch.arange(local_order.numel())
+        device = base.token_index.device
+        return ExpertParallelPlan(
+            **{f.name: getattr(base, f.name) for f in dataclasses.fields(DispatchPlan)},
+            send_splits=send_counts.sum(1).tolist(),
+            recv_splits=recv_counts.sum(1).tolist(),
+            local_order=local_order.to(device),
+            inverse_order=inverse_order.to(device),
+            local_group_sizes=recv_counts.sum(0).to(device),
+            padded=padded,
+        )
+
+    def permute(self, x: torch.Tensor, plan: ExpertParallelPlan) -> torch.Tensor:
+        """x [T, d] -> rows to send: the flat [E * C, d] buffer (padded) or kept rows [N, d]."""
+        if plan.padded:
+            return self.permute_to_buffer(x, plan).view(-1, x.shape[-1])
+        return super().permute(x, plan)
+
+    def unpermute(self, y: torch.Tensor, plan: ExpertParallelPlan) -> torch.Tensor:
+        """Rows back from the experts (layout of ``permute``) -> [T, d], gate-weighted."""
+        if plan.padded:
+            return self.unpermute_from_buffer(y.view(plan.num_experts, plan.capacity, -1), plan)
+        return super().unpermute(y, plan)
+
+    def exchange(self, rows: torch.Tensor, plan: ExpertParallelPlan) -> torch.Tensor:
+        """Rows sorted by global expert -> this rank's experts' rows [M, d], expert-major."""
+        received = all_to_all(rows, plan.send_splits, plan.recv_splits, self.group, self.timeout)
+        return received.index_select(0, plan.local_order)
+
+    def exchange_back(self, rows: torch.Tensor, plan: ExpertParallelPlan) -> torch.Tensor:
+        """Expert outputs [M, d] (expert-major) -> this rank's rows, in ``permute``'s order."""
+        source_major = rows.index_select(0, plan.inverse_order)
+        return all_to_all(
+            source_major, plan.recv_splits, plan.send_splits, self.group, self.timeout
+        )
+
+    def expert_group_sizes(self, plan: ExpertParallelPlan) -> torch.Tensor:
+        return plan.local_group_sizes
+
+    def _check_buffer(self, plan: ExpertParallelPlan) -> None:
+        if not plan.padded:
+            raise ValueError(
+                "expert_layout 'buffer' under expert parallelism needs capacity_scope 'per_rank' "
+                "and a capacity factor > 0; use expert_layout 'grouped'"
+            )
+
+    def exchange_buffer(self, buffer: torch.Tensor, plan: ExpertParallelPlan) -> torch.Tensor:
+        """[E, C, d] -> [E_l, sum over ranks of C, d] (each local expert's slots, rank-major)."""
+        self._check_buffer(plan)
+        rows = self.exchange(buffer.reshape(-1, buffer.shape[-1]), plan)
+        return rows.view(self.num_local_experts, -1, buffer.shape[-1])
+
+    def exchange_buffer_back(self, buffer: torch.Tensor, plan: ExpertParallelPlan) -> torch.Tensor:
+        """Inverse of ``exchange_buffer``: [E_l, M_e, d] -> [E, C, d]."""
+        rows = self.exchange_back(buffer.reshape(-1, buffer.shape[-1]), plan)
+        return rows.view(plan.num_experts, plan.capacity, buffer.shape[-1])
