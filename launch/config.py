@@ -164,7 +164,9 @@ def config_from_dict(raw: dict[str, Any]) -> RunConfig:
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:
-        raise UserError(describe_error(err.errors()[0])) from None
+        # A misspelt key also makes its intended field "missing": report the typo first.
+        errors = sorted(err.errors(), key=lambda e: e.get("type") != "extra_forbidden")
+        raise UserError(describe_error(errors[0])) from None
 
 
 def describe_error(error: dict[str, Any]) -> str:
