@@ -155,3 +155,12 @@ def test_bf16_close_to_fp32(causal):
     y16, _ = module.to(torch.bfloat16)(x.to(torch.bfloat16))
     assert y16.dtype == torch.bfloat16
     assert (y16.float() - y32).norm() / y32.norm() < 5e-2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["causal_lm", "masked_lm"])
+def test_trains_in_tiny_moe_model(mode):
+    from tests.attention.test_local import train_tiny_model
+
+    losses = train_tiny_model("spade", mode, radius=3, d_state=16)
+    assert losses[-1] < 0.3 * losses[0], f"loss did not fall: {losses[0]} -> {losses[-1]}"
