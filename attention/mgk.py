@@ -320,7 +320,7 @@ class MixtureGaussianKeysAttention(Attention):
             log_prior = self._log_prior(n, compute_dtype)
             variances = self.variances.to(compute_dtype)
             dropout = opts.dropout if self.training else 0.0
-            if self.training and opts.prior == "soft_em":
+            if self.training and opts.prior == "soft_em" and not inside_backward():
                 self._e_step(q.detach(), keys.detach(), log_prior, counted)
             y = mgk_attention(
                 q, keys, v, variances=variances, log_prior=log_prior, allowed=allowed,

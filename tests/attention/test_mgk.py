@@ -199,6 +199,9 @@ def test_soft_em_under_activation_checkpoint_updates_once_with_same_gradients():
     plain = build(prior="soft_em").double().train()
     recomputed = build(prior="soft_em").double().train()
     recomputed.load_state_dict(plain.state_dict())
+    calls = []
+    e_step = recomputed._e_step
+    recomputed._e_step = lambda *args: calls.append(1) or e_step(*args)
     x = torch.randn(2, 8, 16, dtype=torch.float64)
     for step in range(2):  # the second step uses the prior the first one produced
         xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
@@ -207,6 +210,7 @@ def test_soft_em_under_activation_checkpoint_updates_once_with_same_gradients():
         assert torch.allclose(xa.grad, xb.grad, atol=1e-12), f"step {step}"
         assert torch.equal(plain.prior, recomputed.prior)
         assert torch.equal(plain.prior_pending, recomputed.prior_pending)
+        assert len(calls) == step + 1, "the E-step must not run again in the recompute"
         for a, b in zip(plain.parameters(), recomputed.parameters()):
             assert torch.allclose(a.grad, b.grad, atol=1e-12)
 
