@@ -319,8 +319,10 @@ def run(
                     skipped_lengths.setdefault(name, []).append(n)
                 else:
                     results[name].note = f"skipped: {skip}"
+                log(f"n={n:<6} {name:<20} skipped: {skip}")
             except Exception as err:  # a method's failure is reported, not fatal
                 results[name].note = f"error at n={n}: {type(err).__name__}: {err}"[:160]
+                log(f"n={n:<6} {name:<20} {results[name].note}")
         samples: dict[str, list[float]] = {name: [] for name in forwards}
         for _ in range(repeats):
             for name, forward in forwards.items():
