@@ -201,15 +201,26 @@ class AllToAllDispatcher(LocalDispatcher):
 
     def permute(self, x: torch.Tensor, plan: ExpertParallelPlan) -> torch.Tensor:
         """x [T, d] -> rows to send: the flat [E * C, d] buffer (padded) or kept rows [N, d]."""
-        if plan.padded:
-            return self.permute_to_buffer(x, plan).view(-1, x.shape[-1])
-        return super().permute(x, plan)
+        rows = super().permute(x, plan)
+        if not plan.padded:
+            return rows
+        buffer = x.new_zeros(plan.num_experts * plan.capacity, x.shape[-1])
+        return buffer.index_copy(0, plan.buffer_index, rows)
 
     def unpermute(self, y: torch.Tensor, plan: ExpertParallelPlan) -> torch.Tensor:
         """Rows back from the experts (layout of ``permute``) -> [T, d], gate-weighted."""
-        if plan.padded:
-            return self.unpermute_from_buffer(y.view(plan.num_experts, plan.capacity, -1), plan)
+        if plan.padded:  # read the kept slots only; padding rows are never used
+            y = y.index_select(0, plan.buffer_index)
         return super().unpermute(y, plan)
+
+    def permute_to_buffer(self, x: torch.Tensor, plan: ExpertParallelPlan) -> torch.Tensor:
+        """x [T, d] -> [E, C, d] fixed capacity buffer (per_rank scope with a capacity)."""
+        self._check_buffer(plan)
+        return self.permute(x, plan).view(plan.num_experts, plan.capacity, x.shape[-1])
+
+    def unpermute_from_buffer(self, buffer: torch.Tensor, plan: ExpertParallelPlan) -> torch.Tensor:
+        """[E, C, d] -> [T, d], gate-weighted (unused slots are never read)."""
+        return self.unpermute(buffer.reshape(-1, buffer.shape[-1]), plan)
 
     def exchange(self, rows: torch.Tensor, plan: ExpertParallelPlan) -> torch.Tensor:
         """Rows sorted by global expert -> this rank's experts' rows [M, d], expert-major."""
