@@ -1,0 +1,202 @@
+"""DeepSpeed contracts (parallel/deepspeed_bridge.py): fail loudly when an upgrade breaks one.
+
+Cheap tests read DeepSpeed's code paths; the slow ones build real engines in gloo processes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+import pytest
+import torch
+
+from parallel import deepspeed_bridge as bridge
+from tests.dist import run_ranks
+
+deepspeed = bridge.import_deepspeed()
+
+
+def test_installed_version_is_in_the_checked_range():
+    bridge.check_version(deepspeed.__version__)
+    bridge.check_version("0.19.8+cpu")
+    for bad in ("0.18.9", "0.20.0", "1.0.0"):
+        with pytest.raises(RuntimeError, match=f"deepspeed {bad} is outside the supported range"):
+            bridge.check_version(bad)
+
+
+def test_engine_recognises_moe_only_through_the_native_class():
+    """Contract 1: has_moe_layers comes from isinstance(module, MoE) + set_deepspeed_parallelism."""
+    from deepspeed.moe.layer import MoE
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    source = inspect.getsource(DeepSpeedEngine)
+    assert "isinstance(module, MoE)" in source and "self.has_moe_layers = True" in source
+    assert "set_deepspeed_parallelism" in source
+    assert hasattr(MoE, "set_deepspeed_parallelism")
+    for name in ("_save_moe_checkpoint", "load_moe_state_dict", "_get_non_moe_state_dict"):
+        assert (
+            "num_local_experts" in inspect.getsource(getattr(DeepSpeedEngine, name))
+            or name == "_get_non_moe_state_dict"
+        )
+    marker = bridge._marker_class()(num_experts=8, ep_size=2)
+    assert isinstance(marker, MoE) and list(marker.parameters()) == [] and marker.state_dict() == {}
+    assert marker.expert_group_name == "ep_size_2" and marker.num_local_experts == 0
+
+
+def test_expert_parameters_are_tagged_the_way_deepspeed_reads_them():
+    """Contracts 2 and 3: is_moe_param and the MoE optimizer group split."""
+    from deepspeed.moe.utils import is_moe_param, is_moe_param_group
+
+    model = torch.nn.ModuleDict(
+        {
+            "experts": torch.nn.Linear(4, 4, bias=False),
+            "dense": torch.nn.Linear(4, 4),
+            "norm": torch.nn.LayerNorm(4),
+        }
+    )
+    names = bridge.tag_expert_parameters(model, ep_size=2)
+    assert names == ["experts.weight"]
+    assert (
+        is_moe_param(model["experts"].weight) and model["experts"].weight.group_name == "ep_size_2"
+    )
+    assert not is_moe_param(model["dense"].weight)
+    groups = bridge.optimizer_param_groups(model, weight_decay=0.1)
+    moe_groups = [g for g in groups if is_moe_param_group(g)]
+    assert len(moe_groups) == 1 and moe_groups[0]["name"] == "ep_size_2"
+    assert (
+        moe_groups[0]["params"] == [model["experts"].weight]
+        and moe_groups[0]["weight_decay"] == 0.1
+    )
+    no_decay = [g for g in groups if g["name"] == "no_decay"][0]
+    assert {id(p) for p in no_decay["params"]} == {
+        id(model["dense"].bias),
+        id(model["norm"].weight),
+        id(model["norm"].bias),
+    }
+
+
+def test_zero3_with_experts_is_refused_with_a_fix():
+    with pytest.raises(ValueError, match=r"^parallel\.zero_stage \(3\) is refused for MoE models"):
+        bridge.check_zero_stage(3, has_experts=True)
+    bridge.check_zero_stage(3, has_experts=False)
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    assert "Native DeepSpeed MoE is not supported with ZeRO Stage 3" in inspect.getsource(
+        DeepSpeedEngine._validate_zero3_moe_compatibility
+    )
+
+
+# Real engines ------------------------------------------------------------------------------
+
+
+def _tiny_model():
+    from moe.config import MoEConfig
+    from moe.transformer import AttentionConfig, ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    config = ModelConfig(d_model=16, num_layers=2, num_heads=2, d_ff=32, max_seq_len=16)
+    return Transformer(
+        config, MoEConfig(num_experts=4, capacity_factor=None), AttentionConfig(), vocab_size=40
+    )
+
+
+def _ds_config(stage: int, precision: str) -> dict:
+    config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": stage},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
+        "steps_per_print": 10**9,
+    }
+    if precision == "bf16":
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    elif precision == "bf16-params":
+        config["bf16"] = {"enabled": True}
+    return config
+
+
+def _engine_body(rank: int, world_size: int, stage: int, precision: str) -> dict:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    from moe.layer import MoELayer
+
+    model = _tiny_model()
+    engine = bridge.initialize(
+        model, _ds_config(stage, precision), num_experts_per_layer=[4], zero_stage=stage
+    )
+    moe_layer = next(m for m in model.modules() if isinstance(m, MoELayer))
+    seen: dict[str, torch.dtype] = {}
+    router, experts = moe_layer.router, moe_layer.experts
+    original_logits = router.logits
+
+    def logits(x):
+        out = original_logits(x)
+        seen["router_input"], seen["logits"] = x.dtype, out.dtype
+        return out
+
+    router.logits = logits
+    experts.register_forward_hook(lambda m, i, o: seen.__setitem__("experts_out", o.dtype))
+    attention = model.blocks[0].attention
+    attention.qkv.register_forward_hook(lambda m, i, o: seen.__setitem__("qkv_out", o.dtype))
+    torch.manual_seed(1 + rank)
+    tokens = torch.randint(0, 40, (2, 9))
+    before = router.weight.detach().float().clone()
+    expert_before = experts.w1.detach().float().clone()
+    losses = []
+    for _ in range(2):
+        out = engine(tokens[:, :-1], targets=tokens[:, 1:])
+        engine.backward(out.loss)
+        engine.step()
+        losses.append(out.loss.item())
+    edp = bridge.expert_data_parallel_group(1)
+    return {
+        "has_moe_layers": engine.has_moe_layers,
+        "expert_groups": sorted(engine.expert_data_parallel_group),
+        "edp_size": torch.distributed.get_world_size(edp),
+        "moe_group_names": sorted(g["name"] for g in engine.optimizer.param_groups if g.get("moe")),
+        "router_weight": router.weight.dtype,
+        "expert_weight": experts.w1.dtype,
+        "attention_weight": attention.qkv.weight.dtype,
+        "router_moved": not torch.equal(before, router.weight.detach().float()),
+        "experts_moved": not torch.equal(expert_before, experts.w1.detach().float()),
+        "expert_w1": experts.w1.detach().float().flatten().tolist(),  # no tensors across processes
+        "losses": losses,
+        **{f"dtype_{k}": v for k, v in seen.items()},
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 2])
+def test_engine_has_moe_layers_expert_groups_and_syncs_experts_over_two_ranks(tmp_path, stage):
+    results = run_ranks(2, _engine_body, tmp_path, stage, "fp32")
+    for r in results:
+        assert r["has_moe_layers"] and r["expert_groups"] == ["ep_size_1"] and r["edp_size"] == 2
+        assert r["router_moved"] and r["experts_moved"]
+        if stage:
+            assert r["moe_group_names"] == ["ep_size_1"]
+    # Different data per rank, yet expert weights agree: their gradients were all-reduced.
+    assert results[0]["expert_w1"] == results[1]["expert_w1"]
+    assert results[0]["losses"] != results[1]["losses"]
+
+
+@pytest.mark.slow
+def test_bf16_autocast_keeps_router_fp32_while_matmuls_run_in_bf16(tmp_path):
+    """Default precision: router weight and logits fp32; attention and expert matmuls bf16."""
+    (r,) = run_ranks(1, _engine_body, tmp_path, 1, "bf16")
+    assert r["router_weight"] == torch.float32 and r["dtype_logits"] == torch.float32
+    assert r["dtype_router_input"] == torch.float32
+    assert r["dtype_qkv_out"] == torch.bfloat16 and r["dtype_experts_out"] == torch.bfloat16
+    assert (
+        r["expert_weight"] == torch.float32 and r["attention_weight"] == torch.float32
+    )  # fp32 masters
+    assert r["router_moved"] and all(torch.isfinite(torch.tensor(r["losses"])))
+
+
+@pytest.mark.slow
+def test_bf16_params_stores_bf16_weights_with_fp32_routing_math(tmp_path):
+    (r,) = run_ranks(1, _engine_body, tmp_path, 1, "bf16-params")
+    assert r["router_weight"] == torch.bfloat16 and r["expert_weight"] == torch.bfloat16
+    assert r["attention_weight"] == torch.bfloat16
+    # Activations reach the router in bf16; it computes logits (and softmax, top-k) in fp32.
+    assert r["dtype_router_input"] == torch.bfloat16 and r["dtype_logits"] == torch.float32
+    assert r["dtype_experts_out"] == torch.bfloat16 and r["router_moved"]
