@@ -249,3 +249,27 @@ def train_tiny_model(name: str, mode: str, steps: int = 60, **options) -> list[f
 def test_trains_in_tiny_moe_model(mode):
     losses = train_tiny_model("evolving", mode)
     assert losses[-1] < 0.3 * losses[0], f"loss did not fall: {losses[0]} -> {losses[-1]}"
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_conv_gradients_match_autograd_of_conv2d(causal):
+    """The GEMM-based conv and its hand-written backward against F.conv2d + autograd."""
+    from attention.evolving import evolve_logits
+
+    torch.manual_seed(11)
+    conv = nn.Conv2d(3, 3, 3).double()
+    logits = torch.randn(2, 3, 7, 7, dtype=torch.float64, requires_grad=True)
+    previous = torch.randn(2, 3, 7, 7, dtype=torch.float64, requires_grad=True)
+    keep = torch.rand(2, 1, 7, 7) > 0.2
+    kwargs = dict(alpha=0.6, beta=0.3, negative_slope=0.1, keep=keep, causal=causal)
+    out = evolve_logits(logits, previous, conv, **kwargs)
+    mixed = (0.7 * logits + 0.3 * previous).masked_fill(~keep, 0.0)
+    padded = torch.nn.functional.pad(mixed, (1, 1, 2, 0) if causal else (1, 1, 1, 1))
+    convolved = torch.nn.functional.conv2d(padded, conv.weight, conv.bias)
+    expected = 0.6 * torch.nn.functional.leaky_relu(convolved, 0.1) + 0.4 * mixed
+    assert torch.allclose(out, expected, atol=1e-12)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (logits, previous, conv.weight, conv.bias), grad)
+    want = torch.autograd.grad(expected, (logits, previous, conv.weight, conv.bias), grad)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, atol=1e-10)
