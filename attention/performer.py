@@ -9,16 +9,16 @@ that E[φ(q)·φ(k)] = exp(q·k/√d). Bidirectional: Y = D⁻¹ φ(Q)(φ(K)ᵀV
 with prefix sums, run chunked (a quadratic inside each chunk plus a carried m×d state
 between chunks), so no [n, m, d] prefix tensor is ever stored.
 
-Stabilisers. Every feature row is computed as exp(u − max_i u_i) + eps (u = ω·x̃ − |x̃|²/2),
-and the row max is kept as a log-scale. Query log-scales cancel in the ratio. Key rows are
-re-weighted by exp(log-scale − M), where M is the max log-scale over the keys a query may
-see: over all valid keys (bidirectional) or a running max over keys s ≤ t (causal; the
-inter-chunk carry is rescaled online like a streaming softmax). M is one constant per
-query, so it cancels exactly, and in causal mode it never reads the future: outputs at t
-are bit-identical when later inputs change. With eps > 0 the effective key feature is
-exp(u) + eps·exp(max u), i.e. eps is relative to the key's own largest feature (the
-reference adds it relative to one max over all keys, which leaks the future in causal
-mode; spec §3 pitfalls).
+Stabilisers. Every feature row is computed as exp(ω·x̃ − max_i ω_i·x̃) + eps, and the row
+max (minus |x̃|²/2) is kept as a log-scale. Query log-scales cancel in the ratio. Key rows
+are re-weighted by exp(log-scale − M), where M is the max log-scale over the keys a query
+may see: over all valid keys (bidirectional) or a running max over keys s ≤ t (causal; the
+inter-chunk carry is rescaled like a streaming softmax). M is one constant per query, so
+it cancels exactly, and in causal mode it never reads the future: outputs at t are
+bit-identical when later inputs change. Maxima carry no gradient. With eps > 0 the
+effective feature is exp(u) + eps·exp(max u), u = ω·x̃ − |x̃|²/2, i.e. eps is relative to
+the row's own largest feature (the reference adds it relative to one max over all keys,
+which leaks the future in causal mode; spec §3 pitfalls).
 """
 
 from __future__ import annotations
@@ -253,8 +253,9 @@ class PerformerAttention(Attention):
         self.num_features = opts.nb_features or max(1, int(self.head_dim * math.log(self.head_dim)))
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=opts.bias)
         self.out = nn.Linear(d_model, d_model, bias=opts.bias)
-        self.register_buffer("forward_count", torch.zeros((), dtype=torch.long))
-        self.register_buffer("redraw_count", torch.zeros((), dtype=torch.long))
+        # Counters are plain ints (no device sync per call), saved through get_extra_state.
+        self.forward_count = 0
+        self.redraw_count = 0
         self.register_buffer("projection", self._draw(0).float())
 
     def _draw(self, redraw_count: int) -> torch.Tensor:
@@ -269,21 +270,30 @@ class PerformerAttention(Attention):
             scaling=opts.ortho_scaling,
         )
 
+    def _load_draw(self) -> None:
+        fresh = self._draw(self.redraw_count)
+        self.projection.copy_(fresh.to(self.projection.device, self.projection.dtype))
+
     def redraw_features(self) -> None:
         """Advance the redraw count and load the matching feature matrix."""
         self.redraw_count += 1
-        fresh = self._draw(int(self.redraw_count))
-        self.projection.copy_(fresh.to(self.projection.device, self.projection.dtype))
+        self._load_draw()
 
     def _maybe_redraw(self) -> None:
         interval = self.options.feature_redraw_interval
         # A forward inside backward is an activation-checkpoint recompute: never redraw there.
         if not self.training or torch._C._current_graph_task_id() != -1:
             return
-        count = int(self.forward_count)
-        if interval is not None and count > 0 and count % interval == 0:
+        if interval is not None and self.forward_count > 0 and self.forward_count % interval == 0:
             self.redraw_features()
         self.forward_count += 1
+
+    def get_extra_state(self) -> dict[str, int]:
+        return {"forward_count": self.forward_count, "redraw_count": self.redraw_count}
+
+    def set_extra_state(self, state: dict[str, int]) -> None:
+        self.forward_count = int(state["forward_count"])
+        self.redraw_count = int(state["redraw_count"])
 
     def forward(self, x, *, key_padding_mask=None, state=None):
         check_padding_mask(x, key_padding_mask)

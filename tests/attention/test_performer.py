@@ -233,6 +233,15 @@ def test_redraw_only_in_training_and_in_lockstep():
     torch.testing.assert_close(draws[0][4], ranks[0]._draw(2).double(), atol=0, rtol=0)
     for a, b in zip(*draws):  # two "ranks" stepping in lockstep draw identical features
         assert torch.equal(a, b)
+    resumed = build(feature_redraw_interval=2)  # a checkpoint restores counters and features
+    resumed.load_state_dict(ranks[0].state_dict())
+    assert (resumed.forward_count, resumed.redraw_count) == (5, 2)
+    assert torch.equal(resumed.projection, ranks[0].projection)
+    resumed.train()
+    for _ in range(2):  # forward 5 keeps draw 2, forward 6 redraws to draw 3
+        resumed(x)
+        ranks[0](x)
+    assert resumed.redraw_count == 3 and torch.equal(resumed.projection, ranks[0].projection)
 
 
 def test_no_redraw_during_checkpoint_recompute():
