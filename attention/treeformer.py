@@ -50,7 +50,7 @@ No official code exists. Choices made where the paper (as available here) is sil
   q/k/v/out projections have the same names and shapes as ``full``'s.
 
 Not causal (retrieval over the whole sequence, as in the paper). Defaults: TF, leaf_size 64,
-max_height 10 (up to 65536 tokens at 64 per leaf), query_block 64, τ = 1.
+max_height 10 (up to 65536 tokens at 64 per leaf), query_block 32, window_groups 4, τ = 1.
 """
 
 from __future__ import annotations
@@ -72,6 +72,10 @@ from attention.base import (
 )
 from attention.registry import register
 
+# The top levels (127 nodes) score all of their nodes by one matmul (fast on CPU); deeper
+# levels gather each token's own hyperplane, which keeps routing O(n·h·d) for any height.
+DENSE_ROUTING_LEVELS = 7
+
 
 class TreeformerOptions(AttentionOptions):
     """Options of Treeformer attention."""
@@ -83,7 +87,8 @@ class TreeformerOptions(AttentionOptions):
     shared_tree: bool = True
     tc_aggregate: Literal["mean", "sum"] = "mean"
     temperature: float = Field(1.0, gt=0.0, description="τ of the straight-through sigmoid")
-    query_block: int = Field(64, ge=1, description="sorted queries per TF block")
+    query_block: int = Field(32, ge=1, description="sorted queries per TF block")
+    window_groups: int = Field(4, ge=1, description="TF blocks grouped by window length")
     bootstrap_dense_steps: int = Field(0, ge=0, description="steps at height 0 (dense)")
     bootstrap_grow_every: int = Field(0, ge=0, description="steps per added tree level")
     bias: bool = Field(True, description="biases in the q/k/v and output projections")
@@ -239,27 +244,42 @@ class TreeformerAttention(Attention):
         batch, heads, n, head_dim = x.shape
         levels = max(heights) + 1
         rows = x.reshape(batch * heads, n, head_dim)
+        per_row = torch.tensor(heights, device=x.device).repeat_interleave(heads)[:, None]
+        # The top levels: every node scored by one matmul, then each token's picked.
+        dense_levels = min(levels - 1, DENSE_ROUTING_LEVELS)
+        dense_nodes = 2**dense_levels - 1
+        weight = self.hyperplanes[tree, :, :dense_nodes]  # [H, m, d]
+        bias = self.offsets[tree, :, :dense_nodes].unsqueeze(1)  # [H, 1, m]
+        all_scores = (x @ weight.transpose(-1, -2) + bias).reshape(batch * heads, n, dense_nodes)
+        # Deeper levels: gather each token's own hyperplane, O(n·d) per level.
         internal = self.hyperplanes.shape[2]
         table = self.hyperplanes[tree].reshape(heads * internal, head_dim)
         offsets = self.offsets[tree].reshape(heads * internal)
         head_base = (torch.arange(heads, device=x.device) * internal).repeat(batch)[:, None]
-        per_row = torch.tensor(heights, device=x.device).repeat_interleave(heads)[:, None]
+
         node = torch.zeros(batch * heads, n, dtype=torch.long, device=x.device)
-        nodes, gates = [node], [torch.ones(batch * heads, n, dtype=x.dtype, device=x.device)]
-        for level in range(levels - 1):
-            index = head_base + node
-            scores = (rows * F.embedding(index, table)).sum(-1) + offsets[index]
-            step = StraightThroughStep.apply(scores, self.options.temperature)
-            active = per_row > level
-            right = (scores > 0) & active
-            gate = torch.where(right, step, 1 - step)
-            gate = torch.where(active, gate, torch.ones_like(gate))
-            node = 2 * node + 1 + right.long()
+        nodes, deep_scores = [node], []
+        for level in range(levels - 1):  # decisions only; gradients are taken below
+            if level < dense_levels:
+                scores = all_scores.detach().gather(-1, node.unsqueeze(-1)).squeeze(-1)
+            else:
+                index = head_base + node
+                deep_scores.append((rows * F.embedding(index, table)).sum(-1) + offsets[index])
+                scores = deep_scores[-1].detach()
+            node = 2 * node + 1 + ((scores > 0) & (per_row > level)).long()
             nodes.append(node)
-            gates.append(gates[-1] * gate)
-        first_leaf = 2 ** (levels - 1) - 1
-        leaf = node - first_leaf
-        return Routing(leaf, torch.stack(nodes, -1), torch.stack(gates, -1), per_row[:, 0])
+        path = torch.stack(nodes, -1)  # [R, n, L]
+        scores = all_scores.gather(-1, path[..., :dense_levels])
+        if deep_scores:
+            scores = torch.cat([scores, torch.stack(deep_scores, -1)], dim=-1)  # [R, n, L-1]
+        step = StraightThroughStep.apply(scores, self.options.temperature)
+        active = (per_row > torch.arange(levels - 1, device=x.device)).unsqueeze(1)
+        gate = torch.where((scores > 0) & active, step, 1 - step)
+        gate = torch.where(active, gate, torch.ones_like(gate))
+        root = torch.ones(batch * heads, n, 1, dtype=gate.dtype, device=x.device)
+        gates = torch.cat([root, torch.cumprod(gate, -1)], dim=-1)
+        leaf = node - (2 ** (levels - 1) - 1)
+        return Routing(leaf, path, gates, per_row[:, 0])
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v [B, H, n, d] from x [B, n, D]."""
@@ -332,30 +352,40 @@ class TreeformerAttention(Attention):
         q = F.pad(q, (0, 0, 0, pad)).view(rows, num_blocks, block, head_dim)
         query_leaf = query_leaf.view(rows, num_blocks, block)
 
-        # Sorted, so a block's leaves are a contiguous run, and so are their keys.
+        # Sorted, so a block's leaves are a contiguous run, and so are their keys. Blocks are
+        # handled as one flat batch, grouped by window length so that a few long windows
+        # (big leaves) do not pad every block to their width.
         window_start = starts.gather(1, query_leaf[:, :, 0])
         window_len = ends.gather(1, query_leaf[:, :, -1]) - window_start  # [R, G]
-        width = max(int(window_len.max().item()), 1)
-        index = window_start.unsqueeze(-1) + torch.arange(width, device=q.device)
-        in_window = torch.arange(width, device=q.device) < window_len.unsqueeze(-1)
-        index = index.clamp(max=n - 1).view(rows, num_blocks * width)
-        gather_index = index.unsqueeze(-1).expand(-1, -1, head_dim)
-        k_window = k.gather(1, gather_index).view(rows, num_blocks, width, head_dim)
-        v_window = v.gather(1, gather_index).view(rows, num_blocks, width, head_dim)
-        leaf_window = key_leaf.gather(1, index).view(rows, num_blocks, width)
-        same_leaf = (leaf_window.unsqueeze(2) == query_leaf.unsqueeze(-1)) & in_window.unsqueeze(2)
-
-        additive = torch.zeros(same_leaf.shape, dtype=q.dtype, device=q.device)
-        additive = additive.masked_fill(~same_leaf, torch.finfo(q.dtype).min)
-        out = F.scaled_dot_product_attention(
-            q,
-            k_window,
-            v_window,
-            attn_mask=additive,
-            dropout_p=dropout,
-            scale=default_scale(head_dim),
-        )
-        out = out * same_leaf.any(-1, keepdim=True).to(out.dtype)  # empty leaf -> 0
+        row_base = torch.arange(rows, device=q.device).unsqueeze(-1) * n
+        window_start = (window_start + row_base).flatten()  # into the flat [R·n] keys
+        window_len = window_len.flatten()
+        flat_k, flat_v = k.reshape(rows * n, head_dim), v.reshape(rows * n, head_dim)
+        flat_leaf = key_leaf.flatten()
+        q_blocks = q.reshape(rows * num_blocks, block, head_dim)
+        leaf_blocks = query_leaf.reshape(rows * num_blocks, block)
+        by_length = torch.argsort(window_len)
+        outputs = []
+        for group in by_length.chunk(self.options.window_groups):
+            lengths = window_len[group]
+            width = max(int(lengths.max().item()), 1)
+            offsets = torch.arange(width, device=q.device)
+            index = (window_start[group].unsqueeze(-1) + offsets).clamp(max=rows * n - 1)
+            in_window = offsets < lengths.unsqueeze(-1)  # [g, W]
+            same_leaf = flat_leaf[index].unsqueeze(1) == leaf_blocks[group].unsqueeze(-1)
+            same_leaf = same_leaf & in_window.unsqueeze(1)  # [g, q, W]
+            additive = torch.zeros(same_leaf.shape, dtype=q.dtype, device=q.device)
+            additive = additive.masked_fill(~same_leaf, torch.finfo(q.dtype).min)
+            out = F.scaled_dot_product_attention(
+                q_blocks[group],
+                flat_k[index],
+                flat_v[index],
+                attn_mask=additive,
+                dropout_p=dropout,
+                scale=default_scale(head_dim),
+            )
+            outputs.append(out * same_leaf.any(-1, keepdim=True).to(out.dtype))  # empty -> 0
+        out = torch.cat(outputs, 0)[torch.argsort(by_length)]
         out = out.reshape(rows, num_blocks * block, head_dim)[:, :n]
         inverse = torch.argsort(query_order, dim=1)
         out = out.gather(1, inverse.unsqueeze(-1).expand(-1, -1, head_dim))

@@ -289,3 +289,19 @@ def test_trains_in_tiny_moe_model(mode):
 
     losses = train_tiny_model("treeformer", "masked_lm", mode=mode, height=2, leaf_size=None)
     assert losses[-1] < 0.3 * losses[0], f"loss did not fall: {losses[0]} -> {losses[-1]}"
+
+
+@pytest.mark.parametrize("mode", ["tf", "tc"])
+def test_gathered_deep_routing_equals_matmul_routing(mode, monkeypatch):
+    """Levels below DENSE_ROUTING_LEVELS gather per-token hyperplanes; both paths agree."""
+    module = build(mode=mode, height=3, leaf_size=None, query_block=4)
+    x = inputs(n=24)
+    y, _ = module(x)
+    y.sum().backward()
+    grad = module.hyperplanes.grad.clone()
+    module.zero_grad()
+    monkeypatch.setattr(treeformer_module, "DENSE_ROUTING_LEVELS", 1)
+    y_gathered, _ = module(x)
+    y_gathered.sum().backward()
+    assert torch.allclose(y, y_gathered, atol=1e-12, rtol=0)
+    assert torch.allclose(grad, module.hyperplanes.grad, atol=1e-12, rtol=0)
