@@ -59,8 +59,9 @@ class GatedUnitCore(nn.Module):
         """x [B, n, D] -> U [B, n, e], V [B, n, e], and P views [B, n, s] of Z."""
         gate, value = F.silu(self.to_gate_value(x)).chunk(2, dim=-1)
         shared = F.silu(self.to_shared(x))
-        views = [shared * self.gamma[p] + self.beta[p] for p in range(self.gamma.shape[0])]
-        return gate, value, views
+        # All P views in one fused op [B, n, P, s] (4x fewer passes than P separate ones).
+        views = torch.addcmul(self.beta, shared.unsqueeze(-2), self.gamma).unbind(-2)
+        return gate, value, list(views)
 
     def bias_matrix(self, length: int, device: torch.device) -> torch.Tensor | None:
         """b_{t-s} as an fp32 (fp64) [length, length] matrix, or None when the bias is off."""
@@ -97,16 +98,9 @@ def relu_squared_scores(
     Scores are computed in fp32 whatever the input dtype (relu² overflows fp16/bf16 easily).
     """
     query = upcast(query) / divisor  # [.., t, s] is cheaper to scale than [.., t, m]
-    key = upcast(key)
-    if bias is None:
-        scores = query @ key.transpose(-1, -2)
-    else:
-        # One fused GEMM + bias add over the flattened leading dimensions.
-        length, width, keys = query.shape[-2], query.shape[-1], key.shape[-2]
-        query3 = query.reshape(-1, length, width)
-        key3 = key.reshape(-1, keys, width)
-        scores = torch.baddbmm(bias.to(query.dtype), query3, key3.transpose(-1, -2))
-        scores = scores.view(*query.shape[:-2], length, keys)
+    scores = query @ upcast(key).transpose(-1, -2)
+    if bias is not None:
+        scores += bias  # in place: the matmul's backward does not need its output
     return F.relu(scores).square()
 
 

@@ -83,7 +83,7 @@ class FlashAttention(Attention):
             keep = None if mask is None else mask.view(batch, num_chunks, chunk, 1).float()
             mixed = self._quadratic(q_quad, k_quad, value32, keep)
             if options.linear_part:
-                mixed = mixed + self._linear(q_lin, k_lin, value32, keep, lengths)
+                mixed = self._add_linear(mixed, q_lin, k_lin, value32, keep, lengths)
         mixed = mixed.reshape(batch, num_chunks * chunk, -1).to(gate.dtype)
         y = self.core.out(gate * mixed)
         y = zero_padded_queries(y, mask)
@@ -110,30 +110,39 @@ class FlashAttention(Attention):
             weights = F.dropout(weights, p=self.options.dropout)
         return weights @ value
 
-    def _linear(
+    def _add_linear(
         self,
+        local: torch.Tensor,
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
         keep: torch.Tensor | None,
         lengths: torch.Tensor,
     ) -> torch.Tensor:
-        """Global linear attention across chunks: [B, G, C, s|e] fp32 -> [B, G, C, e]."""
-        chunk = query.shape[2]
+        """local + global linear attention across chunks: [B, G, C, s|e] fp32 -> [B, G, C, e]."""
+        batch, num_chunks, chunk, _ = query.shape
         if keep is not None:
             key = key * keep  # zero K_lin rows at pad keys
-        # Σ over the positions of each chunk of k_lin ⊗ v: [B, G, s, e].
-        chunk_states = key.transpose(-1, -2) @ value
-        if self.causal:
-            # Exclusive prefix sum over chunks, built by shifting (not by subtracting the
-            # current chunk, which would let future tokens of the chunk leak by rounding).
-            shifted = F.pad(chunk_states[:, :-1], (0, 0, 0, 0, 1, 0))
-            states = shifted.cumsum(dim=1)
-            divisor: torch.Tensor | float = float(self.options.linear_divisor or chunk)
-        else:
-            states = chunk_states.sum(dim=1, keepdim=True)
+        if not self.causal:
+            # One state Σ_all k_lin ⊗ v [B, s, e] shared by every chunk: two flat GEMMs.
+            flat_key = key.reshape(batch, num_chunks * chunk, -1)
+            flat_value = value.reshape(batch, num_chunks * chunk, -1)
             if self.options.linear_divisor is None:
-                divisor = lengths.view(-1, 1, 1, 1)
+                divisor: torch.Tensor | float = lengths.view(-1, 1, 1)
             else:
                 divisor = float(self.options.linear_divisor)
-        return query @ (states / divisor)  # scale the small [B, G, s, e] states, not the output
+            state = (flat_key.transpose(-1, -2) @ flat_value) / divisor
+            flat_query = query.reshape(batch, num_chunks * chunk, -1)
+            flat_local = local.reshape(batch, num_chunks * chunk, -1)
+            return torch.baddbmm(flat_local, flat_query, state).view_as(local)
+        # Σ over the positions of each chunk of k_lin ⊗ v: [B, G, s, e]. Exclusive prefix sum
+        # over chunks, built by shifting (not by subtracting the current chunk, which would
+        # let future tokens of the chunk leak into the past by rounding).
+        chunk_states = key.transpose(-1, -2) @ value
+        shifted = F.pad(chunk_states[:, :-1], (0, 0, 0, 0, 1, 0))
+        states = shifted.cumsum(dim=1) / float(self.options.linear_divisor or chunk)
+        return torch.baddbmm(
+            local.reshape(batch * num_chunks, chunk, -1),
+            query.reshape(batch * num_chunks, chunk, -1),
+            states.reshape(batch * num_chunks, *states.shape[-2:]),
+        ).view_as(local)
