@@ -27,6 +27,8 @@ class DispatchPlan:
         gate: [N] fp32 combine weight of each kept assignment (carries the router gradient).
         tokens_per_expert: [E] int64 kept assignments per expert (group sizes of the
             grouped layout).
+        inverse: [T, k] int64 row of each (token, choice) in the grouped layout, N where
+            dropped (it points at an appended zero row).
         num_tokens: T.
         capacity: C.
     """
@@ -35,6 +37,7 @@ class DispatchPlan:
     buffer_index: torch.Tensor
     gate: torch.Tensor
     tokens_per_expert: torch.Tensor
+    inverse: torch.Tensor
     num_tokens: int
     capacity: int
 
@@ -51,14 +54,58 @@ def make_plan(routing: Routing) -> DispatchPlan:
     token = torch.arange(num_tokens, device=slot.device).repeat_interleave(top_k)[kept]
     buffer_index = routing.expert_index.reshape(-1)[kept] * routing.capacity + slot[kept]
     order = torch.argsort(buffer_index)
+    num_kept = order.numel()
+    inverse = torch.full((num_tokens * top_k,), num_kept, dtype=torch.long, device=slot.device)
+    inverse[kept.nonzero().squeeze(1)[order]] = torch.arange(num_kept, device=slot.device)
     return DispatchPlan(
         token_index=token[order],
         buffer_index=buffer_index[order],
         gate=routing.gate.reshape(-1)[kept][order],
         tokens_per_expert=routing.tokens_per_expert,
+        inverse=inverse.view(num_tokens, top_k),
         num_tokens=num_tokens,
         capacity=routing.capacity,
     )
+
+
+def _gather_sum(rows: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """out[t] = sum_j rows[inverse[t, j]], where index len(rows) reads a zero row."""
+    extended = torch.cat([rows, rows.new_zeros(1, rows.shape[-1])])
+    if inverse.shape[1] == 1:
+        return extended.index_select(0, inverse[:, 0])
+    return extended[inverse].sum(dim=1)
+
+
+class _Permute(torch.autograd.Function):
+    """rows = x[token_index]; backward gathers (no scatter-add): grad_x[t] = sum_j grad[inverse[t, j]]."""
+
+    @staticmethod
+    def forward(
+        ctx, x: torch.Tensor, token_index: torch.Tensor, inverse: torch.Tensor
+    ) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, token_index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return _gather_sum(grad, inverse), None, None
+
+
+class _Unpermute(torch.autograd.Function):
+    """y[t] = sum_j rows[inverse[t, j]]; backward is the gather grad_y[token_index]."""
+
+    @staticmethod
+    def forward(
+        ctx, rows: torch.Tensor, token_index: torch.Tensor, inverse: torch.Tensor
+    ) -> torch.Tensor:
+        ctx.save_for_backward(token_index)
+        return _gather_sum(rows, inverse)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (token_index,) = ctx.saved_tensors
+        return grad.index_select(0, token_index), None, None
 
 
 class LocalDispatcher:
@@ -100,7 +147,7 @@ class LocalDispatcher:
 
     def permute(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """x [T, d] -> grouped [N, d]."""
-        return x.index_select(0, plan.token_index)
+        return _Permute.apply(x, plan.token_index, plan.inverse)
 
     def unpermute(self, y: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """grouped expert outputs [N, d] -> [T, d], each scaled by its gate and summed per token.
@@ -108,12 +155,11 @@ class LocalDispatcher:
         Dropped assignments contribute zero (the residual connection carries the token).
         """
         weighted = y * plan.gate.to(y.dtype).unsqueeze(-1)
-        out = y.new_zeros(plan.num_tokens, y.shape[-1])
-        return out.index_add(0, plan.token_index, weighted)
+        return _Unpermute.apply(weighted, plan.token_index, plan.inverse)
 
     def permute_to_buffer(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """x [T, d] -> buffer [E, C, d] (zeros where a slot is unused)."""
-        rows = x.index_select(0, plan.token_index)
+        rows = self.permute(x, plan)
         buffer = x.new_zeros(plan.num_experts * plan.capacity, x.shape[-1])
         buffer = buffer.index_copy(0, plan.buffer_index, rows)
         return buffer.view(plan.num_experts, plan.capacity, x.shape[-1])

@@ -39,27 +39,78 @@ def _aligned(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (x.shape[-1] * size) % 16 == 0 and (weight.shape[-1] * size) % 16 == 0
 
 
+class _LoopGroupedMatmul(torch.autograd.Function):
+    """Per-expert matmuls written into preallocated outputs (no cat, no per-expert zero grads)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        x = x.contiguous()
+        out = x.new_empty(x.shape[0], weight.shape[-1])
+        start = 0
+        for e, n in enumerate(sizes):
+            if n:
+                torch.mm(x[start : start + n], weight[e], out=out[start : start + n])
+            start += n
+        ctx.save_for_backward(x, weight)
+        ctx.sizes = sizes
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = x.new_empty(x.shape)
+        if ctx.needs_input_grad[1]:
+            grad_w = weight.new_empty(weight.shape)
+        start = 0
+        for e, n in enumerate(ctx.sizes):
+            rows = slice(start, start + n)
+            if grad_x is not None and n:
+                torch.mm(grad[rows], weight[e].t(), out=grad_x[rows])
+            if grad_w is not None:
+                if n:
+                    torch.mm(x[rows].t(), grad[rows], out=grad_w[e])
+                else:
+                    grad_w[e].zero_()
+            start += n
+        return grad_x, grad_w, None
+
+
+def default_impl(x: torch.Tensor, weight: torch.Tensor) -> str:
+    """One grouped kernel on accelerators (torch._grouped_mm, no host sync); the loop on CPU,
+    where torch's grouped kernel is itself a loop followed by a copy of every result."""
+    global _GROUPED_MM
+    if x.device.type == "cpu":
+        return "loop"
+    if _GROUPED_MM is None:
+        _GROUPED_MM = _grouped_mm_works()
+    return "grouped" if _GROUPED_MM and _aligned(x, weight) else "loop"
+
+
 def grouped_matmul(
     x: torch.Tensor, weight: torch.Tensor, group_sizes: torch.Tensor, *, impl: str = "auto"
 ) -> torch.Tensor:
     """Rows of x [N, d_in], grouped by expert, times that expert's weight [E, d_in, d_out].
 
     group_sizes [E] int64 sum to N. ``impl``: "grouped" (torch._grouped_mm, one kernel, no
-    host synchronisation), "loop" (one matmul per expert; needs the sizes on the host) or
-    "auto" (grouped where it works).
+    host synchronisation), "loop" (one matmul per expert into preallocated outputs; needs
+    the sizes on the host) or "auto" (see ``default_impl``).
     """
-    global _GROUPED_MM
     if impl == "auto":
-        if _GROUPED_MM is None:
-            _GROUPED_MM = _grouped_mm_works()
-        impl = "grouped" if _GROUPED_MM and _aligned(x, weight) else "loop"
+        impl = default_impl(x, weight)
     if impl == "grouped":
         offsets = torch.cumsum(group_sizes, 0).to(torch.int32)
         return torch._grouped_mm(x.contiguous(), weight, offs=offsets)
-    # unbind gives one backward node for all experts (indexing weight[e] in a loop would
-    # materialise a full-size zero gradient per expert).
-    pieces = [xs @ w for xs, w in zip(x.split(group_sizes.tolist()), weight.unbind(0))]
-    return torch.cat(pieces) if pieces else x.new_zeros(0, weight.shape[-1])
+    if impl != "loop":
+        raise ValueError(f"impl must be 'auto', 'grouped' or 'loop', got {impl!r}")
+    device = x.device.type
+    if torch.is_autocast_enabled(device):  # a custom Function is not autocast by torch
+        dtype = torch.get_autocast_dtype(device)
+        x, weight = x.to(dtype), weight.to(dtype)
+    with torch.autocast(device, enabled=False):
+        return _LoopGroupedMatmul.apply(x, weight, group_sizes.tolist())
 
 
 class GroupedExperts(nn.Module):

@@ -57,7 +57,8 @@ class MoELayer(nn.Module):
         ep_group: an EP process group: this rank then holds E / ep experts (global ids from
             ``ep_rank * E / ep``) and exchanges tokens with ``AllToAllDispatcher``.
         equal_tokens: with ``ep_group``, every rank routes the same number of tokens, so
-            per-rank capacities need no exchange.
+            per-rank capacities need no exchange. Under EP the "buffer" layout exchanges fixed
+            [E, C, d] capacity buffers, "grouped" exchanges kept rows after their counts.
     """
 
     def __init__(
@@ -119,7 +120,11 @@ class MoELayer(nn.Module):
         self.dispatcher: LocalDispatcher
         if ep_group is not None:
             self.dispatcher = AllToAllDispatcher(
-                ep_group, num_experts, capacity_scope=capacity_scope, equal_tokens=equal_tokens
+                ep_group,
+                num_experts,
+                capacity_scope=capacity_scope,
+                fixed_buffers=expert_layout == "buffer",
+                equal_tokens=equal_tokens,
             )
         elif simulate_ep != 1:
             self.dispatcher = SimulatedDispatcher(simulate_ep, capacity_scope=capacity_scope)

@@ -1,0 +1,229 @@
+"""`moeforge bench moe`: MoELayer vs a dense FFN vs DeepSpeed's MoE layer, side by side.
+
+    moeforge bench moe                        # the full table (a few minutes on 2 cores)
+    moeforge bench moe --experts 8 --dtypes fp32 --repeats 3
+    python -m launch.bench_moe --markdown docs/bench_moe.md
+
+Forward + backward of one layer at 4096 tokens, d=512, ff=2048, capacity factor 1.25,
+top-1, relu, interleaved (each repetition runs every contender once, in turn) and reported
+as medians with the ratio to the dense FFN of the same per-token FLOPs (d -> ff -> d).
+Memory: activation bytes saved for backward (saved-tensor hooks, distinct storages), at
+4096 and 16384 tokens; on CUDA also the allocator's peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from moe.experts import DenseFFN
+from moe.layer import MoELayer
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def make_deepspeed_moe(
+    d_model: int, d_ff: int, num_experts: int, capacity_factor: float
+) -> nn.Module | None:
+    """DeepSpeed's MoE layer (k=1, no random token selection), or None if unavailable."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed
+        import torch.distributed as dist
+        from deepspeed.moe.layer import MoE
+    except ImportError as err:
+        print(f"deepspeed not importable ({err}); skipping its layer", file=sys.stderr)
+        return None
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        deepspeed.init_distributed(
+            dist_backend="gloo" if not torch.cuda.is_available() else "nccl", verbose=False
+        )
+    expert = nn.Sequential(nn.Linear(d_model, d_ff), nn.ReLU(), nn.Linear(d_ff, d_model))
+    layer = MoE(
+        hidden_size=d_model,
+        expert=expert,
+        num_experts=num_experts,
+        ep_size=1,
+        k=1,
+        capacity_factor=capacity_factor,
+        eval_capacity_factor=capacity_factor,
+        min_capacity=4,
+        noisy_gate_policy=None,
+        drop_tokens=True,
+        use_rts=False,
+    )
+    layer.set_deepspeed_parallelism()
+    return layer
+
+
+class _DeepSpeedCall(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)[0]
+
+
+class _OursCall(nn.Module):
+    def __init__(self, layer: MoELayer) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x).output
+
+
+def fwd_bwd(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], float]:
+    """A closure timing one forward + backward, in milliseconds."""
+
+    def run() -> float:
+        module.zero_grad(set_to_none=True)
+        xi = x.detach().requires_grad_(True)
+        start = time.perf_counter()
+        out = module(xi)
+        out.backward(grad)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) * 1e3
+
+    return run
+
+
+def saved_activation_bytes(module: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of distinct activation tensors (not parameters) saved for backward in one forward."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x.detach().requires_grad_(True))
+    return sum(seen.values())
+
+
+def contenders(
+    num_experts: int, dtype: torch.dtype, args: argparse.Namespace
+) -> dict[str, nn.Module]:
+    mods: dict[str, nn.Module] = {
+        "dense FFN": DenseFFN(args.d_model, args.d_ff),
+        "moeforge": _OursCall(
+            MoELayer(args.d_model, args.d_ff, num_experts, capacity_factor=args.capacity_factor)
+        ),
+    }
+    if not args.no_deepspeed:
+        ds = make_deepspeed_moe(args.d_model, args.d_ff, num_experts, args.capacity_factor)
+        if ds is not None:
+            mods["deepspeed MoE"] = _DeepSpeedCall(ds)
+    return {name: m.to(dtype) for name, m in mods.items()}
+
+
+def bench_point(num_experts: int, dtype_name: str, args: argparse.Namespace) -> dict[str, float]:
+    dtype = DTYPES[dtype_name]
+    torch.manual_seed(0)
+    mods = contenders(num_experts, dtype, args)
+    x = torch.randn(args.tokens, args.d_model, dtype=dtype)
+    grad = torch.randn_like(x)
+    runners = {name: fwd_bwd(m, x, grad) for name, m in mods.items()}
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for rep in range(args.repeats + 1):  # the first round is warm-up
+        for name, run in runners.items():
+            ms = run()
+            if rep > 0:
+                times[name].append(ms)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def format_table(rows: list[tuple[int, str, dict[str, float]]]) -> str:
+    names = ["dense FFN", "moeforge", "deepspeed MoE"]
+    lines = [
+        "| experts | dtype | dense FFN ms | moeforge ms | deepspeed MoE ms | moeforge / dense | deepspeed / dense | moeforge / deepspeed |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for experts, dtype, med in rows:
+        cells = [f"{med[n]:.1f}" if n in med else "n/a" for n in names]
+        dense = med["dense FFN"]
+        ours = med["moeforge"]
+        ds = med.get("deepspeed MoE")
+        ratios = [
+            f"{ours / dense:.2f}x",
+            f"{ds / dense:.2f}x" if ds else "n/a",
+            f"{ours / ds:.2f}x" if ds else "n/a",
+        ]
+        lines.append(f"| {experts} | {dtype} | " + " | ".join(cells + ratios) + " |")
+    return "\n".join(lines)
+
+
+def memory_table(args: argparse.Namespace) -> str:
+    lines = ["| tokens | saved activations (MiB) | per token (KiB) |", "|---:|---:|---:|"]
+    layer = _OursCall(
+        MoELayer(args.d_model, args.d_ff, max(args.experts), capacity_factor=args.capacity_factor)
+    )
+    for tokens in (4096, 16384):
+        x = torch.randn(tokens, args.d_model)
+        nbytes = saved_activation_bytes(layer, x)
+        lines.append(f"| {tokens} | {nbytes / 2**20:.1f} | {nbytes / tokens / 1024:.2f} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="moeforge bench moe", description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--d-model", type=int, default=512)
+    p.add_argument("--d-ff", type=int, default=2048)
+    p.add_argument("--experts", type=int, nargs="+", default=[8, 64])
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
+    p.add_argument("--capacity-factor", type=float, default=1.25)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-deepspeed", action="store_true", help="skip DeepSpeed's layer")
+    p.add_argument("--markdown", help="also write the tables to this file")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    print(
+        f"MoE layer fwd+bwd, {args.tokens} tokens, d={args.d_model}, ff={args.d_ff}, "
+        f"top-1, capacity factor {args.capacity_factor}, median of {args.repeats} "
+        f"(torch {torch.__version__}, {torch.get_num_threads()} threads)",
+        flush=True,
+    )
+    rows = []
+    for experts in args.experts:
+        for dtype in args.dtypes:
+            med = bench_point(experts, dtype, args)
+            rows.append((experts, dtype, med))
+            print(
+                f"  E={experts} {dtype}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in med.items()),
+                flush=True,
+            )
+    table = format_table(rows)
+    mem = memory_table(args)
+    print(table)
+    print()
+    print(mem)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(f"{table}\n\n{mem}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
