@@ -10,9 +10,12 @@ Each EP rank holds experts [ep_rank * E_l, (ep_rank + 1) * E_l). Phases (Megatro
 experts, *exchange back* (the reverse all-to-all), *unpermute* (local). Three paths:
 
 * per_rank capacity (default, as DeepSpeed and Megatron do): tokens are dropped *before* the
-  exchange and every rank sends fixed [E, C, d] buffers. C comes from each rank's own token
-  count; when ranks may hold different counts, ``plan`` gathers every rank's C (one int);
-  with ``equal_tokens=True`` all C are equal by construction and nothing extra is sent.
+  exchange. With ``fixed_buffers`` (the layer's ``expert_layout="buffer"``) every rank sends
+  fixed [E, C, d] capacity buffers: C comes from each rank's own token count; when ranks may
+  hold different counts ``plan`` gathers every rank's C (one int), and with
+  ``equal_tokens=True`` all C are equal by construction and nothing else is sent (static
+  shapes). Without it (``expert_layout="grouped"``, the default) ``route`` first gathers each
+  rank's kept counts per expert and only kept rows travel, so no expert computes padding.
 * dropless (capacity factor 0 or None): ``route`` gathers every rank's kept counts per expert
   (the split sizes) first, then only real rows travel, in variable lengths.
 * global capacity scope: ``route`` gathers every rank's choices, so capacity and priority are
@@ -93,6 +96,25 @@ def source_to_expert_order(recv_counts: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(starts_em, counts_em, output_size=total) + within
 
 
+class _Permutation(torch.autograd.Function):
+    """rows[order]; the backward gathers with the inverse order (no zeros + index_add)."""
+
+    @staticmethod
+    def forward(ctx, rows, order, inverse):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(inverse)
+        return rows.index_select(0, order)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def permute_rows(rows: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """rows [M, d] -> rows[order] for a permutation ``order`` whose inverse is ``inverse``."""
+    return _Permutation.apply(rows, order, inverse)
+
+
 class AllToAllDispatcher(LocalDispatcher):
     """LocalDispatcher + all-to-all over an EP process group (gloo on CPU, NCCL on GPU).
 
@@ -100,8 +122,10 @@ class AllToAllDispatcher(LocalDispatcher):
         group: the EP process group (``ProcessGroups.ep_group``); its size is ep.
         num_experts: E over the whole group (ep must divide it).
         capacity_scope: "per_rank" or "global" (see the module docstring).
+        fixed_buffers: per_rank scope with a capacity sends fixed [E, C, d] buffers (padding
+            included) instead of kept rows with exchanged counts.
         equal_tokens: every rank routes the same number of tokens (fixed batch shapes): the
-            per_rank capacity path then needs no gather of capacities.
+            fixed-buffer path then needs no gather of capacities.
         timeout: for every collective; a failure names the group and its ranks.
     """
 
@@ -111,6 +135,7 @@ class AllToAllDispatcher(LocalDispatcher):
         num_experts: int,
         *,
         capacity_scope: str = "per_rank",
+        fixed_buffers: bool = False,
         equal_tokens: bool = False,
         timeout: timedelta = COLLECTIVE_TIMEOUT,
     ) -> None:
@@ -125,6 +150,7 @@ class AllToAllDispatcher(LocalDispatcher):
         self.num_experts = num_experts
         self.num_local_experts = num_experts // self.ep_size
         self.capacity_scope = capacity_scope
+        self.fixed_buffers = fixed_buffers
         self.equal_tokens = equal_tokens
         self.timeout = timeout
 
@@ -159,7 +185,7 @@ class AllToAllDispatcher(LocalDispatcher):
                 logits, group_index, slot, capacity, sizes, self.ep_rank, top_k=router.top_k
             )
         routing = router(tokens)
-        if dropless:
+        if dropless or not self.fixed_buffers:
             # The split sizes, exchanged before any row moves (issue 4, dropless path).
             counts = all_gather_tensor(routing.tokens_per_expert, self.group, self.timeout)
             routing = dataclasses.replace(routing, group_tokens_per_expert=counts)
@@ -225,11 +251,11 @@ class AllToAllDispatcher(LocalDispatcher):
     def exchange(self, rows: torch.Tensor, plan: ExpertParallelPlan) -> torch.Tensor:
         """Rows sorted by global expert -> this rank's experts' rows [M, d], expert-major."""
         received = all_to_all(rows, plan.send_splits, plan.recv_splits, self.group, self.timeout)
-        return received.index_select(0, plan.local_order)
+        return permute_rows(received, plan.local_order, plan.inverse_order)
 
     def exchange_back(self, rows: torch.Tensor, plan: ExpertParallelPlan) -> torch.Tensor:
         """Expert outputs [M, d] (expert-major) -> this rank's rows, in ``permute``'s order."""
-        source_major = rows.index_select(0, plan.inverse_order)
+        source_major = permute_rows(rows, plan.inverse_order, plan.local_order)
         return all_to_all(
             source_major, plan.recv_splits, plan.send_splits, self.group, self.timeout
         )

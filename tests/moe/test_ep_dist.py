@@ -50,9 +50,9 @@ def body(rank: int, world_size: int, eps: list[int], case_states: dict) -> dict:
             results[(ep, name)] = run_rank(
                 kwargs, case_states[name], SIZES[world_size], rank, groups.ep_group
             )
-        kwargs = CASES["top2_drop"]
+        kwargs = CASES["top2_drop_buffer"]
         results[(ep, "equal_tokens")] = run_rank(
-            kwargs, case_states["top2_drop"], EQUAL[world_size], rank, groups.ep_group, True
+            kwargs, case_states["top2_drop_buffer"], EQUAL[world_size], rank, groups.ep_group, True
         )
     # Global scope: the drops of one EP group equal one process routing all its tokens.
     # A wrong layout fails on every rank, before any collective, with one line.
@@ -93,7 +93,8 @@ def check_world(world_size: int, eps: list[int], tmp_path) -> None:
             assert_same_run(
                 simulated(kwargs, case_states[name], SIZES[world_size], ep), real, label
             )
-        expected = reference(CASES["top2_drop"], case_states["top2_drop"], EQUAL[world_size], ep)
+        name = "top2_drop_buffer"
+        expected = reference(CASES[name], case_states[name], EQUAL[world_size], ep)
         real = gather_ranks([r[(ep, "equal_tokens")] for r in results])
         assert_same_run(real, expected, f"world {world_size} ep {ep} equal_tokens")
         assert (
