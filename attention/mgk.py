@@ -168,16 +168,20 @@ def responsibility_sums(
     keys: torch.Tensor,
     variances: torch.Tensor,
     log_prior: torch.Tensor,
-    counted: torch.Tensor,
+    counted: torch.Tensor | None,
     per_position: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """E-step statistics: sums of responsibilities over counted (query, key) pairs.
 
-    counted bool broadcastable to [B, 1, n, m]. Returns (sums [M, H] or [M, H, m], counts
-    [] or [m]); the new prior is sums / counts.
+    counted bool broadcastable to [B, 1, n, m], or None for every pair. Returns (sums
+    [M, H] or [M, H, m], counts [] or [m]); the new prior is sums / counts.
     """
     scores, mixed = mixture_logits(q, keys, variances, log_prior)
-    weight = counted.to(scores.dtype)
+    shape = (q.shape[0], 1, q.shape[-2], keys.shape[-2])  # [B, 1, n, m]
+    if counted is None:
+        weight = torch.ones(shape, dtype=scores.dtype, device=q.device)
+    else:
+        weight = counted.to(scores.dtype).expand(shape)
     responsibility = torch.exp(scores - mixed) * weight  # [M, B, H, n, m]
     if per_position:
         return responsibility.sum(dim=(1, 3)), weight.sum(dim=(0, 1, 2))
@@ -273,7 +277,7 @@ class MixtureGaussianKeysAttention(Attention):
                 keys,
                 self.variances.to(q.dtype),
                 log_prior,
-                counted[:, :, start : start + chunk],
+                None if counted is None else counted[:, :, start : start + chunk],
                 per_position,
             )
             sums += part_sums
@@ -332,7 +336,7 @@ class MixtureGaussianKeysAttention(Attention):
     def _masks(
         self, key_padding_mask: torch.Tensor | None, batch: int, n: int, device: torch.device
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(allowed [B or 1, 1, n, n] or None, counted [B or 1, 1, n, n]) bool masks.
+        """(allowed, counted): bool [B or 1, 1, n, n] masks, or None for "every pair".
 
         ``allowed`` lets padded queries see themselves (outputs zeroed later) so no row is
         empty; ``counted`` marks the real (query, key) pairs the E-step averages over.
@@ -341,8 +345,7 @@ class MixtureGaussianKeysAttention(Attention):
         if self.causal:
             allowed = torch.ones(n, n, dtype=torch.bool, device=device).tril()[None, None]
         if key_padding_mask is None:
-            counted = allowed if allowed is not None else torch.ones(1, 1, n, n, dtype=torch.bool)
-            return allowed, counted.to(device)
+            return allowed, allowed
         valid_pairs = key_padding_mask[:, None, :, None] & key_padding_mask[:, None, None, :]
         keys_ok = key_padding_mask[:, None, None, :]
         if allowed is not None:

@@ -162,14 +162,15 @@ def test_padding_probe(causal):
     padding_probe(module, torch.randn(2, 14, 16, dtype=torch.float64), length=9)
 
 
-def test_soft_em_step_is_mean_responsibility_and_deferred():
+@pytest.mark.parametrize("causal,padded", [(False, True), (True, False), (False, False)])
+def test_soft_em_step_is_mean_responsibility_and_deferred(causal, padded):
     torch.manual_seed(8)
-    module = build(prior="soft_em").double().train()
+    module = build(causal, prior="soft_em").double().train()
     x = torch.randn(2, 7, 16, dtype=torch.float64)
     mask = torch.ones(2, 7, dtype=torch.bool)
-    mask[0, 5:] = False
+    mask[0, 5:] = not padded
     initial = module.prior.clone()
-    y_train, _ = module(x, key_padding_mask=mask)
+    y_train, _ = module(x, key_padding_mask=mask if padded else None)
     assert torch.equal(module.prior, initial), "forward t must use the old prior"
     # Expected E-step: mean over real (query, key) pairs of each component's posterior.
     with torch.no_grad():
@@ -181,12 +182,15 @@ def test_soft_em_step_is_mean_responsibility_and_deferred():
             for k in ks
         ]
         responsibility = terms[0] / (terms[0] + terms[1])
-        pairs = (mask[:, None, :, None] & mask[:, None, None, :]).double()
+        pairs = mask[:, None, :, None] & mask[:, None, None, :]
+        if causal:
+            pairs = pairs & torch.ones(7, 7, dtype=torch.bool).tril()
+        pairs = pairs.double()
         expected = (responsibility * pairs).sum(dim=(0, 2, 3)) / pairs.sum(dim=(0, 2, 3))
     assert torch.allclose(module.prior_pending[0], expected, atol=1e-12)
     assert torch.allclose(module.prior_pending.sum(0), torch.ones(2, dtype=torch.float64))
     module.eval()
-    y_eval, _ = module(x, key_padding_mask=mask)
+    y_eval, _ = module(x, key_padding_mask=mask if padded else None)
     assert torch.allclose(module.prior[0], expected, atol=1e-12), "applied on the next forward"
     assert not torch.allclose(y_eval, y_train)
     before = module.prior.clone()
