@@ -199,11 +199,12 @@ def inside_backward() -> bool:
 class MixtureGaussianKeysAttention(Attention):
     """Transformer-MGK attention (learned, soft-EM or hard-EM priors), causal and not.
 
-    Defaults: M = 2 components, sigma_r^2 = sqrt(d), learned per-head priors 1/M. Soft-EM state: ``prior`` is used; the E-step result is kept in
-    ``prior_pending`` and applied at the start of the next forward that is not an
-    activation-checkpoint recompute, so a recompute sees the same priors as the forward it
-    replays and the update happens once per step (same sequence of priors as the
-    reference, which uses the old prior and then overwrites it).
+    Defaults: M = 2 components, sigma_r^2 = sqrt(d), learned per-head priors 1/M.
+    Soft-EM state: ``prior`` is used; the E-step result is kept in ``prior_pending`` and
+    applied at the start of the next forward that is not an activation-checkpoint
+    recompute, so a recompute sees the same priors as the forward it replays and the
+    update happens once per step (the same sequence of priors as the reference, which uses
+    the old prior and then overwrites it). Recomputes also skip the E-step itself.
     """
 
     name = "mgk"
@@ -305,7 +306,7 @@ class MixtureGaussianKeysAttention(Attention):
     ) -> tuple[torch.Tensor, None]:
         """x [B, n, D], key_padding_mask bool [B, n] -> (y [B, n, D], None)."""
         check_padding_mask(x, key_padding_mask)
-        batch, n, _ = x.shape
+        n = x.shape[1]
         opts = self.options
         if opts.prior_per_position and n > opts.max_len:
             raise ValueError(
@@ -320,7 +321,7 @@ class MixtureGaussianKeysAttention(Attention):
             q = self.split_heads(projected[0]).to(compute_dtype)
             keys = torch.stack([self.split_heads(t) for t in projected[1:-1]]).to(compute_dtype)
             v = self.split_heads(projected[-1]).to(compute_dtype)
-            allowed, counted = self._masks(key_padding_mask, batch, n, x.device)
+            allowed, counted = self._masks(key_padding_mask, n, x.device)
             log_prior = self._log_prior(n, compute_dtype)
             variances = self.variances.to(compute_dtype)
             dropout = opts.dropout if self.training else 0.0
@@ -334,8 +335,8 @@ class MixtureGaussianKeysAttention(Attention):
         return zero_padded_queries(y, key_padding_mask), None
 
     def _masks(
-        self, key_padding_mask: torch.Tensor | None, batch: int, n: int, device: torch.device
-    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        self, key_padding_mask: torch.Tensor | None, n: int, device: torch.device
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(allowed, counted): bool [B or 1, 1, n, n] masks, or None for "every pair".
 
         ``allowed`` lets padded queries see themselves (outputs zeroed later) so no row is
