@@ -25,6 +25,13 @@ class MoEConfig(BaseModel):
     every: int = Field(default=2, ge=1, description="an MoE FFN every `every` blocks")
     aux_loss_coef: float = Field(default=1e-2, ge=0.0)
     z_loss_coef: float = Field(default=1e-3, ge=0.0)
+    capacity_scope: Literal["per_rank", "global"] = Field(
+        default="per_rank",
+        description="capacity from each rank's tokens, or over the EP group (layout-independent drops)",
+    )
+    simulate_ep: int = Field(
+        default=1, ge=1, description="reproduce this many expert-parallel ranks in one process"
+    )
 
     def layer_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``MoELayer(d_model, d_ff, **kwargs)``."""
