@@ -72,9 +72,11 @@ class _ConvLeakyMix(torch.autograd.Function):
                 start = row * width + col
                 tap = weight[:, :, row, col].expand(batch, channels, channels)
                 conv.baddbmm_(tap, padded[:, :, start : start + length])
-        conv = conv.view(batch, channels, n, width)[..., :n]
-        positive = conv > 0
-        evolved = torch.where(positive, conv, conv * negative_slope) * alpha + mixed * (1 - alpha)
+        del padded
+        # In place on the [B, C, n, n] view of the buffer: few full-size temporaries.
+        activated = F.leaky_relu_(conv.view(batch, channels, n, width)[..., :n], negative_slope)
+        positive = activated > 0  # the same side as the pre-activation (slope >= 0)
+        evolved = torch.add(activated.mul_(alpha), mixed, alpha=1.0 - alpha)
         ctx.save_for_backward(mixed, weight, positive)
         ctx.settings = (alpha, negative_slope, top)
         return evolved
@@ -85,20 +87,16 @@ class _ConvLeakyMix(torch.autograd.Function):
         alpha, negative_slope, top = ctx.settings
         batch, channels, n, _ = mixed.shape
         width, length = n + 2, n * (n + 2)
-        grad_conv = grad_evolved * alpha
-        grad_conv = torch.where(positive, grad_conv, grad_conv * negative_slope)
-        grad_flat = F.pad(grad_conv, (0, 2)).flatten(2)  # [B, C, n (n + 2)], zero pad columns
+        # Gradient at the conv output, written into a buffer with two zero pad columns.
+        grad_flat = mixed.new_zeros(batch, channels, n, width)
+        grad_conv = grad_flat[..., :n]
+        slope = positive.to(mixed.dtype).mul_(alpha * (1.0 - negative_slope))
+        grad_conv.copy_(grad_evolved).mul_(slope.add_(alpha * negative_slope))
+        del slope
+        grad_flat = grad_flat.flatten(2)  # [B, C, n (n + 2)]
         grad_mixed = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_padded = torch.zeros(batch, channels, (n + 3) * width, dtype=mixed.dtype)
-            grad_padded = grad_padded.to(mixed.device)
-            for row in range(3):
-                for col in range(3):
-                    start = row * width + col
-                    tap = weight[:, :, row, col].t().expand(batch, channels, channels)
-                    grad_padded[:, :, start : start + length].baddbmm_(tap, grad_flat)
-            grad_padded = grad_padded.view(batch, channels, n + 3, width)
-            grad_mixed = grad_padded[:, :, top : top + n, 1 : n + 1] + grad_evolved * (1 - alpha)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_conv.sum(dim=(0, 2, 3))
         if ctx.needs_input_grad[1]:
             padded = _padded_flat(mixed, top)
             grad_weight = torch.empty_like(weight)
@@ -107,8 +105,19 @@ class _ConvLeakyMix(torch.autograd.Function):
                     start = row * width + col
                     taps = grad_flat @ padded[:, :, start : start + length].transpose(1, 2)
                     grad_weight[:, :, row, col] = taps.sum(0)
-        if ctx.needs_input_grad[2]:
-            grad_bias = grad_conv.sum(dim=(0, 2, 3))
+            del padded
+        if ctx.needs_input_grad[0]:
+            grad_padded = mixed.new_zeros(batch, channels, (n + 3) * width)
+            for row in range(3):
+                for col in range(3):
+                    start = row * width + col
+                    tap = weight[:, :, row, col].t().expand(batch, channels, channels)
+                    grad_padded[:, :, start : start + length].baddbmm_(tap, grad_flat)
+            del grad_flat
+            grad_padded = grad_padded.view(batch, channels, n + 3, width)
+            grad_mixed = torch.add(
+                grad_padded[:, :, top : top + n, 1 : n + 1], grad_evolved, alpha=1.0 - alpha
+            )
         return grad_mixed, grad_weight, grad_bias, None, None, None
 
 
@@ -192,6 +201,7 @@ class EvolvingAttention(Attention):
                 keep=keep,
                 causal=self.causal,
             )
+            del logits, previous
             scores = evolved if allowed is None else evolved.masked_fill(~allowed, float("-inf"))
             probs = torch.softmax(scores, dim=-1)
         if self.training and self.options.dropout > 0.0:
