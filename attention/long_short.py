@@ -41,6 +41,7 @@ from attention.registry import register
 
 BIDIRECTIONAL_WINDOW = 8  # LRA scripts: (w, r) = (8, 32)
 CAUSAL_WINDOW = 512  # enwik8 base: window 512, chunk 16, chunk rank 1
+CAUSAL_BLOCK = 256  # queries per causal window tile (a speed knob, not a model choice)
 
 
 def masked_softmax(logits: torch.Tensor, allowed: torch.Tensor, dim: int) -> torch.Tensor:
@@ -135,7 +136,10 @@ class LongShortAttention(Attention):
             if mask is None
             else mask
         )
-        y = self._causal(padded, valid) if self.causal else self._bidirectional(padded, valid)
+        if self.causal:
+            y = self._causal(padded, valid, block=multiple)
+        else:
+            y = self._bidirectional(padded, valid, segment=multiple)
         y = self.out(self.merge_heads(y.to(x.dtype))[:, :n])
         return zero_padded_queries(y, key_padding_mask), None
 
@@ -144,9 +148,13 @@ class LongShortAttention(Attention):
         return min(self.window_size, n)
 
     def _block(self, n: int) -> int:
-        """Causal query block: a multiple of the chunk near min(w, n), so tiles stay ~2w wide."""
+        """Causal query block: a multiple of the chunk near min(w, n, 256).
+
+        A block of b queries scores w + b keys, of which w are used; the key tiles copy
+        (w + b) / b times K. b ≈ 256 balances the two at the default w = 512.
+        """
         chunk = self.options.chunk_size
-        return chunk * math.ceil(min(self.window_size, n) / chunk)
+        return chunk * math.ceil(min(self.window_size, n, CAUSAL_BLOCK) / chunk)
 
     def _heads(self, x: torch.Tensor, norm_keys: bool) -> tuple[torch.Tensor, ...]:
         """Queries (scaled by d^-1/2), keys, values [B, H, n, d]; keys/values through norm_local."""
@@ -156,7 +164,7 @@ class LongShortAttention(Attention):
             k, v = self.norm_local(k), self.norm_local(v)
         return q, self.split_heads(k), self.split_heads(v)
 
-    def _bidirectional(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def _bidirectional(self, x: torch.Tensor, valid: torch.Tensor, segment: int) -> torch.Tensor:
         """x [B, n, D] with n a multiple of the segment -> [B, H, n, d] (fp32 or fp64)."""
         b, n, _ = x.shape
         q, k, v = self._heads(x, norm_keys=True)  # LRA code: norm_local before the projection
@@ -171,7 +179,7 @@ class LongShortAttention(Attention):
                 scores.append(q @ k_bar.transpose(-1, -2))  # [B, H, n, r]
                 values.append(v_bar)
             if self.window_size > 0:
-                w = self._segment(n)
+                w = segment
                 extension = max(w // 2, 1)
                 span = w + 2 * extension
                 key_ok = _tiles(valid[:, None, :, None], extension, extension, span, w, False)
@@ -185,10 +193,10 @@ class LongShortAttention(Attention):
                 values.append(_tiles(v, extension, extension, span, w))
             return self._combine(scores, values)
 
-    def _causal(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def _causal(self, x: torch.Tensor, valid: torch.Tensor, block: int) -> torch.Tensor:
         """x [B, n, D] with n a multiple of the block (and chunk) -> [B, H, n, d] (fp32 or fp64)."""
         b, n, _ = x.shape
-        chunk, w, block = self.options.chunk_size, self.window_size, self._block(n)
+        chunk, w = self.options.chunk_size, self.window_size
         q, k_raw, v_raw = self._heads(x, norm_keys=False)
         compute = _compute_dtype(x)
         scores, values = [], []

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import attention
+from attention import long_short
 from tests.attention.probes import causality_probe, dense_softmax_oracle, padding_probe
 
 F64 = torch.float64
@@ -106,6 +107,19 @@ def test_matches_dense_oracle(config, padded):
         valid[0, 9:] = False
     y, _ = module(x, key_padding_mask=valid if padded else None)
     torch.testing.assert_close(y, dense_long_short(module, x, valid), atol=1e-10, rtol=0)
+
+
+def test_causal_blocks_smaller_than_the_window(monkeypatch):
+    """Query blocks below w (the speed knob for large windows) keep the same keys."""
+    monkeypatch.setattr(long_short, "CAUSAL_BLOCK", 2)
+    module = build(causal=True, window_size=5, chunk_size=2, chunk_rank=1)
+    assert module._block(13) == 2
+    x = torch.randn(2, 13, D, dtype=F64)
+    valid = torch.ones(2, 13, dtype=torch.bool)
+    valid[1, 10:] = False
+    y, _ = module(x, key_padding_mask=valid)
+    torch.testing.assert_close(y, dense_long_short(module, x, valid), atol=1e-10, rtol=0)
+    causality_probe(module, x, 6)
 
 
 @pytest.mark.parametrize("causal", [False, True])

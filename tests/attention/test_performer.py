@@ -80,6 +80,17 @@ def test_eps_gives_the_documented_effective_features(causal):
     torch.testing.assert_close(y, expected, atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_relu_kernel_matches_dense_formula(causal):
+    q, k, v = qkv(seed=4)
+    projection = draw_projection(7, 4, seed=2)
+    y = favor_attention(q, k, v, projection, causal=causal, kernel="relu", chunk_size=4)
+    phi_q, phi_k = (torch.relu(t @ projection.T) + 1e-3 for t in (q, k))
+    scores = (phi_q @ phi_k.transpose(-1, -2)) * allowed_mask(None, 13, causal, 2)
+    expected = scores / scores.sum(-1, keepdim=True) @ v
+    torch.testing.assert_close(y, expected, atol=1e-10, rtol=0)
+
+
 def test_large_norms_stay_finite_in_fp32():
     q, k, v = (t.float() for t in qkv(n=64, d=16, scale=12.0, seed=2))
     projection = draw_projection(32, 16, seed=1).float()
