@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from attention.base import AttentionOptions
@@ -29,7 +29,16 @@ class GatedUnitOptions(AttentionOptions):
         ge=0,
         description="learned Toeplitz bias b_{t-s}, distances clipped to ±this; 0 turns it off",
     )
+    rotary: bool = Field(
+        False, description="RoPE on every query/key view (lucidrains adds it; off = spec math)"
+    )
     bias: bool = True
+
+    @model_validator(mode="after")
+    def _check_rotary(self) -> GatedUnitOptions:
+        if self.rotary and self.qk_dim % 2:
+            raise ValueError(f"rotary needs an even qk_dim, got {self.qk_dim}")
+        return self
 
 
 class GatedUnitCore(nn.Module):
@@ -44,6 +53,7 @@ class GatedUnitCore(nn.Module):
         hidden = options.expansion * d_model
         self.hidden_dim = hidden
         self.qk_dim = options.qk_dim
+        self.rotary = options.rotary
         self.to_gate_value = nn.Linear(d_model, 2 * hidden, bias=options.bias)
         self.to_shared = nn.Linear(d_model, options.qk_dim, bias=options.bias)
         self.gamma = nn.Parameter(torch.randn(num_views, options.qk_dim) * 0.02)
@@ -60,14 +70,33 @@ class GatedUnitCore(nn.Module):
         gate, value = F.silu(self.to_gate_value(x)).chunk(2, dim=-1)
         shared = F.silu(self.to_shared(x))
         # All P views in one fused op [B, n, P, s] (4x fewer passes than P separate ones).
-        views = torch.addcmul(self.beta, shared.unsqueeze(-2), self.gamma).unbind(-2)
-        return gate, value, list(views)
+        views = torch.addcmul(self.beta, shared.unsqueeze(-2), self.gamma)
+        if self.rotary:
+            views = rotate(views, positions_dim=-3)
+        return gate, value, list(views.unbind(-2))
 
     def bias_matrix(self, length: int, device: torch.device) -> torch.Tensor | None:
         """b_{t-s} as an fp32 (fp64) [length, length] matrix, or None when the bias is off."""
         if self.relative_bias is None:
             return None
         return self.relative_bias(length, device)
+
+
+def rotate(t: torch.Tensor, positions_dim: int, base: float = 10000.0) -> torch.Tensor:
+    """RoPE (Su et al. 2021) on the last dim of t, position = index along ``positions_dim``.
+
+    Pairs (i, i + s/2) rotate by angle position · base^(-2i/s): x·cos + rotate_half(x)·sin.
+    """
+    width, length = t.shape[-1], t.shape[positions_dim]
+    # Angles in float64 on the CPU (exact at long lengths, any device), then moved.
+    frequencies = base ** (-torch.arange(0, width // 2, dtype=torch.float64) * 2 / width)
+    angles = torch.arange(length, dtype=torch.float64)[:, None] * frequencies
+    angles = torch.cat([angles, angles], dim=-1).to(t.device, upcast(t).dtype)
+    shape = [1] * t.dim()
+    shape[positions_dim], shape[-1] = length, width
+    cos, sin = angles.cos().view(shape), angles.sin().view(shape)
+    first, second = t.chunk(2, dim=-1)
+    return t * cos + torch.cat([-second, first], dim=-1) * sin
 
 
 class ToeplitzBias(nn.Module):

@@ -37,7 +37,19 @@ def oracle_projections(core, x: torch.Tensor):
     gate, value = hidden[..., : core.hidden_dim], hidden[..., core.hidden_dim :]
     shared = F.silu(x @ core.to_shared.weight.T + core.to_shared.bias)
     views = [shared * core.gamma[p] + core.beta[p] for p in range(core.gamma.shape[0])]
+    if core.rotary:
+        views = [rope_oracle(view) for view in views]
     return gate, value, views
+
+
+def rope_oracle(t: torch.Tensor) -> torch.Tensor:
+    """RoPE through complex numbers: pair (i, i + s/2) times exp(1j · pos · 10000^(-2i/s))."""
+    half = t.shape[-1] // 2
+    pairs = torch.complex(t[..., :half], t[..., half:])
+    frequencies = 10000.0 ** (-2.0 * torch.arange(half, dtype=torch.float64) / (2 * half))
+    positions = torch.arange(t.shape[-2], dtype=torch.float64)[:, None]
+    rotated = pairs * torch.polar(torch.ones((), dtype=torch.float64), positions * frequencies)
+    return torch.cat([rotated.real, rotated.imag], dim=-1)
 
 
 def toeplitz(core, t: int, s: int) -> float:
@@ -99,8 +111,9 @@ def ragged_mask(batch: int, length: int, real: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("padded", [False, True])
-def test_gau_matches_dense_oracle(causal: bool, padded: bool) -> None:
-    module = make("gau", causal)
+@pytest.mark.parametrize("rotary", [False, True])
+def test_gau_matches_dense_oracle(causal: bool, padded: bool, rotary: bool) -> None:
+    module = make("gau", causal, rotary=rotary)
     x = torch.randn(2, 9, D_MODEL, dtype=torch.float64)
     mask = ragged_mask(2, 9, 6) if padded else None
     y, state = module(x, key_padding_mask=mask)
@@ -110,9 +123,10 @@ def test_gau_matches_dense_oracle(causal: bool, padded: bool) -> None:
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("padded", [False, True])
-def test_flash_matches_dense_m_oracle(causal: bool, padded: bool) -> None:
+@pytest.mark.parametrize("rotary", [False, True])
+def test_flash_matches_dense_m_oracle(causal: bool, padded: bool, rotary: bool) -> None:
     # n = 11 is not a multiple of C = 4: the module pads to 12 internally.
-    module = make("flash", causal, chunk_size=4)
+    module = make("flash", causal, chunk_size=4, rotary=rotary)
     x = torch.randn(2, 11, D_MODEL, dtype=torch.float64)
     mask = ragged_mask(2, 11, 6) if padded else None
     y, _ = module(x, key_padding_mask=mask)
@@ -164,7 +178,7 @@ def test_no_hidden_normaliser_relu_squared_is_two_homogeneous(name: str) -> None
 )
 def test_causality_probe(name: str, length: int, probe_at: list[int]) -> None:
     options = {"chunk_size": 4} if name == "flash" else {}
-    module = make(name, True, **options)
+    module = make(name, True, rotary=True, **options)
     x = torch.randn(2, length, D_MODEL, dtype=torch.float64)
     for t in probe_at:
         causality_probe(module, x, t)
@@ -174,7 +188,7 @@ def test_causality_probe(name: str, length: int, probe_at: list[int]) -> None:
 @pytest.mark.parametrize("causal", [False, True])
 def test_padding_probe(name: str, causal: bool) -> None:
     options = {"chunk_size": 4} if name == "flash" else {}
-    module = make(name, causal, **options)
+    module = make(name, causal, rotary=causal, **options)
     x = torch.randn(2, 11, D_MODEL, dtype=torch.float64)
     padding_probe(module, x, length=6)  # 6 is not a multiple of C = 4
     padding_probe(module, x, length=8)
@@ -218,3 +232,5 @@ def test_flags_and_options() -> None:
             build("flash", d_model=16, num_heads=2, **bad)
     with pytest.raises(ValueError):
         build("gau", d_model=16, num_heads=2, score_divisor=0)
+    with pytest.raises(ValueError):
+        build("gau", d_model=16, num_heads=2, rotary=True, qk_dim=5)
