@@ -158,6 +158,7 @@ class BigBirdAttention(Attention):
         # Cache of plans per (nl, device); each is a deterministic function of nl, so this
         # holds no state between calls.
         self._plans: dict[tuple[int, str], BlockPlan] = {}
+        self._gather_plans: dict[tuple[int, int, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def plan(self, num_local_blocks: int, device: torch.device | str = "cpu") -> BlockPlan:
         """The (cached, deterministic) random plan for ``num_local_blocks`` local blocks."""
@@ -225,6 +226,43 @@ class BigBirdAttention(Attention):
         y = zero_padded_queries(self.out(self.merge_heads(y)), key_padding_mask)
         return y[:, :n_in], None
 
+    def gather_plan(
+        self, nl: int, prefix: int, suffix: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Source blocks each local row gathers, and which of their key slots are real.
+
+        The source is the key sequence cut into S blocks of b tokens: [prefix globals | nl
+        local blocks | suffix globals], the prefix padded up to whole blocks (ETC). Each
+        local row gathers its Kb = (global + window + random) blocks. Returns ``flat`` long
+        [Kb * H * nl] (block ids offset by head * S, for index_select) and ``slots`` bool
+        [H, nl, Kb * b] (False: a window or random slot that does not exist, or padding
+        inside a global block).
+        """
+        key = (nl, prefix, suffix, str(device))
+        if key not in self._gather_plans:
+            b = self.options.block_size
+            plan = self.plan(nl)
+            num_prefix, num_suffix = -(-prefix // b), suffix // b
+            num_source = num_prefix + nl + num_suffix
+            global_ids = list(range(num_prefix)) + list(range(num_source - num_suffix, num_source))
+            global_ids = torch.tensor(global_ids, dtype=torch.long)
+            global_ids = global_ids.expand(self.num_heads, nl, -1)
+            index = torch.cat([global_ids, plan.index + num_prefix], dim=-1)  # [H, nl, Kb]
+            heads = torch.arange(self.num_heads)[:, None, None]
+            # Ordered (block slot, head, row), so that the gather lands in [.., Kb, H*nl, ..].
+            flat = (index + heads * num_source).permute(2, 0, 1).reshape(-1)
+            prefix_slots = torch.arange(num_prefix * b) < prefix  # padding inside the prefix
+            global_slots = torch.cat([prefix_slots, torch.ones(num_suffix * b, dtype=torch.bool)])
+            slots = torch.cat(
+                [
+                    global_slots.expand(self.num_heads, nl, -1),
+                    plan.valid.repeat_interleave(b, dim=-1),
+                ],
+                dim=-1,
+            )
+            self._gather_plans[key] = (flat.to(device), slots.to(device))
+        return self._gather_plans[key]
+
     def attend(
         self,
         q: torch.Tensor,
@@ -235,21 +273,19 @@ class BigBirdAttention(Attention):
         suffix: int,
     ) -> torch.Tensor:
         """Block-sparse softmax attention: q, k, v [B, H, n, d] -> [B, H, n, d]."""
-        n, d = q.shape[2], q.shape[3]
+        batch, num_heads, n, d = q.shape
+        b = self.options.block_size
         dropout = self.options.dropout if self.training else 0.0
-        sizes = [prefix, n - prefix - suffix, suffix]
+        length = n - prefix - suffix
+        nl = length // b
         # torch.split (not slicing) so that the backward concatenates instead of zero-filling
         # a full-size gradient per slice.
-        (q_head, q_local, q_tail), (k_head, k_local, k_tail), (v_head, v_local, v_tail) = (
-            t.split(sizes, dim=2) for t in (q, k, v)
-        )
-        masks = key_padding_mask.split(sizes, dim=1) if key_padding_mask is not None else None
+        q_head, q_local, q_tail = q.split([prefix, length, suffix], dim=2)
+        # Global query rows: dense over every key. Masks are finite additive biases (not
+        # -inf), so that a fully padded row gives no NaN; padded query rows are zeroed later.
         key_bias = None
-        if key_padding_mask is not None:  # finite, so a fully padded sequence gives no NaN
-            key_bias = torch.zeros(key_padding_mask.shape, dtype=q.dtype, device=q.device)
-            key_bias = key_bias.masked_fill(~key_padding_mask, torch.finfo(q.dtype).min)
-            key_bias = key_bias[:, None, None, :]
-        # Global query rows: dense over every key.
+        if key_padding_mask is not None:
+            key_bias = additive_bias(key_padding_mask, q.dtype)[:, None, None, :]
         y_global = F.scaled_dot_product_attention(
             torch.cat([q_head, q_tail], dim=2),
             k,
@@ -258,75 +294,54 @@ class BigBirdAttention(Attention):
             dropout_p=dropout,
             scale=default_scale(d),
         )
-        if sizes[1] == 0:
+        if nl == 0:
             return y_global
-        k_global = torch.cat([k_head, k_tail], dim=2)  # [B, H, g, d]
-        v_global = torch.cat([v_head, v_tail], dim=2)
-        mask_global = torch.cat([masks[0], masks[2]], dim=1) if masks is not None else None
-        mask_local = masks[1] if masks is not None else None
-        y_local = self.attend_local(
-            q_local, k_local, v_local, k_global, v_global, mask_local, mask_global, dropout
-        )
+        # Local rows: gather each row's Kb key blocks from the block-cut sequence with one
+        # index_select. Tensors are laid out [B, tokens, H*nl, d] and handed to SDPA
+        # transposed, the layout of its fused CPU kernel: its gradients then come back in
+        # the same layout, with no copy of the gathered [.., Kb*b, d] tensors. Keys inside
+        # a row are ordered (token in block, block); the bias follows the same order.
+        flat, slots = self.gather_plan(nl, prefix, suffix, q.device)
+        pad = -prefix % b  # ETC: the global prefix padded up to whole blocks
+        rows = num_heads * nl
+
+        def source_blocks(t: torch.Tensor) -> torch.Tensor:
+            # [B, H, n, c] -> [B, b, H*S, c]
+            if pad:
+                zeros = t.new_zeros(*t.shape[:2], pad, t.shape[3])
+                t = torch.cat([t[:, :, :prefix], zeros, t[:, :, prefix:]], dim=2)
+            blocks = t.reshape(batch, num_heads, -1, b, t.shape[3]).permute(0, 3, 1, 2, 4)
+            return blocks.reshape(batch, b, -1, t.shape[3])
+
+        def gather(t: torch.Tensor) -> torch.Tensor:
+            # [B, H, n, c] -> [B, b*Kb, H*nl, c]
+            return source_blocks(t).index_select(2, flat).view(batch, -1, rows, t.shape[3])
+
+        num_blocks = slots.shape[-1] // b  # Kb
+        allowed = slots.view(num_heads, nl, num_blocks, b).transpose(-1, -2)
+        allowed = allowed.reshape(1, rows, b * num_blocks)
+        if key_padding_mask is not None:
+            token_ok = gather(key_padding_mask[:, None, :, None].expand(-1, num_heads, -1, 1))
+            allowed = allowed & token_ok[..., 0].transpose(1, 2)
+        q_rows = q_local.reshape(batch, num_heads, nl, b, d).permute(0, 3, 1, 2, 4)
+        q_rows = q_rows.reshape(batch, b, rows, d).transpose(1, 2)  # [B, H*nl, b, d]
+        y_local = F.scaled_dot_product_attention(
+            q_rows,
+            gather(k).transpose(1, 2),
+            gather(v).transpose(1, 2),
+            attn_mask=additive_bias(allowed, q.dtype)[:, :, None, :],
+            dropout_p=dropout,
+            scale=default_scale(d),
+        )  # [B, H*nl, b, d]
+        y_local = y_local.reshape(batch, num_heads, nl, b, d).reshape(batch, num_heads, length, d)
         y_head, y_tail = y_global.split([prefix, suffix], dim=2)
         return torch.cat([y_head, y_local, y_tail], dim=2)
 
-    def attend_local(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        k_global: torch.Tensor,
-        v_global: torch.Tensor,
-        mask_local: torch.Tensor | None,
-        mask_global: torch.Tensor | None,
-        dropout: float,
-    ) -> torch.Tensor:
-        """Local rows over [global tokens | window + random blocks].
 
-        q, k, v [B, H, nl*b, d] (local part), k_global and v_global [B, H, g, d], masks bool
-        [B, nl*b] and [B, g] (True = real token) or None. Returns [B, H, nl*b, d].
-        """
-        batch, num_heads, length, d = q.shape
-        b = self.options.block_size
-        nl, num_global = length // b, k_global.shape[2]
-        plan = self.plan(nl, q.device)
-        width = plan.index.shape[-1]  # L
-        heads = torch.arange(num_heads, device=q.device)[:, None, None]
-        flat = (plan.index + nl * heads).reshape(-1)
-
-        def gather_blocks(t: torch.Tensor) -> torch.Tensor:
-            # [B, H, nl*b, ...] -> [B, H, nl, L*b, ...]; index_select's backward is index_add.
-            blocks = t.reshape(batch, num_heads * nl, b, *t.shape[3:])
-            gathered = blocks.index_select(1, flat)
-            return gathered.view(batch, num_heads, nl, width * b, *t.shape[3:])
-
-        # Allowed keys per local row [B or 1, H, nl, g + L*b], as a finite additive bias (not
-        # -inf) so that a fully padded row cannot give NaN; such a row is a padded query,
-        # zeroed by the caller.
-        valid = plan.valid.repeat_interleave(b, dim=-1)  # [H, nl, L*b]
-        ones = torch.ones(num_heads, nl, num_global, dtype=torch.bool, device=q.device)
-        allowed = torch.cat([ones, valid], dim=-1)[None]
-        if mask_local is not None:
-            local_ok = gather_blocks(mask_local[:, None, :].expand(-1, num_heads, -1))
-            global_ok = mask_global[:, None, None, :].expand(-1, num_heads, nl, -1)
-            allowed = allowed & torch.cat([global_ok, local_ok], dim=-1)
-        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
-        bias = bias.masked_fill(~allowed, torch.finfo(q.dtype).min)[:, :, :, None, :]
-        # Keys of each local row: [global tokens | its L gathered blocks]. The 4-D shape
-        # [B, H*nl, ., d] lets SDPA take its fused CPU kernel (no [.., b, g + L*b] score
-        # tensor kept for the backward); a 5-D call falls back to the math backend.
-        expand = (-1, -1, nl, -1, -1)
-        keys = torch.cat([k_global[:, :, None].expand(*expand), gather_blocks(k)], dim=3)
-        values = torch.cat([v_global[:, :, None].expand(*expand), gather_blocks(v)], dim=3)
-        y = F.scaled_dot_product_attention(
-            q.reshape(batch, num_heads * nl, b, d),
-            keys.view(batch, num_heads * nl, -1, d),
-            values.view(batch, num_heads * nl, -1, d),
-            attn_mask=bias.view(bias.shape[0], num_heads * nl, 1, -1),
-            dropout_p=dropout,
-            scale=default_scale(d),
-        )
-        return y.view(batch, num_heads, length, d)
+def additive_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool mask (True = attend) -> 0 / dtype-minimum additive bias (finite: no NaN rows)."""
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return bias.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def pad_layout(
