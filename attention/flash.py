@@ -16,7 +16,8 @@ The causal linear part is an *exclusive* prefix sum over chunks: the current chu
 only through the quadratic part. Scale constants are an open item of the spec (§15, item 3);
 the defaults follow its recommendation and are options: L_quad = C, L_lin = the number of
 real tokens of the sequence (non-causal) or C (causal). Defaults: C = 256, s = 128, e = 2D,
-Toeplitz bias clipped at ±128. Cost O(n·C·(s + e) + n·s·e) time, O(n·C + G·s·e) memory.
+Toeplitz bias clipped at ±128 (quadratic part only), RoPE off (option ``rotary``: all four
+views, as in lucidrains/FLASH-pytorch). Cost O(n·C·(s + e) + n·s·e) time, O(n·C + G·s·e) memory.
 ``num_heads`` is accepted for the common interface and ignored: FLASH is single-head.
 """
 

@@ -9,9 +9,12 @@ width.
 
     y = (U ⊙ (A V)) W_o,   A = relu²(Q Kᵀ / L + b),   Q = Z ⊙ γ_q + β_q,  K = Z ⊙ γ_k + β_k
 
-Defaults: expansion 2 (e = 2D), s = 128, learned Toeplitz bias clipped at ±128, and
-L = the number of real tokens of each sequence (the paper's ``/ n``, computed from the
-padding mask so that padding a batch does not change the scale; spec §4 pitfalls).
+Defaults: expansion 2 (e = 2D), s = 128, learned Toeplitz bias clipped at ±128, RoPE off
+(option ``rotary``), and L = the number of real tokens of each sequence (the paper's ``/ n``,
+computed from the padding mask so that padding a batch does not change the scale; spec §4
+pitfalls). ``score_divisor`` fixes L instead (JunnYu's port uses 512). In causal mode L is
+still the sequence's real length: it is known when training on fixed-length blocks, but set
+``score_divisor`` for token-by-token generation, where the length grows.
 ``num_heads`` is accepted for the common interface and ignored: GAU is single-head.
 """
 
