@@ -290,3 +290,6 @@ def test_fp32_matches_fp64_and_bf16_is_close(causal):
     assert y16.dtype == torch.bfloat16
     relative = ((y16.float() - y32).norm() / y32.norm()).item()
     assert relative < 3e-2, f"bf16 relative error {relative}"
+    y_params16, _ = module.bfloat16()(x.bfloat16())  # bf16 parameters, no autocast
+    relative = ((y_params16.float() - y32).norm() / y32.norm()).item()
+    assert relative < 5e-2, f"bf16-parameter relative error {relative}"
