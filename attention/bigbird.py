@@ -155,17 +155,17 @@ class BigBirdAttention(Attention):
         super().__init__(d_model, num_heads, **kwargs)
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=self.options.bias)
         self.out = nn.Linear(d_model, d_model, bias=self.options.bias)
-        # Cache of plans per (nl, device); each is a deterministic function of nl, so this
-        # holds no state between calls.
-        self._plans: dict[tuple[int, str], BlockPlan] = {}
+        # Caches of the random plan (per nl, on CPU) and of the gather indices derived from it
+        # (per nl, layout and device). Both are deterministic functions of their keys, so
+        # they carry no state from one call to the next.
+        self._plans: dict[int, BlockPlan] = {}
         self._gather_plans: dict[tuple[int, int, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def plan(self, num_local_blocks: int, device: torch.device | str = "cpu") -> BlockPlan:
+    def plan(self, num_local_blocks: int) -> BlockPlan:
         """The (cached, deterministic) random plan for ``num_local_blocks`` local blocks."""
-        key = (num_local_blocks, str(device))
-        if key not in self._plans:
+        if num_local_blocks not in self._plans:
             o = self.options
-            plan = make_block_plan(
+            self._plans[num_local_blocks] = make_block_plan(
                 num_local_blocks,
                 self.num_heads,
                 o.num_window_blocks,
@@ -173,8 +173,7 @@ class BigBirdAttention(Attention):
                 o.seed,
                 self.layer_idx,
             )
-            self._plans[key] = BlockPlan(plan.index.to(device), plan.valid.to(device))
-        return self._plans[key]
+        return self._plans[num_local_blocks]
 
     def layout(self, n: int) -> tuple[int, int, int]:
         """(prefix globals, suffix globals, padded length) for an input of length n."""
