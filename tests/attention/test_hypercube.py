@@ -75,6 +75,35 @@ def test_mask_properties(num_units):
     assert diameter == math.ceil(math.log2(num_units)) if num_units > 1 else diameter == 0
 
 
+def official_style_mask(num_units: int) -> torch.Tensor:
+    """The reference's layout, rebuilt: a reflected Gray sequence grown at the low bit.
+
+    Each reflection appends the reversed sequence, shifts every code left and sets the low
+    bit in the second half (a bit-reversed Gray order); unit i attends to itself and to the
+    units whose code differs in one bit, dropped (mapped to self) when outside the range.
+    """
+    bits = cube_dimension(num_units)
+    codes = [0, 1]
+    while len(codes) < 2**bits:
+        codes = codes + codes[::-1]
+        half = len(codes) // 2
+        codes = [(c << 1) | (1 if i >= half else 0) for i, c in enumerate(codes)]
+    codes = codes[: max(2**bits, 1)]
+    position = {code: index for index, code in enumerate(codes)}
+    mask = torch.zeros(num_units, num_units, dtype=torch.bool)
+    for i in range(num_units):
+        mask[i, i] = True
+        for bit in range(bits):
+            neighbour = position[codes[i] ^ (1 << bit)]
+            mask[i, neighbour if neighbour < num_units else i] = True
+    return mask
+
+
+@pytest.mark.parametrize("num_units", [2, 4, 8, 16, 12, 100])
+def test_mask_equals_official_construction(num_units):
+    assert torch.equal(dense_hypercube_mask(num_units), official_style_mask(num_units))
+
+
 def test_neighbour_table_has_self_first_and_k_plus_one_slots():
     table, valid = hypercube_neighbours(16)
     assert table.shape == (16, 5) and bool(valid.all())
