@@ -119,36 +119,44 @@ def local_window_attention(
     if valid is None:
         valid = torch.ones(batch, n, dtype=torch.bool, device=q.device)
     # Padded tail plus one empty block on each side, so every block has a full window.
+    # Layout [B·G, H, ., d]: 4-d inputs let SDPA take its fused CPU/GPU kernels.
     valid = F.pad(valid, (block, block + pad), value=False)
-    q = F.pad(q, (0, 0, 0, pad)).view(batch, heads, num_blocks, block, head_dim)
-    k = F.pad(k, (0, 0, block, block + pad)).view(batch, heads, num_blocks + 2, block, head_dim)
-    v = F.pad(v, (0, 0, block, block + pad)).view(batch, heads, num_blocks + 2, block, head_dim)
+
+    def blocks(t: torch.Tensor, before: int, after: int) -> torch.Tensor:
+        t = F.pad(t, (0, 0, before, after)).view(batch, heads, -1, block, head_dim)
+        return t.transpose(1, 2)  # [B, G(+2), H, b, d]
+
+    q = blocks(q, 0, pad).reshape(batch * num_blocks, heads, block, head_dim)
+    k, v = blocks(k, block, block + pad), blocks(v, block, block + pad)
     offsets = (0, 1) if causal else (0, 1, 2)
-    k_window = torch.cat([k[:, :, o : o + num_blocks] for o in offsets], dim=3)
-    v_window = torch.cat([v[:, :, o : o + num_blocks] for o in offsets], dim=3)
+    window = len(offsets) * block
+    k_window = torch.cat([k[:, o : o + num_blocks] for o in offsets], dim=3)
+    v_window = torch.cat([v[:, o : o + num_blocks] for o in offsets], dim=3)
+    k_window = k_window.view(batch * num_blocks, heads, window, head_dim)
+    v_window = v_window.view(batch * num_blocks, heads, window, head_dim)
     valid = valid.view(batch, num_blocks + 2, block)
     valid_window = torch.cat([valid[:, o : o + num_blocks] for o in offsets], dim=2)
 
     # Key w of a block's window sits at (g - 1)·b + w, query t at g·b + t: j - i = w - b - t.
-    window = len(offsets) * block
     relative = torch.arange(window, device=q.device)[None, :] - block
     relative = relative - torch.arange(block, device=q.device)[:, None]
     allowed = relative.abs() <= radius
     if causal:
         allowed = allowed & (relative <= 0)
     mask = allowed[None, None, :, :] & valid_window[:, :, None, :]  # [B, G, b, W]
-    mask = mask.unsqueeze(1)  # [B, 1, G, b, W]
+    mask = mask.view(batch * num_blocks, 1, block, window)
 
     # SDPA on the blocks, with padding, window and bias merged into one additive float mask:
     # finfo.min (not -inf) keeps rows without any allowed key finite; they are zeroed below.
     additive = torch.zeros(mask.shape, dtype=q.dtype, device=q.device)
     additive = additive.masked_fill(~mask, torch.finfo(q.dtype).min)
     if position_bias is not None:
-        additive = additive + position_bias(relative, bidirectional=not causal).to(q.dtype)[:, None]
+        additive = additive + position_bias(relative, bidirectional=not causal).to(q.dtype)
     out = F.scaled_dot_product_attention(
         q, k_window, v_window, attn_mask=additive, dropout_p=dropout, scale=default_scale(head_dim)
     )
-    out = out * mask.any(dim=-1, keepdim=True).to(out.dtype)
+    out = out * mask.any(dim=-1, keepdim=True).to(out.dtype)  # [B·G, H, b, d]
+    out = out.view(batch, num_blocks, heads, block, head_dim).transpose(1, 2)
     return out.reshape(batch, heads, num_blocks * block, head_dim)[:, :, :n]
 
 

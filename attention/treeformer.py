@@ -334,36 +334,33 @@ class TreeformerAttention(Attention):
         pad_leaf = 2**depth  # padded keys: a leaf no query has; padded queries: pad_leaf + 1
         key_leaf = torch.where(valid, key_route.leaf, pad_leaf)
         query_leaf = torch.where(valid, query_route.leaf, pad_leaf + 1)
-        v = v * key_route.gates[..., -1:]
+        row_base = torch.arange(rows, device=q.device).unsqueeze(-1) * n
+        flat_q, flat_k = q.reshape(rows * n, head_dim), k.reshape(rows * n, head_dim)
+        flat_v = (v * key_route.gates[..., -1:]).reshape(rows * n, head_dim)
 
+        # Sort keys and queries by leaf; tensors stay in place, only indices are permuted.
         key_leaf, key_order = torch.sort(key_leaf, dim=1, stable=True)
-        k = k.gather(1, key_order.unsqueeze(-1).expand(-1, -1, head_dim))
-        v = v.gather(1, key_order.unsqueeze(-1).expand(-1, -1, head_dim))
+        key_source = (key_order + row_base).flatten()  # sorted slot -> row of flat_k
         counts = torch.zeros(rows, pad_leaf + 2, dtype=torch.long, device=q.device)
         counts.scatter_add_(1, key_leaf, torch.ones_like(key_leaf))
         ends = counts.cumsum(1)
         starts = ends - counts
-
         query_leaf, query_order = torch.sort(query_leaf, dim=1, stable=True)
-        q = q.gather(1, query_order.unsqueeze(-1).expand(-1, -1, head_dim))
         num_blocks = -(-n // block)
         pad = num_blocks * block - n
-        query_leaf = F.pad(query_leaf, (0, pad), value=pad_leaf + 1)
-        q = F.pad(q, (0, 0, 0, pad)).view(rows, num_blocks, block, head_dim)
-        query_leaf = query_leaf.view(rows, num_blocks, block)
+        query_source = F.pad(query_order + row_base, (0, pad)).view(rows * num_blocks, block)
+        query_leaf = F.pad(query_leaf, (0, pad), value=pad_leaf + 1).view(rows, num_blocks, block)
 
         # Sorted, so a block's leaves are a contiguous run, and so are their keys. Blocks are
         # handled as one flat batch, grouped by window length so that a few long windows
         # (big leaves) do not pad every block to their width.
         window_start = starts.gather(1, query_leaf[:, :, 0])
-        window_len = ends.gather(1, query_leaf[:, :, -1]) - window_start  # [R, G]
-        row_base = torch.arange(rows, device=q.device).unsqueeze(-1) * n
-        window_start = (window_start + row_base).flatten()  # into the flat [R·n] keys
-        window_len = window_len.flatten()
-        flat_k, flat_v = k.reshape(rows * n, head_dim), v.reshape(rows * n, head_dim)
+        window_len = (ends.gather(1, query_leaf[:, :, -1]) - window_start).flatten()  # [R·G]
+        window_start = (window_start + row_base).flatten()  # into the flat sorted keys
         flat_leaf = key_leaf.flatten()
-        q_blocks = q.reshape(rows * num_blocks, block, head_dim)
         leaf_blocks = query_leaf.reshape(rows * num_blocks, block)
+        blocked = torch.zeros((), dtype=q.dtype, device=q.device)
+        masked = torch.full((), torch.finfo(q.dtype).min, dtype=q.dtype, device=q.device)
         by_length = torch.argsort(window_len)
         outputs = []
         for group in by_length.chunk(self.options.window_groups):
@@ -374,16 +371,15 @@ class TreeformerAttention(Attention):
             in_window = offsets < lengths.unsqueeze(-1)  # [g, W]
             same_leaf = flat_leaf[index].unsqueeze(1) == leaf_blocks[group].unsqueeze(-1)
             same_leaf = same_leaf & in_window.unsqueeze(1)  # [g, q, W]
-            additive = torch.zeros(same_leaf.shape, dtype=q.dtype, device=q.device)
-            additive = additive.masked_fill(~same_leaf, torch.finfo(q.dtype).min)
-            out = F.scaled_dot_product_attention(
-                q_blocks[group],
-                flat_k[index],
-                flat_v[index],
-                attn_mask=additive,
+            source = key_source[index]
+            out = F.scaled_dot_product_attention(  # 4-d so that fused kernels apply
+                flat_q[query_source[group]].unsqueeze(1),
+                flat_k[source].unsqueeze(1),
+                flat_v[source].unsqueeze(1),
+                attn_mask=torch.where(same_leaf, blocked, masked).unsqueeze(1),
                 dropout_p=dropout,
                 scale=default_scale(head_dim),
-            )
+            ).squeeze(1)
             outputs.append(out * same_leaf.any(-1, keepdim=True).to(out.dtype))  # empty -> 0
         out = torch.cat(outputs, 0)[torch.argsort(by_length)]
         out = out.reshape(rows, num_blocks * block, head_dim)[:, :n]
