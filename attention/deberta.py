@@ -166,7 +166,7 @@ class DebertaAttention(Attention):
             scores = self.disentangled_scores(query, key, self.position_projections(length))
             allowed = self.allowed_keys(key_padding_mask, length, x.device)
             if allowed is not None:
-                scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+                scores.masked_fill_(~allowed, torch.finfo(scores.dtype).min)
             probs = torch.softmax(scores, dim=-1)
             if self.training and self.options.dropout > 0:
                 probs = F.dropout(probs, p=self.options.dropout)
@@ -209,7 +209,7 @@ class DebertaAttention(Attention):
         if "c2p" in terms:
             # [B, H, n, r] then pick column δ(i, j) for each (i, j).
             content_to_position = query @ position_key.transpose(-1, -2)
-            scores = scores + torch.gather(
+            scores += torch.gather(
                 content_to_position, -1, index.expand(batch, heads, length, length)
             )
         if "p2c" in terms:
@@ -219,8 +219,10 @@ class DebertaAttention(Attention):
             gathered = torch.gather(
                 position_to_content, -1, p2c_index.expand(batch, heads, length, length)
             )
-            scores = scores + gathered.transpose(-1, -2)
-        return scores * scale
+            scores += gathered.transpose(-1, -2)
+        # In place: neither the matmul nor the adds need their outputs for backward, and
+        # every [B, H, n, n] buffer saved is 4n² bytes per head.
+        return scores.mul_(scale)
 
     def allowed_keys(
         self, key_padding_mask: torch.Tensor | None, length: int, device: torch.device
