@@ -1,0 +1,197 @@
+"""Checkpoints independent of the EP size: full weights and Adam moments, experts by global id.
+
+Shape letters: E experts, E_l = E / ep experts held by one EP rank.
+
+    save_portable(engine, model, groups, path)      # every rank calls; rank 0 writes one file
+    load_portable(engine, model, groups, path)      # any ep (and ZeRO 0, 1 or 2) that divides E
+    portable_info(path)                             # the layout and step it was saved with
+
+A DeepSpeed checkpoint stores each rank's module and optimizer partitions, shaped by the
+layout: a run saved at ep=4 holds [E/4, ...] expert blocks and cannot be loaded strictly at
+ep=2. This file stores what does not depend on the layout: every parameter in full (expert
+tensors gathered over the EP group into [E, ...], rows in global expert order), its Adam
+moments ``exp_avg`` and ``exp_avg_sq`` likewise, and the Adam step. Loading slices each
+rank's expert block back out. (DeepSpeed's own expert files need one module per expert,
+``deepspeed_moe.experts.deepspeed_experts.<i>``, which stacked [E, d, f] weights do not have:
+DESIGN.md, "DeepSpeed contracts".)
+
+How the values are read (deepspeed 0.19): under ZeRO 1/2 each parameter carries
+``_hp_mapping`` and the methods ``get_full_hp_param(key)`` / ``set_full_hp_param(value, key)``
+that assemble / scatter the fp32 master weight (key None) or an optimizer state over the
+parameter's data-parallel group (for experts: the expert-data-parallel group), collectively.
+Under ZeRO 0 the engine's optimizer is torch's AdamW itself and its ``state[param]`` holds
+the moments. Parameters are visited in the same order on every rank, so the collectives
+match.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from parallel.collectives import all_gather_tensor
+from parallel.layout import ProcessGroups
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+FORMAT_VERSION = 1
+
+
+def is_expert_name(name: str) -> bool:
+    """Stacked expert weights: ``...experts.w1`` / ``w2`` / ``w3``."""
+    return ".experts.w" in f".{name}"
+
+
+def base_optimizer(engine: Any) -> torch.optim.Optimizer:
+    """The torch optimizer doing the update (inside DeepSpeed's ZeRO wrapper, if any)."""
+    optimizer = engine.optimizer
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _ensure_adam_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create zero Adam state where torch has not yet (it initialises lazily at step 1)."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state[param]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                for key in MOMENTS:
+                    state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+
+def link_optimizer_state(engine: Any) -> None:
+    """(Re)link every ZeRO 1/2 parameter's optimizer-state fragments to the current state.
+
+    deepspeed 0.19's ``_optimizer_step`` links them once, right after the step of the first
+    parameter group, and marks them linked: the parameters of later groups (the expert
+    ``moe`` groups among them) are never linked, and ``get_full_hp_param("exp_avg")`` fails
+    for them. Relinking after every group has state fixes that; it is also how moments get
+    written into a fresh engine (state created by ``_ensure_adam_state``).
+    """
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "_hp_optimizer_states_linked"):
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def adam_step(engine: Any) -> float:
+    """The Adam step count (every parameter shares it)."""
+    for state in base_optimizer(engine).state.values():
+        if "step" in state:
+            return float(state["step"])
+    return 0.0
+
+
+def _read(param: nn.Parameter, key: str | None, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """Full fp32 weight (key None) or Adam moment of ``param`` on this rank (collective under
+    ZeRO 1/2, over the parameter's data-parallel group)."""
+    if hasattr(param, "_hp_mapping"):
+        return param.get_full_hp_param(key).detach().float().clone()
+    if key is None:
+        return param.detach().float().clone()
+    state = optimizer.state.get(param, {})
+    if key not in state:
+        return torch.zeros_like(param, dtype=torch.float32)
+    return state[key].detach().float().clone()
+
+
+def _write(
+    param: nn.Parameter, key: str | None, value: torch.Tensor, optimizer: torch.optim.Optimizer
+) -> None:
+    value = value.to(param.device)
+    if hasattr(param, "_hp_mapping"):
+        param.set_full_hp_param(value, key)
+        if key is None:
+            with torch.no_grad():
+                param.copy_(value.to(param.dtype))
+        return
+    if key is None:
+        with torch.no_grad():
+            param.copy_(value.to(param.dtype))
+        return
+    optimizer.state[param][key] = value.to(param.dtype).clone()
+
+
+def save_portable(engine: Any, model: nn.Module, groups: ProcessGroups, path: Path) -> None:
+    """Write weights, Adam moments and step, layout-free, to ``path`` (rank 0 writes).
+
+    Collective: every rank calls it.
+    """
+    optimizer = base_optimizer(engine)
+    link_optimizer_state(engine)
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    for name, param in model.named_parameters():
+        entry = {key or "weight": _read(param, key, optimizer) for key in (None, *MOMENTS)}
+        if is_expert_name(name) and groups.ep_size > 1:
+            entry = {
+                k: all_gather_tensor(v, groups.ep_group).flatten(0, 1) for k, v in entry.items()
+            }
+        tensors[name] = entry
+    layout = groups.layout
+    meta = {
+        "format": FORMAT_VERSION,
+        "layout": {"dp": layout.dp, "ep": layout.ep, "tp": layout.tp, "pp": layout.pp},
+        "world_size": layout.world_size,
+        "adam_step": adam_step(engine),
+        "zero_stage": int(getattr(engine, "zero_optimization_stage", lambda: 0)()),
+    }
+    if dist.get_rank() == 0:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"meta": meta, "tensors": tensors}, tmp)
+        tmp.replace(path)  # atomic
+        path.with_suffix(".json").write_text(json.dumps(meta))
+    dist.barrier()
+
+
+def load_portable(engine: Any, model: nn.Module, groups: ProcessGroups, path: Path) -> dict:
+    """Load what ``save_portable`` wrote into this layout; returns the saved metadata."""
+    saved = torch.load(Path(path), map_location="cpu", weights_only=False)
+    optimizer = base_optimizer(engine)
+    _ensure_adam_state(optimizer)
+    link_optimizer_state(engine)
+    step = torch.tensor(float(saved["meta"]["adam_step"]))
+    named = dict(model.named_parameters())
+    missing = sorted(set(named) - set(saved["tensors"]))
+    unexpected = sorted(set(saved["tensors"]) - set(named))
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {path} does not fit the model: missing {missing}, unexpected {unexpected}"
+        )
+    for name, param in named.items():
+        entry = saved["tensors"][name]
+        for key in (None, *MOMENTS):
+            value = entry[key or "weight"]
+            if is_expert_name(name):
+                local = param.shape[0]
+                if value.shape[0] % local != 0 or value.shape[0] // local != groups.ep_size:
+                    raise ValueError(
+                        f"{name}: checkpoint holds {value.shape[0]} experts, this rank {local} "
+                        f"at ep={groups.ep_size}; moe.num_experts must match the saved run"
+                    )
+                value = value[groups.ep_rank * local : (groups.ep_rank + 1) * local]
+            if value.shape != param.shape:
+                raise ValueError(
+                    f"{name}: saved shape {tuple(value.shape)} != {tuple(param.shape)}"
+                )
+            _write(param, key, value, optimizer)
+    for state in optimizer.state.values():
+        if "step" in state:
+            state["step"] = step.clone()
+    return saved["meta"]
+
+
+def portable_info(path: Path) -> str:
+    """One line: the layout, world size, ZeRO stage and Adam step a checkpoint was saved with."""
+    meta = json.loads(Path(path).with_suffix(".json").read_text())
+    layout = meta["layout"]
+    return (
+        f"saved with dp={layout['dp']} x tp={layout['tp']} x pp={layout['pp']} (ep={layout['ep']}) "
+        f"on {meta['world_size']} ranks, ZeRO {meta['zero_stage']}, Adam step "
+        f"{int(meta['adam_step'])}; loads at any ep dividing the experts"
+    )
