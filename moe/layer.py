@@ -30,6 +30,7 @@ class MoEOutput(NamedTuple):
     tokens_per_expert: torch.Tensor  # [E] int64, kept
     dropped_fraction: torch.Tensor  # 0-dim fp32
     router_entropy: torch.Tensor  # 0-dim fp32, mean router entropy (nats), no gradient
+    capacity: int = 0  # slots per expert this call used (per rank; simulated: summed over ranks)
 
 
 class MoELayer(nn.Module):
@@ -168,4 +169,5 @@ class MoELayer(nn.Module):
             tokens_per_expert=routing.tokens_per_expert,
             dropped_fraction=routing.drop_rate,
             router_entropy=entropy,
+            capacity=routing.capacity,
         )
