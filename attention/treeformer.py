@@ -13,21 +13,30 @@ routed from the root down to a leaf at depth h.
   no n x n): the sorted queries are cut into blocks of ``query_block``; a block's keys are
   the contiguous run of sorted keys whose leaves the block spans, and one
   ``scaled_dot_product_attention`` call over (block, window) with a same-leaf mask does the
-  rest. Cost O(n·h·d) routing + O(n·(q + leaf size)·d) attention.
+  rest. Blocks are grouped by window length (``window_groups``) so that one big leaf does
+  not widen every block's window. Cost O(n·h·d) routing + O(n·(q + leaf size)·d) attention
+  for balanced leaves; a degenerate tree (one leaf holding everything) is O(n²d), as the
+  method itself is.
 * **TC-attention** (coarse, ``mode="tc"``): every node carries an aggregate key and value of
   the keys routed through it; query i takes a softmax over the h + 1 aggregates on its own
   root-to-leaf path (q·K̂/√d) and mixes the aggregate values. Every key feeds the root, so
-  gradients are dense. Cost O(n·h·d).
+  gradients are dense. Aggregates cost O(n·d) (leaf sums added up the tree, ``NodeSums``);
+  the path scores are taken from one GEMM of the queries against all 2^(h+1) - 1 node keys,
+  O(n·2^(h+1)·d), which on CPU beats gathering [n, h+1, d] path tensors while nodes are few
+  (255 at n = 8192 with leaf_size 64); it grows like n²·d/leaf_size for very long inputs.
 
 Routing is learned with a straight-through estimator (as in dense gradient trees, DGT,
 Karthikeyan et al. 2021): the forward pass takes the hard decision; the backward pass uses
-the derivative of sigmoid(s/τ) for the step. So that the loss depends on the decisions at
+the derivative of sigmoid(s/τ) for the step. The top 7 levels (127 nodes) are scored by one
+matmul per head; deeper levels gather each token's own hyperplane (O(n·d) per level). So that the loss depends on the decisions at
 all, each token carries a path gate g = Π over its path of (step or 1 - step): exactly 1 in
 the forward pass (outputs are unchanged, bit for bit), with the surrogate gradient in the
 backward pass. TF multiplies each key's value and each query's output by its leaf gate;
 TC weights the keys in each node's aggregate and the query's path values by the node gates.
 
-No official code exists. Choices made where the paper (as available here) is silent:
+No official code exists, and only the abstract and summaries of the paper were reachable
+from this workplace; the method follows attention_spec.md §8. Choices made where the
+sources are silent:
 
 * one tree per head, shared by queries and keys (``shared_tree=False``: separate trees);
 * hyperplanes with a bias, w ~ N(0, 1/d), b = 0 (the tree starts as random projections);
@@ -41,7 +50,7 @@ No official code exists. Choices made where the paper (as available here) is sil
   ``leaf_size`` keys and the cost stays ~linear in n (the paper fixes h per task). Height is
   chosen per sequence from its real length, so padding never changes an output. Height 0 is
   one leaf: TF is exact full softmax attention, TC outputs the root aggregate;
-* the bootstrapped schedule (paper §4, "two-level bootstrapped training": start from dense
+* the bootstrapped schedule ("two-level bootstrapped training" in the paper: start from dense
   attention and grow the trees) is ``set_height(h)`` plus, when ``bootstrap_dense_steps`` or
   ``bootstrap_grow_every`` is set, ``set_training_step(step)``: height 0 (dense) for the first
   ``bootstrap_dense_steps`` steps, then one more level every ``bootstrap_grow_every`` steps up
