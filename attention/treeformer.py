@@ -65,6 +65,7 @@ max_height 10 (up to 65536 tokens at 64 per leaf), query_block 32, window_groups
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -119,6 +120,7 @@ class StraightThroughStep(torch.autograd.Function):
         return grad * soft * (1 - soft) / ctx.temperature, None
 
 
+@dataclass(frozen=True)
 class Routing:
     """Where the tokens of one side (queries or keys) went: codes, nodes and path gates.
 
@@ -128,10 +130,10 @@ class Routing:
     [R]: the tree height used by each row's sequence.
     """
 
-    def __init__(
-        self, leaf: torch.Tensor, nodes: torch.Tensor, gates: torch.Tensor, heights: torch.Tensor
-    ) -> None:
-        self.leaf, self.nodes, self.gates, self.heights = leaf, nodes, gates, heights
+    leaf: torch.Tensor
+    nodes: torch.Tensor
+    gates: torch.Tensor
+    heights: torch.Tensor
 
     def path_levels(self) -> torch.Tensor:
         """bool [R, n, L]: which levels are on each token's path (<= its sequence's height)."""
