@@ -34,6 +34,15 @@ from tests.moe.ep_cases import (
 
 SIZES = {2: [7, 5], 4: [5, 3, 6, 4]}
 EQUAL = {2: [6, 6], 4: [4, 4, 4, 4]}
+GLOBAL_18 = [8, 10]  # the 4-rank batch (18 tokens) split over 2 ranks
+
+
+def one_process_kept(name: str, state: dict, num_tokens: int) -> torch.Tensor:
+    """Which assignments one process (ep=1) keeps for the first ``num_tokens`` batch rows."""
+    layer = make_layer(**{k: v for k, v in CASES[name].items() if k != "capacity_scope"})
+    layer.load_state_dict(state)
+    with torch.no_grad():
+        return layer.router(make_batch([num_tokens])[0]).slot >= 0
 
 
 def states() -> dict[str, dict[str, torch.Tensor]]:
@@ -54,7 +63,12 @@ def body(rank: int, world_size: int, eps: list[int], case_states: dict) -> dict:
         results[(ep, "equal_tokens")] = run_rank(
             kwargs, case_states["top2_drop_buffer"], EQUAL[world_size], rank, groups.ep_group, True
         )
-    # Global scope: the drops of one EP group equal one process routing all its tokens.
+    # Global scope on the 18-token batch of the 4-rank run, at ep=2 (rank sizes 8 and 10).
+    if world_size == 2:
+        name = "top1_drop_global"
+        results["global18"] = run_rank(
+            CASES[name], case_states[name], GLOBAL_18, rank, groups.ep_group
+        )
     # A wrong layout fails on every rank, before any collective, with one line.
     messages = []
     for layout in (ParallelLayout(dp=world_size, ep=3), ParallelLayout(dp=world_size + 1, ep=1)):
@@ -93,6 +107,11 @@ def check_world(world_size: int, eps: list[int], tmp_path) -> None:
             assert_same_run(
                 simulated(kwargs, case_states[name], SIZES[world_size], ep), real, label
             )
+        if ep == world_size:  # global scope over all ranks: the drops of ep=1 (one process)
+            for name in ("top1_drop_global", "top2_drop_global_prob", "top2_dropless_global"):
+                real = gather_ranks([r[(ep, name)] for r in results])
+                kept = one_process_kept(name, case_states[name], sum(SIZES[world_size]))
+                assert torch.equal(real["kept"], kept), (world_size, ep, name)
         name = "top2_drop_buffer"
         expected = reference(CASES[name], case_states[name], EQUAL[world_size], ep)
         real = gather_ranks([r[(ep, "equal_tokens")] for r in results])
@@ -106,6 +125,12 @@ def check_world(world_size: int, eps: list[int], tmp_path) -> None:
         assert r["layout_errors"] == results[0]["layout_errors"]
     assert "parallel.ep (3) must divide the data-parallel degree" in results[0]["layout_errors"][0]
     assert "does not match the world size" in results[0]["layout_errors"][1]
+    if world_size == 2:  # ep=2 drops on the 18-token batch equal ep=1's (and ep=4's, below)
+        name = "top1_drop_global"
+        real = gather_ranks([r["global18"] for r in results])
+        kept = one_process_kept(name, case_states[name], 18)
+        assert not kept.all() and torch.equal(real["kept"], kept)
+        assert_same_run(real, reference(CASES[name], case_states[name], GLOBAL_18, 2), "global18")
     assert "all_to_all_single over group 'default'" in results[0]["timeout"]
     assert f"global ranks {list(range(world_size))}" in results[0]["timeout"]
 
