@@ -33,6 +33,7 @@ from launch.data import BatchSampler, Data, Split, build_data, eval_batches, mas
 from launch.errors import UserError
 from launch.launcher import discover_environment
 from launch.log import get_logger, quiet_deepspeed
+from moe.expert_parallel import apply_expert_parallel
 from moe.transformer import IGNORE_INDEX, Transformer, count_parameters, is_moe_block
 from parallel import deepspeed_bridge as bridge
 
@@ -202,6 +203,9 @@ def train(
         if is_moe_block(i, config.moe) and model.blocks[i].ffn is not None
     ]
     counts = count_parameters(model)
+    # Expert parallelism (issue 4): keep this EP rank's experts, all-to-all dispatch.
+    num_experts = config.moe.num_experts if config.moe else None
+    apply_expert_parallel(model, num_experts, config.parallel.ep, log=log)
     ds_config = deepspeed_config(config, run_dir, deepspeed_json)
     engine = bridge.initialize(
         model,

@@ -111,3 +111,22 @@ def local_expert_block(full: torch.Tensor, ep_size: int, ep_rank: int) -> torch.
         raise ValueError(f"{full.shape[0]} experts cannot be split over ep={ep_size} ranks")
     local = full.shape[0] // ep_size
     return full[ep_rank * local : (ep_rank + 1) * local]
+
+
+def apply_expert_parallel(
+    model: nn.Module, num_experts: int | None, ep: int, *, log: Any = None
+) -> Any:
+    """The trainer's hook: for ep > 1 build the layout's groups once (rank 0 logs the report)
+    and shard every MoE layer; returns the ``ProcessGroups`` (None when ep == 1).
+
+    Call after the model is built on every rank from the same seed, before the engine.
+    """
+    if ep == 1 or num_experts is None or not moe_layers(model):
+        return None
+    from parallel.layout import ParallelLayout
+
+    groups = ParallelLayout.from_world(dist.get_world_size(), ep=ep).build(num_experts)
+    if log is not None and dist.get_rank() == 0:
+        log.info(groups.report(num_experts))
+    shard_experts(model, groups.ep_group)
+    return groups
