@@ -75,11 +75,30 @@ class GatedUnitCore(nn.Module):
             views = rotate(views, positions_dim=-3)
         return gate, value, list(views.unbind(-2))
 
-    def bias_matrix(self, length: int, device: torch.device) -> torch.Tensor | None:
-        """b_{t-s} as an fp32 (fp64) [length, length] matrix, or None when the bias is off."""
-        if self.relative_bias is None:
-            return None
-        return self.relative_bias(length, device)
+    def bias_matrix(
+        self, length: int, causal: bool, dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor | None:
+        """b_{t-s} [length, length], −inf above the diagonal when causal; None if neither.
+
+        relu²(−inf) = 0 with a zero gradient, so the causal mask is exact and costs no
+        extra pass over the [.., t, m] weights.
+        """
+        bias = None if self.relative_bias is None else self.relative_bias(length, device)
+        if causal:
+            future = torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
+            if bias is None:
+                bias = torch.zeros(length, length, dtype=dtype, device=device)
+            bias = bias.masked_fill(future, float("-inf"))
+        return None if bias is None else bias.to(dtype)
+
+
+def key_padding_bias(keep: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """0 for real keys and −inf for pad keys, from a bool mask (True = real), or None."""
+    if keep is None:
+        return None
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(
+        ~keep, float("-inf")
+    )
 
 
 def rotate(t: torch.Tensor, positions_dim: int, base: float = 10000.0) -> torch.Tensor:
@@ -119,17 +138,20 @@ def relu_squared_scores(
     query: torch.Tensor,
     key: torch.Tensor,
     divisor: torch.Tensor | float,
-    bias: torch.Tensor | None,
+    biases: tuple[torch.Tensor | None, ...] = (),
 ) -> torch.Tensor:
-    """relu²(q kᵀ / divisor + b) in fp32 (or fp64), no softmax: q [.., t, s], k [.., m, s] -> [.., t, m].
+    """relu²(q kᵀ / divisor + Σ biases) in fp32 (or fp64), no softmax: q [.., t, s], k [.., m, s].
 
-    ``divisor`` is a float or a tensor broadcastable to the queries (per-sequence lengths).
-    Scores are computed in fp32 whatever the input dtype (relu² overflows fp16/bf16 easily).
+    Returns [.., t, m]. ``divisor`` is a float or a tensor broadcastable to the queries
+    (per-sequence lengths); each bias broadcasts to the scores, −inf entries give weight 0
+    (masks: exact, since relu²(−inf) = 0 and its gradient is 0). Scores are computed in fp32
+    whatever the input dtype (relu² overflows fp16/bf16 easily).
     """
     query = upcast(query) / divisor  # [.., t, s] is cheaper to scale than [.., t, m]
     scores = query @ upcast(key).transpose(-1, -2)
-    if bias is not None:
-        scores += bias  # in place: the matmul's backward does not need its output
+    for bias in biases:
+        if bias is not None:
+            scores += bias  # in place: the matmul's backward does not need its output
     return F.relu(scores).square()
 
 

@@ -33,6 +33,7 @@ from attention._gau_common import (
     GatedUnitCore,
     GatedUnitOptions,
     fp32_region,
+    key_padding_bias,
     real_lengths,
     relu_squared_scores,
     upcast,
@@ -81,9 +82,10 @@ class FlashAttention(Attention):
                 upcast(view).view(batch, num_chunks, chunk, -1) for view in views
             )
             value32 = upcast(value).view(batch, num_chunks, chunk, -1)
-            keep = None if mask is None else mask.view(batch, num_chunks, chunk, 1).float()
-            mixed = self._quadratic(q_quad, k_quad, value32, keep)
+            chunk_mask = None if mask is None else mask.view(batch, num_chunks, 1, chunk)
+            mixed = self._quadratic(q_quad, k_quad, value32, chunk_mask)
             if options.linear_part:
+                keep = None if mask is None else chunk_mask.transpose(-1, -2).to(value32.dtype)
                 mixed = self._add_linear(mixed, q_lin, k_lin, value32, keep, lengths)
         mixed = mixed.reshape(batch, num_chunks * chunk, -1).to(gate.dtype)
         y = self.core.out(gate * mixed)
@@ -95,18 +97,17 @@ class FlashAttention(Attention):
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-        keep: torch.Tensor | None,
+        chunk_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Local relu² attention inside each chunk: [B, G, C, s|e] fp32 -> [B, G, C, e]."""
+        """Local relu² attention inside each chunk: [B, G, C, s|e] fp32 -> [B, G, C, e].
+
+        ``chunk_mask`` bool [B, G, 1, C] (True = real key) becomes −inf on pad-key columns.
+        """
         chunk = query.shape[2]
         divisor = float(self.options.quad_divisor or chunk)
-        weights = relu_squared_scores(
-            query, key, divisor, self.core.bias_matrix(chunk, query.device)
-        )
-        if keep is not None:
-            weights = weights * keep.transpose(-1, -2)  # zero the columns of pad keys
-        if self.causal:
-            weights = weights.tril()
+        relative = self.core.bias_matrix(chunk, self.causal, query.dtype, query.device)
+        padding = key_padding_bias(chunk_mask, query.dtype)
+        weights = relu_squared_scores(query, key, divisor, (relative, padding))
         if self.training and self.options.dropout > 0:
             weights = F.dropout(weights, p=self.options.dropout)
         return weights @ value

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from pydantic import Field
 
@@ -30,6 +29,7 @@ from attention._gau_common import (
     GatedUnitCore,
     GatedUnitOptions,
     fp32_region,
+    key_padding_bias,
     real_lengths,
     relu_squared_scores,
     upcast,
@@ -70,27 +70,14 @@ class GatedAttentionUnit(Attention):
         else:
             divisor = float(self.options.score_divisor)
         with fp32_region(x):
-            weights = relu_squared_scores(
-                query, key, divisor, self.core.bias_matrix(length, x.device)
-            )
-            weights = mask_weights(weights, key_padding_mask, self.causal)
+            dtype = upcast(query).dtype
+            relative = self.core.bias_matrix(length, self.causal, dtype, x.device)
+            padding = None
+            if key_padding_mask is not None:
+                padding = key_padding_bias(key_padding_mask[:, None, :], dtype)
+            weights = relu_squared_scores(query, key, divisor, (relative, padding))
             if self.training and self.options.dropout > 0:
                 weights = F.dropout(weights, p=self.options.dropout)
             mixed = weights @ upcast(value)
         y = self.core.out(gate * mixed.to(gate.dtype))
         return zero_padded_queries(y, key_padding_mask), None
-
-
-def mask_weights(
-    weights: torch.Tensor, key_padding_mask: torch.Tensor | None, causal: bool
-) -> torch.Tensor:
-    """Zero the columns of relu² weights [B, .., t, m] at pad keys, and above the diagonal.
-
-    Multiplicative masking is exact here: the weights are >= 0 and there is no normaliser.
-    """
-    if key_padding_mask is not None:
-        shape = (weights.shape[0],) + (1,) * (weights.dim() - 2) + (weights.shape[-1],)
-        weights = weights * key_padding_mask.reshape(shape).to(weights.dtype)
-    if causal:
-        weights = weights.tril()
-    return weights
