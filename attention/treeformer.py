@@ -21,9 +21,9 @@ routed from the root down to a leaf at depth h.
   the keys routed through it; query i takes a softmax over the h + 1 aggregates on its own
   root-to-leaf path (q·K̂/√d) and mixes the aggregate values. Every key feeds the root, so
   gradients are dense. Aggregates cost O(n·d) (leaf sums added up the tree, ``NodeSums``);
-  the path scores are taken from one GEMM of the queries against all 2^(h+1) - 1 node keys,
-  O(n·2^(h+1)·d), which on CPU beats gathering [n, h+1, d] path tensors while nodes are few
-  (255 at n = 8192 with leaf_size 64); it grows like n²·d/leaf_size for very long inputs.
+  up to 511 nodes (h <= 8) the path scores come from one GEMM of the queries against all
+  node keys, O(n·2^(h+1)·d), which on CPU beats gathering [n, h+1, d] path tensors (255
+  nodes at n = 8192 with leaf_size 64); deeper trees gather each query's path, O(n·h·d).
 
 Routing is learned with a straight-through estimator (as in dense gradient trees, DGT,
 Karthikeyan et al. 2021): the forward pass takes the hard decision; the backward pass uses
@@ -85,6 +85,9 @@ from attention.registry import register
 # The top levels (127 nodes) score all of their nodes by one matmul (fast on CPU); deeper
 # levels gather each token's own hyperplane, which keeps routing O(n·h·d) for any height.
 DENSE_ROUTING_LEVELS = 7
+# TC scores queries against every node by one GEMM up to this many nodes (h <= 8), and
+# gathers each query's h + 1 path nodes beyond, which keeps TC O(n·h·d) for deep trees.
+DENSE_PATH_NODES = 511
 
 
 class TreeformerOptions(AttentionOptions):
@@ -423,11 +426,19 @@ class TreeformerAttention(Attention):
             key_nodes, value_nodes = key_nodes / divisor, value_nodes / divisor
 
         # The query's path: nodes at levels 0..h of its own sequence, non-empty ones only.
-        # Scores against all nodes by one GEMM, then the path's columns are picked: cheaper on
-        # CPU than gathering [R, n, L, d] path tensors while nodes (2^(h+1) - 1) stay few.
         path = query_route.nodes  # [R, n, L]
+        levels = path.shape[-1]
         allowed = query_route.path_levels() & (counts.gather(1, path.flatten(1)).view_as(path) > 0)
-        scores = (q.to(compute) @ key_nodes.transpose(1, 2)).gather(2, path)
+        out_dtype, q = q.dtype, q.to(compute)
+        num_nodes = key_nodes.shape[1]
+        if num_nodes <= DENSE_PATH_NODES:
+            # One GEMM against all nodes, then the path's columns: faster on CPU than
+            # gathering [R, n, L, d] path tensors while the tree is small.
+            scores = (q @ key_nodes.transpose(1, 2)).gather(2, path)
+        else:  # O(n·h·d): gather each query's path keys
+            path_index = path.reshape(rows, n * levels, 1).expand(-1, -1, head_dim)
+            path_keys = key_nodes.gather(1, path_index).view(rows * n, levels, head_dim)
+            scores = torch.bmm(path_keys, q.reshape(rows * n, head_dim, 1)).view(rows, n, levels)
         scores = scores * default_scale(head_dim)
         scores = scores.masked_fill(~allowed, torch.finfo(compute).min)
         probs = torch.softmax(scores, dim=-1) * allowed
@@ -435,6 +446,10 @@ class TreeformerAttention(Attention):
             probs = F.dropout(probs, p=dropout)
         # The query's path gates (1 forward) weight the node values: the query-side routing grad.
         probs = probs * query_route.gates.to(compute)
-        dense = torch.zeros(rows, n, key_nodes.shape[1], dtype=compute, device=q.device)
-        out = dense.scatter(2, path, probs) @ value_nodes
-        return out.to(q.dtype)
+        if num_nodes <= DENSE_PATH_NODES:
+            dense = torch.zeros(rows, n, num_nodes, dtype=compute, device=q.device)
+            out = dense.scatter(2, path, probs) @ value_nodes
+        else:
+            path_values = value_nodes.gather(1, path_index).view(rows * n, levels, head_dim)
+            out = torch.bmm(probs.view(rows * n, 1, levels), path_values).view(rows, n, head_dim)
+        return out.to(out_dtype)

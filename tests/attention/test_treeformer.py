@@ -305,3 +305,20 @@ def test_gathered_deep_routing_equals_matmul_routing(mode, monkeypatch):
     y_gathered.sum().backward()
     assert torch.allclose(y, y_gathered, atol=1e-12, rtol=0)
     assert torch.allclose(grad, module.hyperplanes.grad, atol=1e-12, rtol=0)
+
+
+def test_tc_gathered_path_equals_gemm_path(monkeypatch):
+    """TC scores deep trees by gathering each query's path; both paths agree."""
+    module = build(mode="tc", height=3, leaf_size=None)
+    x = inputs(n=24)
+    mask = padding_mask(2, 24, [24, 15])
+    y, _ = module(x, key_padding_mask=mask)
+    y.sum().backward()
+    grads = [p.grad.clone() for p in module.parameters()]
+    module.zero_grad()
+    monkeypatch.setattr(treeformer_module, "DENSE_PATH_NODES", 1)
+    y_gathered, _ = module(x, key_padding_mask=mask)
+    y_gathered.sum().backward()
+    assert torch.allclose(y, y_gathered, atol=1e-12, rtol=0)
+    for grad, parameter in zip(grads, module.parameters()):
+        assert torch.allclose(grad, parameter.grad, atol=1e-12, rtol=0)
