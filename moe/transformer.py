@@ -43,6 +43,7 @@ from moe.blocks import (
 from moe.config import MoEConfig
 from moe.experts import DenseFFN
 from moe.layer import MoELayer
+from moe.vision import ImageConfig  # also registers model.input "patches"
 
 IGNORE_INDEX = -100
 
@@ -92,6 +93,9 @@ class ModelConfig(BaseModel):
     norm_eps: float = Field(default=1e-5, gt=0.0)
     num_classes: int = Field(default=2, ge=2)
     pooling: Literal["mean", "cls"] = "mean"
+    image: ImageConfig | None = Field(
+        default=None, description="model.input patches: image size, patch size, channels"
+    )
 
 
 class ModelOutput(NamedTuple):
@@ -120,6 +124,12 @@ def check_attention(model: ModelConfig, attn: AttentionConfig) -> None:
     if model.input not in input_names():
         raise ValueError(
             f"model.input '{model.input}' is unknown; available: {', '.join(input_names())}"
+        )
+    if (model.input == "patches") != (model.image is not None):
+        raise ValueError(
+            f"model.image is {'unset' if model.image is None else 'set'} with model.input "
+            f"'{model.input}'; model.image (image_size, patch_size, channels) goes with "
+            "model.input patches only"
         )
     if model.d_model % model.num_heads != 0:
         raise ValueError(
@@ -239,8 +249,18 @@ class Transformer(nn.Module):
             if shared is not None:
                 self.shared_attention[choice.name] = shared
 
+        # Images (moe/vision.py): the patch grid and a class token when pooling reads CLS.
+        image_options = (
+            {"image": config.image, "class_token": config.pooling == "cls"}
+            if config.input == "patches"
+            else {}
+        )
         embed = build_input(
-            config.input, d_model=config.d_model, vocab_size=vocab, max_seq_len=config.max_seq_len
+            config.input,
+            d_model=config.d_model,
+            vocab_size=vocab,
+            max_seq_len=config.max_seq_len,
+            **image_options,
         )
         layers: list[nn.Module] = [EmbeddingLayer(embed, config.dropout)]
         for index in range(config.num_layers):
@@ -296,7 +316,10 @@ class Transformer(nn.Module):
         targets: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
     ) -> ModelOutput:
-        """inputs [B, n] (token ids) -> ModelOutput; targets [B, n] (LM) or [B] (classify)."""
+        """inputs [B, n] token ids (or images [B, C, H, W] with model.input patches) -> ModelOutput.
+
+        targets [B, n] (LM) or [B] (classify).
+        """
         acts = self.layers[0](inputs, padding_mask)
         for layer in self.layers[1:-1]:
             acts = layer(acts)
