@@ -92,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return commands[argv[0]](argv[1:])
     except UserError as err:
-        print(f"moeforge: error: {err}", file=sys.stderr)
+        from launch.log import rank
+
+        if rank() == 0:  # every rank finds the same problem; say it once
+            print(f"moeforge: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
 
 
