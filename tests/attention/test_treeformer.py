@@ -63,6 +63,17 @@ def test_height_zero_tf_is_full_attention(with_mask):
     assert torch.allclose(y, y_full, atol=1e-10, rtol=0), (y - y_full).abs().max()
 
 
+def test_hyperplanes_sending_everything_to_one_leaf_give_full_attention():
+    module = build(height=3, leaf_size=None, query_block=8)
+    with torch.no_grad():  # w = 0, b = 1: every query and key goes right at every node
+        module.hyperplanes.zero_()
+        module.offsets.fill_(1.0)
+    full = attention.build("full", d_model=D, num_heads=H).double().eval()
+    full.load_state_dict({k: p for k, p in module.state_dict().items() if k[:3] in ("qkv", "out")})
+    x = inputs()
+    assert torch.allclose(module(x)[0], full(x)[0], atol=1e-10, rtol=0)
+
+
 @pytest.mark.parametrize("aggregate", ["mean", "sum"])
 def test_height_zero_tc_is_root_aggregate(aggregate):
     module = build(mode="tc", height=0, tc_aggregate=aggregate)
