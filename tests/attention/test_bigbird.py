@@ -7,6 +7,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import attention
+from attention import bigbird
 from attention.bigbird import make_block_plan
 from tests.attention.probes import dense_softmax_oracle, padding_probe
 
@@ -58,6 +59,28 @@ def test_matches_dense_mask_oracle_fp64(options: dict, n: int, padded: bool) -> 
     y, state = module(x, key_padding_mask=mask)
     assert state is None and y.shape == x.shape
     torch.testing.assert_close(y, oracle(module, x, mask), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["itc", "etc"])
+def test_row_chunks_match_oracle(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Local rows processed in several chunks (one or three rows each) give the same result."""
+    torch.manual_seed(8)
+    options = {"block_size": 2, "num_random_blocks": 2}
+    if variant == "etc":
+        options.update(variant="etc", num_global_tokens=3)
+    x = torch.randn(2, 27, D, dtype=torch.float64)
+    mask = right_padding(2, 27, [27, 20])
+    for elements in (1, 3 * H * 7 * 2 * (D // H)):  # 1 row, then 3 rows per chunk (Kb = 7)
+        monkeypatch.setattr(bigbird, "LOCAL_CHUNK_ELEMENTS", elements)
+        module = build(**options)
+        prefix, suffix, padded = module.layout(27)
+        x_padded = torch.cat([x, x.new_zeros(2, padded - 27, D)], dim=1)
+        mask_padded = torch.cat([mask, mask.new_zeros(2, padded - 27)], dim=1)
+        expected = oracle(module, x_padded, mask_padded)[:, :27]
+        y, _ = module(x, key_padding_mask=mask)
+        nl = (padded - prefix - suffix) // 2
+        assert len(module.gather_plan(nl, prefix, suffix, x.device)) > 1
+        torch.testing.assert_close(y, expected, atol=1e-10, rtol=0)
 
 
 def test_pads_length_to_block_multiple_and_zeroes_padded_queries() -> None:
