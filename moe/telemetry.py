@@ -95,7 +95,8 @@ class RoutingTelemetry:
         values = {
             "imbalance": imbalance,
             "drop_rate": drop / forwards,
-            "capacity_use": kept / slots.clamp_min(1),
+            # NaN when the stats carried no capacity (nothing to compare against)
+            "capacity_use": torch.where(slots > 0, kept / slots.clamp_min(1), float("nan")),
             "entropy": entropy / forwards,
         }
         metrics: dict[str, float] = {}

@@ -1,5 +1,6 @@
 """Routing telemetry (moe/telemetry.py) against hand-computed values."""
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -52,3 +53,12 @@ def test_layer_outputs_feed_telemetry():
 def test_wrong_layer_count_fails():
     with pytest.raises(ValueError, match="got stats of 1 layers, expected 2"):
         RoutingTelemetry(2, 4).update([stats([1, 0, 0, 0], 0.0, 0.0, 1)])
+
+
+def test_capacity_use_is_nan_without_a_capacity():
+    telemetry = RoutingTelemetry(1, 2)
+    telemetry.update([SimpleNamespace(
+        tokens_per_expert=torch.tensor([1, 1]), dropped_fraction=torch.tensor(0.0),
+        router_entropy=torch.tensor(0.5),
+    )])  # fmt: skip
+    assert math.isnan(telemetry.summary()["train/moe0/capacity_use"])
