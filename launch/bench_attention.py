@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import math
 import platform
 import statistics
@@ -31,6 +32,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -135,6 +137,19 @@ def _number(value: float | None, pattern: str) -> str:
     return "-" if value is None else pattern.format(value)
 
 
+def parse_option(text: str) -> tuple[str, str, Any]:
+    """'bigbird.block_size=128' -> ('bigbird', 'block_size', 128); values are JSON or text."""
+    target, sep, raw = text.partition("=")
+    method, dot, key = target.partition(".")
+    if not sep or not dot or not method or not key:
+        raise argparse.ArgumentTypeError(f"--option must look like METHOD.KEY=VALUE, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return method, key, value
+
+
 def parse_lengths(text: str) -> list[int]:
     """'1024,2048' -> [1024, 2048] (sorted, unique, each >= 1)."""
     try:
@@ -149,12 +164,15 @@ def parse_lengths(text: str) -> list[int]:
 # -- building the methods -------------------------------------------------------------------
 
 
-def build_registered(name: str, max_length: int, causal: bool) -> Forward:
-    """A moeforge method with its defaults, length-bound options set to max_length."""
+def build_registered(
+    name: str, max_length: int, causal: bool, overrides: dict[str, Any] | None = None
+) -> Forward:
+    """A moeforge method with its defaults (length-bound ones set to max_length), overridden."""
     cls = attention.get(name)
     if causal and not cls.supports_causal:
         raise Skip("no causal mode")
     options = {key: max_length for key in LENGTH_OPTIONS if key in cls.Options.model_fields}
+    options.update(overrides or {})
     module = attention.build(name, d_model=D_MODEL, num_heads=NUM_HEADS, causal=causal, **options)
     return Forward(module, lambda x: module(x)[0])
 
@@ -296,6 +314,7 @@ def run(
     causal: bool,
     measure_memory: bool = True,
     log: Callable[[str], None] = print,
+    options: dict[str, dict[str, Any]] | None = None,
 ) -> list[Result]:
     """Time every method at every n (interleaved per repetition); returns one Result each."""
     results = {name: Result(name) for name in methods}
@@ -310,7 +329,9 @@ def run(
             try:
                 builder = PACKAGES.get(name)
                 forward = (
-                    builder(n, causal) if builder else build_registered(name, max(lengths), causal)
+                    builder(n, causal)
+                    if builder
+                    else build_registered(name, max(lengths), causal, (options or {}).get(name))
                 )
                 step(forward, x)  # warm-up (and a first error check)
                 forwards[name] = forward
@@ -357,9 +378,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="moeforge bench attention", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--methods", default="", help="comma list (default: all + packages)")
-    parser.add_argument("--lengths", type=parse_lengths, default=list(DEFAULT_LENGTHS))
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--methods",
+        default="",
+        help=f"comma list of registered methods and packages ({', '.join(PACKAGES)}); default: all",
+    )
+    parser.add_argument(
+        "--lengths",
+        type=parse_lengths,
+        default=list(DEFAULT_LENGTHS),
+        help="comma list of n (default 1024,2048,4096,8192)",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per method and n")
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        type=parse_option,
+        metavar="METHOD.KEY=VALUE",
+        help="an option for a registered method, e.g. bigbird.block_size=128 (repeatable)",
+    )
     parser.add_argument("--causal", action="store_true", help="causal mode (capable methods)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory pass")
@@ -378,7 +416,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--methods: unknown {unknown}; choose from {', '.join(sorted(known))}")
     print(header(args), flush=True)
     log = lambda line: print(line, file=sys.stderr, flush=True)
-    results = run(methods, args.lengths, args.repeats, args.causal, not args.no_memory, log)
+    options: dict[str, dict[str, Any]] = {}
+    for method, key, value in args.option:
+        if method not in attention.available():
+            parser.error(f"--option {method}.{key}: '{method}' is not a registered method")
+        options.setdefault(method, {})[key] = value
+    results = run(
+        methods, args.lengths, args.repeats, args.causal, not args.no_memory, log, options
+    )
     print(format_table(results, args.lengths))
     if args.markdown:
         with open(args.markdown, "w") as handle:

@@ -77,3 +77,27 @@ def test_main_causal_skips_encoder_only_and_rejects_unknown(capsys) -> None:
     assert "skipped: no causal mode" in out
     with pytest.raises(SystemExit):
         bench.main(["--methods", "no_such_method"])
+
+
+def test_parse_option_and_bad_option() -> None:
+    assert bench.parse_option("bigbird.block_size=128") == ("bigbird", "block_size", 128)
+    assert bench.parse_option("bigbird.variant=etc") == ("bigbird", "variant", "etc")
+    assert bench.parse_option("linformer.share_kv=true") == ("linformer", "share_kv", True)
+    for bad in ("bigbird=3", "block_size", ".k=1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.parse_option(bad)
+
+
+def test_options_reach_the_method() -> None:
+    forward = bench.build_registered("linformer", 64, False, {"k": 8})
+    assert forward.module.options.k == 8 and forward.module.options.n_max == 64
+    results = bench.run(
+        ["linformer"],
+        [16],
+        1,
+        False,
+        measure_memory=False,
+        log=lambda line: None,
+        options={"linformer": {"k": 0}},
+    )
+    assert results[0].note.startswith("error at n=16") and "k" in results[0].note
