@@ -137,7 +137,7 @@ class DiagonalStateSpace(nn.Module):
         blocks = torch.arange(outer_len, device=decay.device, dtype=decay.dtype) * inner_len
         outer_re, outer_im = self.powers(decay, angle, blocks)  # [R, D, N/2, P]
         # Re(Σ_k outer·inner) = Σ_k (outer_re·inner_re - outer_im·inner_im).
-        left = torch.cat([outer_re, -outer_im], dim=2).transpose(-1, -2)  # [R, D, P, N]
+        left = torch.cat([outer_re, -outer_im], dim=2).transpose(-1, -2).contiguous()  # [R,D,P,N]
         right = torch.cat([inner_re, inner_im], dim=2)  # [R, D, N, M]
         powers = left @ right  # [R, D, P, M]
         return 2 * powers.reshape(*powers.shape[:2], -1)[..., :length]
@@ -167,36 +167,41 @@ class DiagonalStateSpace(nn.Module):
         chunk = min(self.chunk_size, n)
         num_chunks = -(-n // chunk)
         c_re, c_im, decay, angle = (t[0] for t in self.modes())  # [D, N/2]
-        real = decay.dtype
-        u_chunks = F.pad(u.to(real), (0, 0, 0, num_chunks * chunk - n))
-        u_chunks = u_chunks.view(batch, num_chunks, chunk, channels)
+        modes, real = decay.shape[-1], decay.dtype
+        # Channel-major, contiguous [D, C, B·G] columns so every product is one plain bmm.
+        u_pad = F.pad(u.to(real), (0, 0, 0, num_chunks * chunk - n))
+        u_pad = u_pad.view(batch, num_chunks, chunk, channels).permute(3, 2, 0, 1)
+        columns = u_pad.reshape(channels, chunk, batch * num_chunks)
         positions = torch.arange(chunk, device=u.device)
         lag = positions[:, None] - positions[None, :]  # t - s
         kernel = self.kernel(chunk)[0]  # [D, C]
         toeplitz = kernel[:, lag.clamp_min(0)] * (lag >= 0).to(real)  # [D, C, C]
-        y = torch.einsum("dts,bgsd->bgtd", toeplitz, u_chunks)
+        y = toeplitz @ columns  # within each chunk: [D, C, B·G]
 
+        # Chunk-end states x_g = Σ_s exp((C-1-s)Δa) u_s, then h_g = exp(CΔa) h_(g-1) + x_g.
         to_end = torch.arange(chunk - 1, -1, -1, device=u.device, dtype=real)
-        end_re, end_im = self.powers(decay, angle, to_end)  # [D, N/2, C]
-        x_re = torch.einsum("dks,bgsd->bgdk", end_re, u_chunks)
-        x_im = torch.einsum("dks,bgsd->bgdk", end_im, u_chunks)
+        end = torch.cat(self.powers(decay, angle, to_end), dim=1)  # [D, 2·N/2, C]
+        x = (end @ columns).view(channels, 2, modes, batch, num_chunks)
         step = torch.tensor([float(chunk)], device=u.device, dtype=real)
-        z_re, z_im = (t[..., 0] for t in self.powers(decay, angle, step))  # exp(CΔa): [D, N/2]
-        h_re = [torch.zeros_like(x_re[:, 0])]
-        h_im = [torch.zeros_like(x_im[:, 0])]
+        z_re, z_im = (t for t in self.powers(decay, angle, step))  # exp(CΔa): [D, N/2, 1]
+        # unbind (not x[..., g]): its backward is one stack, not a full-size zero tensor per g.
+        chunks_re, chunks_im = x[:, 0].unbind(-1), x[:, 1].unbind(-1)  # each [D, N/2, B]
+        h_re, h_im = [torch.zeros_like(chunks_re[0])], [torch.zeros_like(chunks_im[0])]
         for g in range(num_chunks - 1):  # the state entering chunk g + 1
             previous_re, previous_im = h_re[-1], h_im[-1]
-            h_re.append(z_re * previous_re - z_im * previous_im + x_re[:, g])
-            h_im.append(z_re * previous_im + z_im * previous_re + x_im[:, g])
-        state_re, state_im = torch.stack(h_re, 1), torch.stack(h_im, 1)  # [B, G, D, N/2]
+            h_re.append(z_re * previous_re - z_im * previous_im + chunks_re[g])
+            h_im.append(z_re * previous_im + z_im * previous_re + chunks_im[g])
+        state = torch.stack([torch.stack(h_re, -1), torch.stack(h_im, -1)], dim=1)
+        state = state.view(channels, 2 * modes, batch * num_chunks)
 
         # y_t += 2 Re Σ_k C'_k exp((t+1)Δa_k) h_k for t in the chunk.
         ahead = torch.arange(1, chunk + 1, device=u.device, dtype=real)
         p_re, p_im = self.powers(decay, angle, ahead)  # [D, N/2, C]
         e_re = c_re.unsqueeze(-1) * p_re - c_im.unsqueeze(-1) * p_im
         e_im = c_re.unsqueeze(-1) * p_im + c_im.unsqueeze(-1) * p_re
-        y = y + 2 * torch.einsum("dkt,bgdk->bgtd", e_re, state_re)
-        y = y - 2 * torch.einsum("dkt,bgdk->bgtd", e_im, state_im)
+        readout = torch.cat([e_re, -e_im], dim=1).transpose(1, 2).contiguous()  # [D, C, N]
+        y = y + 2 * (readout @ state)
+        y = y.view(channels, chunk, batch, num_chunks).permute(2, 3, 1, 0)
         y = y.reshape(batch, num_chunks * chunk, channels)[:, :n]
         return y + u.to(real) * self.skip.to(real)
 
