@@ -24,10 +24,15 @@ ZOH with B folded into C, so the kernel is ``K_l = 2·Re Σ_k C'_k exp(l·Δa_k)
 ``C'_k = C_k (exp(Δa_k) - 1) / a_k``, and ``y = conv(u, K) + D ⊙ u`` by an FFT of length 2n
 (no circular wrap), then GELU and a linear output map (S4's block). The Vandermonde product
 is split as exp(l·Δa) = exp(p·M·Δa)·exp(r·Δa), l = p·M + r, M ≈ √n, so only O(N·√n)
-exponentials are taken per channel and the rest is one complex matmul. Non-causal layers
-use a bidirectional SSM (a second kernel over the future, as S4's ``bidirectional``);
-causal layers only the causal kernel. Padded positions are zeroed before the convolution.
-FFTs run in fp32 (complex64) under bf16/fp16, and in fp64 for fp64 inputs.
+exponentials are taken per channel and the rest is one real matmul. Non-causal layers
+use a bidirectional SSM (a second kernel over the future, as S4's ``bidirectional``) and the
+FFT. Causal layers use the causal kernel only, computed by a chunked scan instead of the
+FFT (``convolve_chunked``: Toeplitz matmul inside chunks of 128, diagonal state carried
+across chunks): an FFT mixes rounding errors from every position into every output, so a
+future token would change past outputs by ~1e-16 and the bit-exact causality probe would
+fail; the scan never reads a later input. Both equal the recurrence (tests). Padded
+positions are zeroed before the convolution. The SSM runs in fp32 under bf16/fp16 (autocast
+off), and in fp64 for fp64 inputs.
 
 Defaults (``run_lm.sh``): d_state 64, dt in [0.001, 0.1], combine concat, T5 relative bias
 32 buckets / distance 128; local radius 127 (see ``attention/local.py`` for why not 511).
