@@ -16,9 +16,8 @@ import pytest
 import torch
 
 from tests.dist import run_ranks
-from tests.parallel.test_ep_engine import (
-    EP as _UNUSED,  # noqa: F401 - the same tiny model and batches as the engine test
-)
+
+# the same tiny model, batches and DeepSpeed config as the engine test
 from tests.parallel.test_ep_engine import TOKENS, TinyMoEModel, ds_config, global_batch
 
 WORLD, E = 4, 4
