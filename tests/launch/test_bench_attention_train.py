@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import attention
 import pytest
+
+import attention
 from launch import bench_attention_train as bench
 from launch.bench_attention_train import Job
 
