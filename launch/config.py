@@ -253,13 +253,24 @@ def validate(config: RunConfig, world_size: int) -> int:
         check_attention(config.model, config.attention)
     except ValueError as err:
         raise UserError(str(err)) from None
-    if config.data.seq_len > config.model.max_seq_len:
+    images = config.model.input == "patches"  # launch/images.py: no text, labels from folders
+    if images and config.model.mode != "classify":
+        raise UserError(
+            f"model.input patches trains image classification; set model.mode classify "
+            f"(got {config.model.mode})"
+        )
+    if not images and config.data.seq_len > config.model.max_seq_len:
         raise UserError(
             f"data.seq_len ({config.data.seq_len}) exceeds model.max_seq_len "
             f"({config.model.max_seq_len}); raise model.max_seq_len or lower data.seq_len"
         )
-    if config.model.mode == "classify" and config.data.label_field is None:
+    if config.model.mode == "classify" and config.data.label_field is None and not images:
         raise UserError("model.mode classify needs data.label_field (the integer label column)")
+    if images and config.data.label_field is not None:
+        raise UserError(
+            "data.label_field is not used with model.input patches (labels are the class "
+            "folders, or the digits' own); remove it"
+        )
     if config.model.mode != "classify" and config.data.label_field is not None:
         raise UserError(
             f"data.label_field is only used with model.mode classify (got {config.model.mode})"

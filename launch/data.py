@@ -11,7 +11,8 @@ standard library's own source files (sysconfig "stdlib" path, ``*.py``, sorted r
 paths, capped at ``data.corpus_max_bytes``) and cached under ~/.cache/moeforge: no network.
 A local file (.txt: one document per file, .jsonl/.json, .parquet) or a directory of them is
 read through Hugging Face ``datasets``; any other value is a hub dataset name
-(``data.name`` config, ``data.split``, ``data.text_field``).
+(``data.name`` config, ``data.split``, ``data.text_field``). Images (``model.input:
+patches``; ``data.path: digits`` or a class-per-subdirectory folder) load in launch/images.py.
 
 Order: documents are tokenized (bytes by default, or a BPE trained locally with
 ``tokenizers`` and saved in the run directory), joined with an end-of-document token, cut
@@ -65,6 +66,9 @@ class DataConfig(BaseModel):
     val_fraction: float = Field(default=0.05, gt=0.0, lt=0.5)
     split_seed: int = 1234
     corpus_max_bytes: int = Field(default=12_000_000, ge=10_000)
+    augment_shift: int = Field(
+        default=0, ge=0, le=8, description="images: random shift of up to this many pixels"
+    )
 
 
 # Tokenizers --------------------------------------------------------------------------------
@@ -250,7 +254,7 @@ class Data:
 
     train: Split
     val: Split
-    tokenizer: ByteTokenizer | BPETokenizer
+    tokenizer: ByteTokenizer | BPETokenizer | None  # None for images (launch/images.py)
     num_documents: int
 
 

@@ -7,7 +7,8 @@ Shape letters: B micro batch, L sequence length, V vocabulary.
 Per logged step, ``RUN_DIR/metrics.jsonl`` gets one JSON object with step, loss (the total
 that is back-propagated), ce_loss, aux_loss, z_loss (sums over MoE layers), dropped_fraction
 and router_entropy (means over MoE layers), lr and tokens_per_s (all ranks); evaluations add
-records with val_loss (nats per token) and val_bpb (bits per byte of the targets' text).
+records with val_loss (nats per token) and val_bpb (bits per byte of the targets' text),
+plus val_accuracy in classify mode (images: launch/images.py).
 Values are averaged over the micro steps of the step and over data-parallel ranks.
 Re-running a run directory that holds a checkpoint continues it exactly: same data order
 (the position is the step), same RNG states, same optimizer and schedule state.
@@ -31,6 +32,7 @@ from launch import checkpoint
 from launch.config import RunConfig, deepspeed_config, incompatible_fields, save_resolved, validate
 from launch.data import BatchSampler, Data, Split, build_data, eval_batches, mask_for_mlm
 from launch.errors import UserError
+from launch.images import build_image_data, shift_images
 from launch.launcher import discover_environment
 from launch.log import get_logger, quiet_deepspeed
 from moe.expert_parallel import apply_expert_parallel
@@ -49,6 +51,7 @@ class TrainResult:
     val_bpb: float | None
     tokens_per_s: float | None
     seconds: float
+    val_accuracy: float | None = None
 
 
 def make_inputs(
@@ -76,12 +79,13 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 def evaluate(
     engine: Any, batches: list[Split], mode: str, data: Data, seed: int
-) -> tuple[float, float]:
-    """(validation loss in nats per target, bits per byte) over every rank's fixed batches."""
+) -> tuple[float, float, float | None]:
+    """(validation loss in nats per target, bits per byte, accuracy or None unless classify)
+    over every rank's fixed batches."""
     engine.eval()
-    token_bytes = torch.as_tensor(data.tokenizer.token_bytes)
+    token_bytes = None if data.tokenizer is None else torch.as_tensor(data.tokenizer.token_bytes)
     generator = torch.Generator().manual_seed(seed + 7919)
-    nats = count = num_bytes = 0.0
+    nats = count = num_bytes = correct = 0.0
     with torch.no_grad():
         for batch in batches:
             inputs, targets, mask = make_inputs(batch, mode, data, 0.15, generator)
@@ -94,11 +98,15 @@ def evaluate(
             count += valid.sum().item()
             if mode != "classify":
                 num_bytes += token_bytes[flat[valid].cpu()].sum().item()
+            else:
+                correct += (logits.argmax(dim=-1) == flat)[valid].sum().item()
     engine.train()
-    nats, count, num_bytes = _all_reduce_sum([nats, count, num_bytes], _device(engine))
+    sums = _all_reduce_sum([nats, count, num_bytes, correct], _device(engine))
+    nats, count, num_bytes, correct = sums
     loss = nats / max(count, 1.0)
     bpb = nats / math.log(2) / num_bytes if num_bytes else float("nan")
-    return loss, bpb
+    accuracy = correct / max(count, 1.0) if mode == "classify" else None
+    return loss, bpb, accuracy
 
 
 class MetricsWriter:
@@ -155,6 +163,8 @@ def _check_resume(
 
 
 def _build_data(config: RunConfig, run_dir: Path, rank: int) -> Data:
+    if config.model.input == "patches":  # images: nothing to cache, every rank loads its copy
+        return build_image_data(config.data, config.model)
     # Rank 0 builds the corpus cache and any BPE first; the others then read them.
     data = build_data(config.data, config.model.mode, run_dir) if rank == 0 else None
     if rank == 0:
@@ -190,8 +200,12 @@ def train(
 
     torch.manual_seed(config.train.seed)
     data = _build_data(config, run_dir, rank)
-    vocab = data.tokenizer.vocab_size
-    if config.model.vocab_size is not None and config.model.vocab_size < vocab:
+    vocab = None if data.tokenizer is None else data.tokenizer.vocab_size
+    if (
+        vocab is not None
+        and config.model.vocab_size is not None
+        and config.model.vocab_size < vocab
+    ):
         raise UserError(
             f"model.vocab_size ({config.model.vocab_size}) is smaller than the tokenizer's "
             f"({vocab}); raise it or leave it unset"
@@ -255,7 +269,9 @@ def train(
 
     totals = [0.0] * 7  # loss, ce, aux, z, dropped, entropy, micro steps (summed since last log)
     tokens_since, window_start = 0, time.perf_counter()
-    last_loss = last_val = last_bpb = last_rate = None
+    last_loss = last_val = last_bpb = last_rate = last_accuracy = None
+    augment_shift = config.data.augment_shift if config.model.input == "patches" else 0
+    patch_tokens = config.model.image.num_patches() if config.model.image is not None else 0
     for step in range(start_step, end_step):
         for accum_index in range(train_cfg.grad_accum):
             # MLM masking draws from its own generator so the global RNG stream (dropout,
@@ -266,6 +282,8 @@ def train(
             inputs, targets, mask = make_inputs(
                 batch, mode, data, train_cfg.mlm_probability, generator
             )
+            if augment_shift:
+                inputs = shift_images(inputs, augment_shift, generator)
             out = engine(
                 inputs.to(device),
                 targets=targets.to(device),
@@ -279,7 +297,10 @@ def train(
             parts = (out.loss, out.ce_loss, out.aux_loss, out.z_loss)
             for i, value in enumerate([p.item() for p in parts] + [dropped, entropy, 1.0]):
                 totals[i] += value
-            tokens_since += inputs.numel() * dp
+            # Images count their patch tokens (N per image), not pixels.
+            tokens_since += (
+                inputs.shape[0] * patch_tokens if patch_tokens else inputs.numel()
+            ) * dp
         done = step + 1
         if done % train_cfg.log_every == 0 or done == end_step:
             sums = _all_reduce_sum(totals, device)
@@ -306,11 +327,18 @@ def train(
             progress.update(1)
         is_last = done == train_cfg.steps
         if is_last or (train_cfg.eval_every and done % train_cfg.eval_every == 0):
-            last_val, last_bpb = evaluate(engine, val_batches, mode, data, train_cfg.seed)
-            metrics.write({"step": done, "val_loss": last_val, "val_bpb": last_bpb})
+            last_val, last_bpb, last_accuracy = evaluate(
+                engine, val_batches, mode, data, train_cfg.seed
+            )
+            record = {"step": done, "val_loss": last_val, "val_bpb": last_bpb}
+            if last_accuracy is not None:
+                record["val_accuracy"] = last_accuracy
+            metrics.write(record)
             if progress is not None:
+                accuracy = "" if last_accuracy is None else f", val_accuracy {last_accuracy:.2%}"
                 progress.write(
                     f"[moeforge] step {done}: val_loss {last_val:.4f}, val_bpb {last_bpb:.4f}"
+                    f"{accuracy}"
                 )
             window_start = time.perf_counter()  # evaluation time is not training throughput
         every = config.checkpoint.every
@@ -330,6 +358,7 @@ def train(
         val_bpb=last_bpb,
         tokens_per_s=last_rate,
         seconds=time.perf_counter() - started,
+        val_accuracy=last_accuracy,
     )
     if rank == 0:
         print_summary(result, counts)
@@ -351,6 +380,8 @@ def print_summary(result: TrainResult, counts: dict[str, int]) -> None:
     table.add_row("train loss (last log)", fmt(result.loss, ".4f"))
     table.add_row("val loss (nats/token)", fmt(result.val_loss, ".4f"))
     table.add_row("val bits per byte", fmt(result.val_bpb, ".4f"))
+    if result.val_accuracy is not None:
+        table.add_row("val accuracy", fmt(result.val_accuracy, ".2%"))
     table.add_row("tokens/s (last log)", fmt(result.tokens_per_s, ",.0f"))
     table.add_row(
         "params total / active", f"{counts['total'] / 1e6:.2f}M / {counts['active'] / 1e6:.2f}M"
