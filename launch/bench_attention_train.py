@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import time
 import traceback
 from dataclasses import dataclass
@@ -216,7 +217,7 @@ def table_lines(rows: list[Row]) -> list[str]:
     return lines
 
 
-def markdown(rows: list[Row], command: str, settings: str) -> str:
+def markdown(rows: list[Row], command: str, settings: str, notes: list[str] | None = None) -> str:
     """The whole docs page: what was run, the exact command, the table."""
     options = ", ".join(
         f"`{m}`: " + ", ".join(f"{k}={v}" for k, v in o.items()) for m, o in METHOD_OPTIONS.items()
@@ -244,12 +245,26 @@ def markdown(rows: list[Row], command: str, settings: str) -> str:
             command,
             "```",
             "",
+            *[line for note in notes or [] for line in (note, "")],
             *table_lines(rows),
             "",
             "See docs/attention.md for what each method computes and its options.",
             "",
         ]
     )
+
+
+def _without_notes(argv: list[str]) -> list[str]:
+    """argv without its --note arguments (they are printed as text, not as the command)."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--note":
+            skip = True
+        elif not item.startswith("--note="):
+            out.append(item)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--table-only", action="store_true", help="train nothing; tabulate the runs in --out"
     )
-    parser.add_argument("--skip", action="append", default=[], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--note", action="append", default=[], help="a paragraph for the markdown (how it was run)"
+    )
     args = parser.parse_args(argv)
     if args.steps < 1:
         raise SystemExit(f"--steps must be >= 1, got {args.steps}")
@@ -292,11 +309,11 @@ def main(argv: list[str] | None = None) -> int:
             )
     rows = with_ratios([summarize(job, args.out / job.key) for job in jobs])
     print("\n".join(table_lines(rows)))
-    command = "moeforge bench attention_train " + " ".join(argv if argv is not None else [])
+    command = "moeforge bench attention_train " + shlex.join(_without_notes(argv or []))
     settings = f"{args.steps} steps" + (
         "; overrides " + ", ".join(args.overrides) if args.overrides else ""
     )
     args.markdown.parent.mkdir(parents=True, exist_ok=True)
-    args.markdown.write_text(markdown(rows, command.strip(), settings))
+    args.markdown.write_text(markdown(rows, command.strip(), settings, args.note))
     print(f"wrote {args.markdown}")
     return 0

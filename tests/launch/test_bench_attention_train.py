@@ -121,8 +121,9 @@ def test_table_only_writes_markdown_with_command(tmp_path, capsys):
         "--markdown",
         str(markdown),
     ]
-    assert bench.main(argv) == 0
+    assert bench.main(argv + ["--note", "Ran in two shards."]) == 0
     text = markdown.read_text()
+    assert "\nRan in two shards.\n" in text and "--note" not in text
     assert "moeforge bench attention_train --methods full --table-only" in text
     assert "| `full` | causal_lm | 20 | 5.000 | 2.000 | 2.100 |" in text
     assert "| `full` | masked_lm | - |" in text and "not run" in text
