@@ -117,6 +117,7 @@ def save(
         str(root), tag=tmp_tag, client_state={"moeforge": state}, save_latest=False
     )
     torch.save(rng_state(), root / tmp_tag / f"rng_rank{_rank()}.pt")
+    _save_experts(engine, root / tmp_tag)
     _barrier()
     if _rank() == 0:
         (root / tmp_tag / "config.yaml").write_text(config_yaml)
@@ -170,6 +171,30 @@ def load(engine: Any, run_dir: Path) -> dict[str, Any]:
         raise RuntimeError(
             f"DeepSpeed could not load checkpoint {tag} from {checkpoint_dir(run_dir)}"
         )
+    _load_experts(engine, checkpoint_dir(run_dir) / tag)
     rng_file = checkpoint_dir(run_dir) / tag / f"rng_rank{_rank()}.pt"
     set_rng_state(torch.load(rng_file, weights_only=False))
     return client_state["moeforge"]
+
+
+# --- Expert parallelism (issue 4): the engine's module state comes from rank 0 only, which at
+# ep > 1 holds just its own block of experts. The full, layout-independent weights and Adam
+# moments of every parameter go to PORTABLE_FILE (parallel/expert_checkpoint.py) and
+# overwrite what the engine loaded.
+PORTABLE_FILE = "portable.pt"
+
+
+def _save_experts(engine: Any, directory: Path) -> None:
+    groups = getattr(engine.module, "expert_parallel_groups", None)
+    if groups is not None:
+        from parallel.expert_checkpoint import save_portable
+
+        save_portable(engine, engine.module, groups, directory / PORTABLE_FILE)
+
+
+def _load_experts(engine: Any, directory: Path) -> None:
+    groups = getattr(engine.module, "expert_parallel_groups", None)
+    if groups is not None and (directory / PORTABLE_FILE).is_file():
+        from parallel.expert_checkpoint import load_portable
+
+        load_portable(engine, engine.module, groups, directory / PORTABLE_FILE)

@@ -129,4 +129,7 @@ def apply_expert_parallel(
     if log is not None and dist.get_rank() == 0:
         log.info(groups.report(num_experts))
     shard_experts(model, groups.ep_group)
+    # launch/checkpoint.py reads this to save the experts of every EP rank (rank 0's module
+    # state alone holds only its own block).
+    model.expert_parallel_groups = groups
     return groups

@@ -47,3 +47,42 @@ def test_ep2_training_equals_simulated_one_process(tmp_path):
     for key in ("loss", "ce_loss", "aux_loss", "z_loss"):
         assert [r[key] for r in real] == pytest.approx([r[key] for r in simulated], abs=1e-4), key
     assert real[-1]["loss"] < real[0]["loss"]
+
+
+def resume_body(rank: int, world_size: int, overrides: list[str], root: str) -> list[list[dict]]:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    from launch.config import load_config
+    from launch.trainer import train
+
+    train(load_config(None, overrides), Path(root) / "straight")
+    train(load_config(None, [*overrides, "train.stop_at=3"]), Path(root) / "resumed")
+    train(load_config(None, overrides), Path(root) / "resumed", resume=True)
+    if rank != 0:
+        return []
+    return [
+        [
+            json.loads(line)
+            for line in (Path(root) / name / "metrics.jsonl").read_text().splitlines()
+        ]
+        for name in ("straight", "resumed")
+    ]
+
+
+@pytest.mark.slow
+def test_ep2_checkpoint_resume_continues_with_the_same_losses(tmp_path):
+    """At ep=2 the engine's module state holds rank 0's experts only; the portable file
+    (launch/checkpoint.py -> parallel/expert_checkpoint.py) restores every rank's experts."""
+    overrides = [
+        *[o for o in OVERRIDES if not o.startswith("train.steps")], "train.steps=6",
+        "parallel.ep=2", f"train.micro_batch={MICRO_BATCH}",
+    ]  # fmt: skip
+    straight, resumed = run_ranks(2, resume_body, tmp_path, overrides, str(tmp_path), timeout=290)[
+        0
+    ]
+    straight = {r["step"]: r["loss"] for r in straight if "loss" in r}
+    resumed = {r["step"]: r["loss"] for r in resumed if "loss" in r}
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    assert [resumed[s] for s in (4, 5, 6)] == pytest.approx(
+        [straight[s] for s in (4, 5, 6)], abs=1e-5
+    )
+    assert (tmp_path / "resumed" / "checkpoints" / "step00000003" / "portable.pt").is_file()
