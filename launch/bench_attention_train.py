@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import shlex
+import shutil
 import time
 import traceback
 from dataclasses import dataclass
@@ -106,16 +107,17 @@ def overrides_for(job: Job, steps: int, extra: list[str]) -> list[str]:
 def run_job(job: Job, steps: int, extra: list[str], config_path: str | None, out: Path) -> None:
     """Train one job in OUT/<key>; write bench_result.json with wall time or the error."""
     from launch.config import load_config
-    from launch.trainer import train
 
     run_dir = out / job.key
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("metrics.jsonl", RESULT_FILE):
-        (run_dir / stale).unlink(missing_ok=True)
+    if run_dir.exists():  # a fresh run: an old checkpoint would make the trainer resume it
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
     started = time.perf_counter()
     record: dict[str, Any] = {"method": job.method, "mode": job.mode, "error": None}
     try:
         config = load_config(config_path, overrides_for(job, steps, extra))
+        from launch.trainer import train  # deepspeed: imported only when there is a run
+
         train(config, run_dir)
     except Exception as err:  # reported in the table, never a crash of the whole bench
         record["error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"

@@ -133,3 +133,18 @@ def test_table_only_writes_markdown_with_command(tmp_path, capsys):
 def test_unknown_method_fails_with_the_list(tmp_path):
     with pytest.raises(ValueError, match="unknown attention 'nope'; available: .*full"):
         bench.main(["--methods", "nope", "--table-only", "--out", str(tmp_path)])
+
+
+def test_run_job_records_a_config_error_and_replaces_an_old_run(tmp_path):
+    job = Job("full", "causal_lm")
+    _fake_run(tmp_path, job, [5.0, 2.0], [2.1])
+    bench.run_job(job, 5, ["train.no_such_key=1"], None, tmp_path)  # fails in load_config
+    assert not (tmp_path / job.key / "metrics.jsonl").exists()  # the old run is gone
+    row = bench.summarize(job, tmp_path / job.key)
+    assert (
+        row.note.startswith("failed: UserError: ")
+        and "no_such_key" in row.note
+        and "\n" not in row.note
+    )
+    assert row.final_loss is None and row.seconds is not None
+    assert (tmp_path / job.key / "traceback.txt").is_file()
