@@ -185,7 +185,7 @@ PORTABLE_FILE = "portable.pt"
 
 
 def _save_experts(engine: Any, directory: Path) -> None:
-    groups = getattr(engine.module, "expert_parallel_groups", None)
+    groups = getattr(getattr(engine, "module", None), "expert_parallel_groups", None)
     if groups is not None:
         from parallel.expert_checkpoint import save_portable
 
@@ -193,7 +193,7 @@ def _save_experts(engine: Any, directory: Path) -> None:
 
 
 def _load_experts(engine: Any, directory: Path) -> None:
-    groups = getattr(engine.module, "expert_parallel_groups", None)
+    groups = getattr(getattr(engine, "module", None), "expert_parallel_groups", None)
     if groups is not None and (directory / PORTABLE_FILE).is_file():
         from parallel.expert_checkpoint import load_portable
 
