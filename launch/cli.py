@@ -79,6 +79,8 @@ def bench_main(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``moeforge`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # The deepspeed launcher puts --local_rank=N first; the rank also comes from LOCAL_RANK.
+    argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
     commands = {"train": train_main, "bench": bench_main}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         if argv and argv[0] not in ("-h", "--help"):

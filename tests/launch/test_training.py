@@ -182,3 +182,44 @@ def test_user_errors_in_data_and_resume_exit_2_with_one_line(config, uninterrupt
     assert _one_line_error(fresh).endswith(
         "has no complete checkpoint; drop --resume to start a new run"
     )
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "mpirun"])
+def test_deepspeed_launcher_and_mpirun_start_the_same_entry_point(config, tmp_path, launcher):
+    bin_dir = Path(sys.executable).parent
+    if not (bin_dir / launcher).exists():
+        pytest.skip(f"{launcher} is not installed in this environment")
+    if launcher == "mpirun":
+        pytest.importorskip("mpi4py")
+        command = [str(bin_dir / "mpirun"), "-n", "2", str(bin_dir / "moeforge")]
+    else:
+        command = [
+            str(bin_dir / "deepspeed"),
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "launch/cli.py",
+        ]
+    command += [
+        "train",
+        str(config),
+        "--run-dir",
+        str(tmp_path),
+        "--set=train.steps=2",
+        "--set=train.micro_batch=2",
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO),
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+    }
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    startup = [line for line in (done.stdout + done.stderr).splitlines() if "world size" in line]
+    assert (
+        len(startup) == 1
+        and f"world size 2 | backend gloo | launcher {launcher} | layout dp=2" in startup[0]
+    )
+    assert [r["step"] for r in records(tmp_path)[0]] == [1, 2]
