@@ -94,14 +94,16 @@ def print_table(
         f"{device}, {len(times['moe'])} interleaved steps each"
     )
     table = Table(title=title)
-    for column in (
+    columns = (
         "model",
         "params total",
         "params active",
-        "step ms (median)",
+        "step ms",
+        "CPU ms",
         "tokens/s",
         "vs dense",
-    ):
+    )
+    for column in columns:
         table.add_column(column, justify="right" if column != "model" else "left")
     for name, model in models.items():
         counts = count_parameters(model)
@@ -117,10 +119,10 @@ def print_table(
             f"{tokens_per_step / median[name]:,.0f}",
             f"{median[name] / median['dense']:.2f}x",
         )
-    Console().print(table)
+    Console(width=140).print(table)
     ratio = median["moe"] / median["dense"]
     verdict = "meets" if ratio <= 1.2 else "misses"
-    Console().print(
+    Console(width=140).print(
         f"MoE step time / dense step time = {ratio:.2f} ({verdict} the <= 1.2 target); "
         f"CPU time ratio {cpu['moe'] / cpu['dense']:.2f} (medians)"
     )
