@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,7 +265,12 @@ def train(
         from tqdm import tqdm
 
         progress = tqdm(
-            total=end_step, initial=start_step, desc="train", dynamic_ncols=True, leave=True
+            total=end_step,
+            initial=start_step,
+            desc="train",
+            dynamic_ncols=True,
+            leave=True,
+            mininterval=0.1 if sys.stderr.isatty() else 30.0,  # keep redirected logs short
         )
 
     totals = [0.0] * 7  # loss, ce, aux, z, dropped, entropy, micro steps (summed since last log)
