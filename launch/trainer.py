@@ -67,6 +67,14 @@ def make_inputs(
     return batch.tokens, batch.labels, batch.padding_mask
 
 
+def notify_step(model: torch.nn.Module, step: int) -> None:
+    """Tell modules with a training schedule (Treeformer's bootstrapped tree growth) the step."""
+    for module in model.modules():
+        hook = getattr(module, "set_training_step", None)
+        if callable(hook):
+            hook(step)
+
+
 def _device(engine: Any) -> torch.device:
     return next(engine.module.parameters()).device
 
@@ -279,6 +287,7 @@ def train(
     augment_shift = config.data.augment_shift if config.model.input == "patches" else 0
     patch_tokens = config.model.image.num_patches() if config.model.image is not None else 0
     for step in range(start_step, end_step):
+        notify_step(engine.module, step)
         for accum_index in range(train_cfg.grad_accum):
             # MLM masking draws from its own generator so the global RNG stream (dropout,
             # router jitter) is the same whatever the mode; a pure function of the position.

@@ -108,12 +108,21 @@ def tag_expert_parameters(model: nn.Module, ep_size: int) -> list[str]:
 
 
 def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups (no decay on biases, norms, embeddings), experts split into moe groups."""
+    """AdamW groups (no decay on biases, norms, embeddings), experts split into moe groups.
+
+    A parameter carrying ``_optim = {"lr": ..., "weight_decay": ...}`` (SPADE's state-space
+    A and delta, as the S4 papers train them) gets a group of its own with those settings;
+    the schedule scales each group's own learning rate.
+    """
     decay, no_decay = [], []
+    special: dict[tuple, list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.dim() < 2 or "embed" in name or "norm" in name:
+        overrides = getattr(param, "_optim", None)
+        if overrides:
+            special.setdefault(tuple(sorted(overrides.items())), []).append(param)
+        elif param.dim() < 2 or "embed" in name or "norm" in name:
             no_decay.append(param)
         else:
             decay.append(param)
@@ -121,6 +130,8 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict[s
         {"name": "decay", "params": decay, "weight_decay": weight_decay},
         {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
     ]
+    for i, (overrides, params) in enumerate(special.items()):
+        groups.append({"name": f"custom_{i}", "params": params, **dict(overrides)})
     groups = [g for g in groups if g["params"]]
     if not any(getattr(p, "allreduce", True) is False for p in model.parameters()):
         return groups
