@@ -38,9 +38,9 @@ def body(rank: int, world_size: int, overrides: list[str], run_dir: str) -> list
 @pytest.mark.slow
 def test_ep2_training_equals_simulated_one_process(tmp_path):
     ep_overrides = [*OVERRIDES, "parallel.ep=2", f"train.micro_batch={MICRO_BATCH}"]
-    real = run_ranks(2, body, tmp_path, ep_overrides, str(tmp_path / "ep2"), timeout=280)[0]
+    real = run_ranks(2, body, tmp_path, ep_overrides, str(tmp_path / "ep2"), timeout=600)[0]
     sim_overrides = [*OVERRIDES, "moe.simulate_ep=2", f"train.micro_batch={2 * MICRO_BATCH}"]
-    simulated = run_ranks(1, body, tmp_path, sim_overrides, str(tmp_path / "sim"), timeout=200)[0]
+    simulated = run_ranks(1, body, tmp_path, sim_overrides, str(tmp_path / "sim"), timeout=600)[0]
     real = [r for r in real if "loss" in r]
     simulated = [r for r in simulated if "loss" in r]
     assert [r["step"] for r in real] == list(range(1, 11)) == [r["step"] for r in simulated]
@@ -76,7 +76,7 @@ def test_ep2_checkpoint_resume_continues_with_the_same_losses(tmp_path):
         *[o for o in OVERRIDES if not o.startswith("train.steps")], "train.steps=6",
         "parallel.ep=2", f"train.micro_batch={MICRO_BATCH}",
     ]  # fmt: skip
-    straight, resumed = run_ranks(2, resume_body, tmp_path, overrides, str(tmp_path), timeout=290)[
+    straight, resumed = run_ranks(2, resume_body, tmp_path, overrides, str(tmp_path), timeout=600)[
         0
     ]
     straight = {r["step"]: r["loss"] for r in straight if "loss" in r}

@@ -96,7 +96,7 @@ def to_bytes(value: object) -> bytes:
 
 def check_world(world_size: int, eps: list[int], tmp_path) -> None:
     case_states = states()
-    raw = run_ranks(world_size, body, tmp_path, eps, case_states, timeout=240)
+    raw = run_ranks(world_size, body, tmp_path, eps, case_states, timeout=600)
     results = [torch.load(io.BytesIO(r), weights_only=False) for r in raw]
     for ep in eps:
         for name, kwargs in CASES.items():
