@@ -179,6 +179,11 @@ def with_ratios(rows: list[Row]) -> list[Row]:
     return out
 
 
+def ordered(rows: list[Row]) -> list[Row]:
+    """Rows grouped by mode (causal first), ``full`` first in each group, then by name."""
+    return sorted(rows, key=lambda r: (r.mode != "causal_lm", r.mode, r.method != "full", r.method))
+
+
 def _fmt(value: float | int | None, spec: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -309,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{_fmt(row.seconds, '.0f')} s {row.note}",
                 flush=True,
             )
-    rows = with_ratios([summarize(job, args.out / job.key) for job in jobs])
+    rows = ordered(with_ratios([summarize(job, args.out / job.key) for job in jobs]))
     print("\n".join(table_lines(rows)))
     command = "moeforge bench attention_train " + shlex.join(_without_notes(argv or []))
     settings = f"{args.steps} steps" + (

@@ -91,6 +91,13 @@ def test_summarize_reads_first_and_last_and_ratio_uses_same_mode(tmp_path):
     assert bigbird.ratio == pytest.approx(4.0 / 3.2)  # against full masked_lm
     assert rows[0].ratio == pytest.approx(1.0) and performer.seconds == 30.0
     assert performer.note == ""
+    keys = [(r.method, r.mode) for r in bench.ordered(rows[::-1])]
+    assert keys == [
+        ("full", "causal_lm"),
+        ("performer", "causal_lm"),
+        ("full", "masked_lm"),
+        ("bigbird", "masked_lm"),
+    ]
 
 
 def test_failed_and_missing_runs_are_rows_not_crashes(tmp_path):
