@@ -3,6 +3,8 @@
     moeforge train [CONFIG] [--set key=value ...] [--run-dir PATH] [--resume]
                    [--deepspeed-config FILE]        # no CONFIG: configs/tiny.yaml
     moeforge bench NAME [ARGS ...]                  # runs launch/bench_NAME.py:main(ARGS)
+    moeforge checkpoint info RUN                    # step and layout of RUN's latest checkpoint
+    moeforge plot-experts RUN [--out PNG]           # per-layer expert load over steps
 
 One process:   moeforge train
 Two DP ranks:  torchrun --nproc_per_node=2 -m launch.cli train
@@ -76,16 +78,37 @@ def bench_main(argv: list[str]) -> int:
     return int(module.main(rest) or 0)
 
 
+def checkpoint_main(argv: list[str]) -> int:
+    """``moeforge checkpoint info RUN``: the step and layout of a run's latest checkpoint."""
+    if not argv or argv[0] != "info":
+        raise UserError("moeforge checkpoint needs a subcommand: moeforge checkpoint info RUN")
+    from launch.checkpoint_info import main as info_main
+
+    return info_main(argv[1:])
+
+
+def plot_experts_main(argv: list[str]) -> int:
+    """``moeforge plot-experts RUN``: per-layer expert load over steps, as a PNG."""
+    from launch.plot_experts import main as plot_main
+
+    return plot_main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``moeforge`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     # The deepspeed launcher puts --local_rank=N first; the rank also comes from LOCAL_RANK.
     argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
-    commands = {"train": train_main, "bench": bench_main}
+    commands = {
+        "train": train_main,
+        "bench": bench_main,
+        "checkpoint": checkpoint_main,
+        "plot-experts": plot_experts_main,
+    }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         if argv and argv[0] not in ("-h", "--help"):
             print(
-                f"moeforge: error: unknown command '{argv[0]}'; use one of: train, bench",
+                f"moeforge: error: unknown command '{argv[0]}'; use one of: train, bench, checkpoint, plot-experts",
                 file=sys.stderr,
             )
             return EXIT_USER_ERROR

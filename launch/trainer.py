@@ -37,6 +37,7 @@ from launch.images import build_image_data, shift_images
 from launch.launcher import discover_environment
 from launch.log import get_logger, quiet_deepspeed
 from moe.expert_parallel import apply_expert_parallel
+from moe.telemetry import RoutingTelemetry
 from moe.transformer import IGNORE_INDEX, Transformer, count_parameters, is_moe_block
 from parallel import deepspeed_bridge as bridge
 
@@ -87,10 +88,15 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 
 def evaluate(
-    engine: Any, batches: list[Split], mode: str, data: Data, seed: int
+    engine: Any,
+    batches: list[Split],
+    mode: str,
+    data: Data,
+    seed: int,
+    telemetry: RoutingTelemetry | None = None,
 ) -> tuple[float, float, float | None]:
     """(validation loss in nats per target, bits per byte, accuracy or None unless classify)
-    over every rank's fixed batches."""
+    over every rank's fixed batches; routing statistics go to ``telemetry`` as split eval."""
     engine.eval()
     token_bytes = None if data.tokenizer is None else torch.as_tensor(data.tokenizer.token_bytes)
     generator = torch.Generator().manual_seed(seed + 7919)
@@ -100,6 +106,8 @@ def evaluate(
             inputs, targets, mask = make_inputs(batch, mode, data, 0.15, generator)
             device = _device(engine)
             out = engine(inputs.to(device), padding_mask=None if mask is None else mask.to(device))
+            if telemetry is not None:
+                telemetry.update(out.routing, split="eval")
             logits = out.logits.float().reshape(-1, out.logits.shape[-1])
             flat = targets.reshape(-1).to(device)
             nats += F.cross_entropy(logits, flat, ignore_index=IGNORE_INDEX, reduction="sum").item()
@@ -262,6 +270,7 @@ def train(
         f" | resuming at step {start_step}" if saved is not None else "",
     )  # fmt: skip
 
+    telemetry = RoutingTelemetry(len(experts), config.moe.num_experts) if experts else None
     sampler = BatchSampler(
         data.train, train_cfg.micro_batch, train_cfg.grad_accum, dp, rank, train_cfg.seed
     )
@@ -307,6 +316,8 @@ def train(
             engine.backward(out.loss)
             engine.step()
             routing = out.routing
+            if telemetry is not None:
+                telemetry.update(routing, split="train")
             dropped = sum(r.dropped_fraction.item() for r in routing) / max(len(routing), 1)
             entropy = sum(r.router_entropy.item() for r in routing) / max(len(routing), 1)
             parts = (out.loss, out.ce_loss, out.aux_loss, out.z_loss)
@@ -324,11 +335,15 @@ def train(
             last_rate = tokens_since / max(elapsed, 1e-9)
             last_loss = loss
             lr = engine.get_lr()[0] if hasattr(engine, "get_lr") else float("nan")
-            metrics.write(
-                {"step": done, "loss": loss, "ce_loss": ce, "aux_loss": aux, "z_loss": z,
-                 "dropped_fraction": dropped, "router_entropy": entropy, "lr": lr,
-                 "tokens_per_s": last_rate}
-            )  # fmt: skip
+            record = {
+                "step": done, "loss": loss, "ce_loss": ce, "aux_loss": aux, "z_loss": z,
+                "dropped_fraction": dropped, "router_entropy": entropy, "lr": lr,
+                "tokens_per_s": last_rate,
+            }  # fmt: skip
+            if telemetry is not None:  # per layer and expert: load, imbalance, drops, capacity use
+                record.update(telemetry.summary(split="train"))
+                telemetry.reset("train")
+            metrics.write(record)
             if progress is not None:
                 progress.set_postfix(
                     loss=f"{ce:.3f}",
@@ -343,9 +358,12 @@ def train(
         is_last = done == train_cfg.steps
         if is_last or (train_cfg.eval_every and done % train_cfg.eval_every == 0):
             last_val, last_bpb, last_accuracy = evaluate(
-                engine, val_batches, mode, data, train_cfg.seed
+                engine, val_batches, mode, data, train_cfg.seed, telemetry
             )
             record = {"step": done, "val_loss": last_val, "val_bpb": last_bpb}
+            if telemetry is not None:
+                record.update(telemetry.summary(split="eval"))
+                telemetry.reset("eval")
             if last_accuracy is not None:
                 record["val_accuracy"] = last_accuracy
             metrics.write(record)

@@ -28,6 +28,7 @@ class RoutingStats:
     tokens_per_expert: torch.Tensor  # [E] int
     dropped_fraction: torch.Tensor  # 0-dim fp32
     router_entropy: torch.Tensor  # 0-dim fp32
+    capacity: int = 0  # slots per expert the layer used (0: unknown)
 
 
 @dataclass(frozen=True)
@@ -175,6 +176,7 @@ class TransformerBlock(nn.Module):
                     tokens_per_expert=out.tokens_per_expert.detach(),
                     dropped_fraction=out.dropped_fraction.detach().float(),
                     router_entropy=out.router_entropy.detach().float(),
+                    capacity=int(out.capacity),
                 )
                 routing = (*routing, stats)
             else:

@@ -41,9 +41,13 @@ class RoutingTelemetry:
         self.num_experts = num_experts
         self.reset()
 
-    def reset(self) -> None:
-        self._counts: dict[str, torch.Tensor | None] = dict.fromkeys(SPLITS)
-        self._scalars: dict[str, torch.Tensor | None] = dict.fromkeys(SPLITS)
+    def reset(self, split: str | None = None) -> None:
+        """Forget what was accumulated, for one split or (None) for both."""
+        if split is None:
+            self._counts: dict[str, torch.Tensor | None] = dict.fromkeys(SPLITS)
+            self._scalars: dict[str, torch.Tensor | None] = dict.fromkeys(SPLITS)
+        else:
+            self._counts[split] = self._scalars[split] = None
 
     def update(self, routing: Sequence[Any], *, split: str = "train") -> None:
         """Add one forward's per-layer stats (objects with tokens_per_expert [E],

@@ -101,6 +101,23 @@ def test_one_process_trains_logs_evaluates_and_checkpoints(uninterrupted):
     assert any((uninterrupted / "monitor").rglob("*.csv"))
 
 
+def test_routing_telemetry_is_logged_and_plotted_and_checkpoint_info_reads_layout(uninterrupted):
+    steps, evals = records(uninterrupted)
+    layer = "moe0"  # tiny: 2 blocks, MoE every 2nd -> one MoE layer
+    loads = [steps[-1][f"train/{layer}/load_e{j}"] for j in range(4)]
+    assert abs(sum(loads) - 1.0) < 1e-6
+    for key in ("imbalance", "drop_rate", "capacity_use", "entropy"):
+        assert f"train/{layer}/{key}" in steps[-1] and f"eval/{layer}/{key}" in evals[-1]
+    assert steps[-1][f"train/{layer}/imbalance"] >= 1.0
+    assert 0.0 < steps[-1][f"train/{layer}/capacity_use"] <= 1.0
+    png = uninterrupted / "load.png"
+    moeforge(["plot-experts", str(uninterrupted), "--out", str(png)])
+    assert png.stat().st_size > 1000
+    info = moeforge(["checkpoint", "info", str(uninterrupted)]).stdout
+    assert "step 6" in info or "step: 6" in info, info
+    assert "ep=1" in info or "ep: 1" in info, info
+
+
 def test_resume_continues_exactly_in_one_process(config, uninterrupted, tmp_path):
     train(config, tmp_path, "train.stop_at=3")
     assert checkpoint.saved_state(tmp_path)["step"] == 3
