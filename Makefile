@@ -10,6 +10,9 @@ TORCH_SPEC ?= torch==2.13.0
 VENV_FLAGS ?=
 PYTEST_ARGS ?=
 export DS_BUILD_OPS ?= 0
+# DeepSpeed JIT-builds a small comm op on first start; one cache per venv, so two checkouts
+# with different venvs do not keep rebuilding (and locking) each other's copy.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 export OMP_NUM_THREADS ?= 2
 
 .PHONY: setup train test test-fast bench lint
