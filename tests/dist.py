@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import os
 import traceback
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _worker(rank: int, world_size: int, store_path: str, body: Callable, args: tuple, queue) -> None:
+def _worker(
+    rank: int, world_size: int, store_path: str, body: Callable, args: tuple, queue
+) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     try:

@@ -74,4 +74,41 @@ def padding_probe(module: nn.Module, x: torch.Tensor, length: int, atol: float =
     assert diff <= atol, f"padding contents changed valid outputs by {diff} (atol {atol})"
     y_short, _ = module(x[:, :length])
     diff = (y1[:, :length] - y_short).abs().max().item()
-    assert diff <= atol, f"right-padded output differs from the unpadded one by {diff} (atol {atol})"
+    assert diff <= atol, (
+        f"right-padded output differs from the unpadded one by {diff} (atol {atol})"
+    )
+
+
+def train_tiny_model(name: str, model_mode: str, steps: int = 60, **options) -> list[float]:
+    """Train a 2-layer MoE transformer on periodic token sequences; the CE loss per step."""
+    from moe.config import MoEConfig
+    from moe.transformer import IGNORE_INDEX, AttentionConfig, ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    config = ModelConfig(
+        mode=model_mode,
+        vocab_size=16,
+        d_model=32,
+        num_layers=2,
+        num_heads=2,
+        d_ff=64,
+        max_seq_len=32,
+    )
+    model = Transformer(
+        config, MoEConfig(num_experts=4, every=2), AttentionConfig(name=name, options=options)
+    )
+    tokens = torch.randint(1, 15, (8, 4)).repeat(1, 8)  # period 4
+    if model_mode == "causal_lm":
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    else:
+        masked = torch.rand(tokens.shape) < 0.25
+        inputs, targets = tokens.masked_fill(masked, 15), tokens.masked_fill(~masked, IGNORE_INDEX)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        output = model(inputs, targets)
+        optimizer.zero_grad()
+        output.loss.backward()
+        optimizer.step()
+        losses.append(output.ce_loss.item())
+    return losses

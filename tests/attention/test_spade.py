@@ -160,7 +160,7 @@ def test_bf16_close_to_fp32(causal):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["causal_lm", "masked_lm"])
 def test_trains_in_tiny_moe_model(mode):
-    from tests.attention.test_local import train_tiny_model
+    from tests.attention.probes import train_tiny_model
 
     losses = train_tiny_model("spade", mode, radius=3, d_state=16)
     assert losses[-1] < 0.3 * losses[0], f"loss did not fall: {losses[0]} -> {losses[-1]}"

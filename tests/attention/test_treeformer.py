@@ -296,7 +296,7 @@ def test_bf16_runs_and_is_close_at_height_zero(mode):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["tf", "tc"])
 def test_trains_in_tiny_moe_model(mode):
-    from tests.attention.test_local import train_tiny_model
+    from tests.attention.probes import train_tiny_model
 
     losses = train_tiny_model("treeformer", "masked_lm", mode=mode, height=2, leaf_size=None)
     assert losses[-1] < 0.3 * losses[0], f"loss did not fall: {losses[0]} -> {losses[-1]}"
