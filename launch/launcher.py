@@ -28,11 +28,13 @@ def free_port() -> int:
 
 
 def host_address() -> str:
-    """An address other hosts can reach this one at (falls back to loopback)."""
+    """An address other hosts can reach this one at: MOEFORGE_HOST_ADDR if set, else the
+    address this host's name resolves to (falls back to loopback for one-node runs)."""
+    explicit = os.environ.get("MOEFORGE_HOST_ADDR")
+    if explicit:
+        return explicit
     try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            sock.connect(("10.255.255.255", 1))  # no packet is sent; picks the outgoing interface
-            return sock.getsockname()[0]
+        return socket.gethostbyname(socket.gethostname())
     except OSError:
         return "127.0.0.1"
 
