@@ -350,6 +350,7 @@ def train(
                     aux=f"{aux:.3f}",
                     drop=f"{dropped:.1%}",
                     tok_s=f"{last_rate:,.0f}",
+                    refresh=sys.stderr.isatty(),  # redirected logs: tqdm's own interval only
                 )
             totals = [0.0] * 7
             tokens_since, window_start = 0, time.perf_counter()
