@@ -12,6 +12,7 @@ Uses ``attention/`` and ``parallel/``; never imports deepspeed (that lives in
 
 from moe.config import MoEConfig
 from moe.dispatch import DispatchPlan, LocalDispatcher, make_plan
+from moe.ep_dispatch import AllToAllDispatcher
 from moe.experts import DenseFFN, GroupedExperts
 from moe.layer import MoELayer, MoEOutput
 from moe.losses import load_balancing_loss, router_entropy, router_z_loss
@@ -24,8 +25,20 @@ from moe.router import (
     expert_choice_route,
     route,
 )
+from moe.simulate import SimulatedDispatcher
+from moe.telemetry import RoutingTelemetry
+from moe.transformer import AttentionConfig, ModelConfig, Transformer
+from moe.vision import ImageConfig, PatchEmbedding
 
 __all__ = [
+    "AllToAllDispatcher",
+    "AttentionConfig",
+    "ImageConfig",
+    "ModelConfig",
+    "PatchEmbedding",
+    "RoutingTelemetry",
+    "SimulatedDispatcher",
+    "Transformer",
     "DenseFFN",
     "DispatchPlan",
     "ExpertChoiceRouter",
