@@ -80,18 +80,21 @@ def compute_capacity(
     return max(math.ceil(capacity_factor * num_tokens * top_k / num_experts), min_capacity)
 
 
-def priority_order(expert_index: torch.Tensor, probs: torch.Tensor, priority: str) -> torch.Tensor:
+def priority_order(
+    expert_index: torch.Tensor, priority_key: torch.Tensor, priority: str
+) -> torch.Tensor:
     """Order in which the T*k assignments claim slots, as flat indices j*T + t.
 
     Every first choice comes before any second choice (GShard). Within a choice rank,
-    ``sequence`` keeps token order; ``probability`` orders tokens by their highest router
-    probability, descending (V-MoE batch-prioritized routing), the same order for each rank.
+    ``sequence`` keeps token order; ``probability`` orders tokens by ``priority_key`` [T]
+    (their highest router probability), descending (V-MoE batch-prioritized routing), the
+    same order for each rank.
     """
     num_tokens, top_k = expert_index.shape
     device = expert_index.device
     if priority == "sequence":
         return torch.arange(num_tokens * top_k, device=device)
-    token_order = torch.argsort(probs.max(dim=-1).values, descending=True, stable=True)
+    token_order = torch.argsort(priority_key, descending=True, stable=True)
     offsets = torch.arange(top_k, device=device)[:, None] * num_tokens
     return (token_order[None, :] + offsets).reshape(-1)
 
@@ -156,14 +159,15 @@ def route(
     top_probs, expert_index = torch.topk(probs, top_k, dim=-1)
     gate = top_probs / top_probs.sum(dim=-1, keepdim=True) if top_k > 1 else top_probs
 
-    order = priority_order(expert_index, probs, priority)
-    rank, counts = rank_within_expert(expert_index, order, num_experts)
-    if is_dropless(capacity_factor):
-        capacity = int(counts.max()) if num_tokens > 0 else 0
-    else:
-        capacity = compute_capacity(num_tokens, num_experts, top_k, capacity_factor, min_capacity)
-    kept = rank < capacity
-    slot = torch.where(kept, rank, torch.full_like(rank, -1))
+    slot, capacity, counts = assign_slots(
+        expert_index,
+        top_probs[:, 0],
+        num_experts=num_experts,
+        capacity_factor=capacity_factor,
+        min_capacity=min_capacity,
+        priority=priority,
+    )
+    kept = slot >= 0
     dropped = (counts - capacity).clamp_min(0).sum()
     return Routing(
         expert_index=expert_index,
@@ -198,19 +202,39 @@ def group_slots(
         slot [Tg, k] int64 (-1 dropped) and the capacity ceil(cf * Tg * k / E): exactly what
         ``route`` gives one process holding all Tg tokens, whatever the number of members.
     """
-    num_tokens, top_k = group_expert_index.shape
-    if priority == "sequence":
-        order = torch.arange(num_tokens * top_k, device=group_expert_index.device)
-    else:
-        token_order = torch.argsort(group_priority_key, descending=True, stable=True)
-        offsets = torch.arange(top_k, device=token_order.device)[:, None] * num_tokens
-        order = (token_order[None, :] + offsets).reshape(-1)
-    rank, counts = rank_within_expert(group_expert_index, order, num_experts)
+    slot, capacity, _ = assign_slots(
+        group_expert_index,
+        group_priority_key,
+        num_experts=num_experts,
+        capacity_factor=capacity_factor,
+        min_capacity=min_capacity,
+        priority=priority,
+    )
+    return slot, capacity
+
+
+def assign_slots(
+    expert_index: torch.Tensor,
+    priority_key: torch.Tensor,
+    *,
+    num_experts: int,
+    capacity_factor: float | None,
+    min_capacity: int,
+    priority: str,
+) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """Slots [T, k] (-1 dropped), the capacity, and assignments per expert [E] before dropping.
+
+    The one place that turns choices into slots: ``route`` (one process) and ``group_slots``
+    (a capacity group of ranks) both call it.
+    """
+    num_tokens, top_k = expert_index.shape
+    order = priority_order(expert_index, priority_key, priority)
+    rank, counts = rank_within_expert(expert_index, order, num_experts)
     if is_dropless(capacity_factor):
         capacity = int(counts.max()) if num_tokens > 0 else 0
     else:
         capacity = compute_capacity(num_tokens, num_experts, top_k, capacity_factor, min_capacity)
-    return torch.where(rank < capacity, rank, torch.full_like(rank, -1)), capacity
+    return torch.where(rank < capacity, rank, torch.full_like(rank, -1)), capacity, counts
 
 
 def member_kept_counts(
