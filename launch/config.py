@@ -244,6 +244,16 @@ def validate(config: RunConfig, world_size: int) -> int:
                 f"parallel.ep ({par.ep}) must divide the data-parallel degree ({dp} = world "
                 f"{world_size} / (tp {par.tp} x pp {par.pp})); change parallel.ep or the process count"
             )
+        if config.moe.simulate_ep != 1 and par.ep != 1:
+            raise UserError(
+                f"moe.simulate_ep ({config.moe.simulate_ep}) simulates expert parallelism in one "
+                f"process and cannot be combined with parallel.ep ({par.ep}); set one of them to 1"
+            )
+        if config.moe.capacity_scope == "global" and config.moe.router == "expert_choice":
+            raise UserError(
+                "moe.capacity_scope global applies to token-choice routing; with moe.router "
+                "expert_choice set moe.capacity_scope per_rank"
+            )
     elif par.ep != 1:
         raise UserError(
             f"parallel.ep ({par.ep}) needs experts; set moe.num_experts or parallel.ep=1"

@@ -182,3 +182,13 @@ def test_cli_config_errors_print_one_line_and_exit_2(tmp_path, capsys):
         "moeforge: error: unknown benchmark 'nothing'; available:"
     )
     assert main(["fly"]) == 2
+
+
+def test_validate_refuses_simulated_with_real_ep_and_global_scope_with_expert_choice():
+    both = {"moe": {"num_experts": 8, "simulate_ep": 2}, "parallel": {"ep": 2}}
+    with pytest.raises(UserError, match=r"moe.simulate_ep \(2\) .* parallel.ep \(2\); set one"):
+        validate(config_from_dict(both), world_size=2)
+    assert validate(config_from_dict({"moe": {"num_experts": 8, "simulate_ep": 2}}), 1) == 1
+    scope = {"moe": {"num_experts": 8, "capacity_scope": "global", "router": "expert_choice"}}
+    with pytest.raises(UserError, match="capacity_scope global applies to token-choice"):
+        validate(config_from_dict(scope), world_size=1)
