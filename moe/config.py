@@ -21,6 +21,10 @@ class MoEConfig(BaseModel):
     router: Literal["token_choice", "expert_choice"] = "token_choice"
     jitter_eps: float = Field(default=0.0, ge=0.0, lt=1.0)
     activation: Literal["relu", "gelu", "swiglu"] = "relu"
+    expert_layout: Literal["grouped", "buffer"] = Field(
+        default="grouped",
+        description="grouped: experts run on kept rows only; buffer: one bmm on [E, C, d]",
+    )
     shared_expert: bool = False
     every: int = Field(default=2, ge=1, description="an MoE FFN every `every` blocks")
     aux_loss_coef: float = Field(default=1e-2, ge=0.0)
