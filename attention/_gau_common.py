@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from attention.base import AttentionOptions
+from attention.base import AttentionOptions, upcast
 
 
 class GatedUnitOptions(AttentionOptions):
@@ -153,16 +153,6 @@ def relu_squared_scores(
         if bias is not None:
             scores += bias  # in place: the matmul's backward does not need its output
     return F.relu(scores).square()
-
-
-def upcast(t: torch.Tensor) -> torch.Tensor:
-    """t in fp32 when it is in a half type (fp16/bf16); fp32 and fp64 are kept."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
-def fp32_region(x: torch.Tensor) -> torch.autocast:
-    """A context in which autocast is off, so the score math really runs in fp32."""
-    return torch.autocast(device_type=x.device.type, enabled=False)
 
 
 def real_lengths(

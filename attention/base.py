@@ -82,7 +82,9 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
 
     @classmethod
-    def build_shared(cls, d_model: int, num_heads: int, options: AttentionOptions) -> nn.Module | None:
+    def build_shared(
+        cls, d_model: int, num_heads: int, options: AttentionOptions
+    ) -> nn.Module | None:
         """A module shared by every layer of this method in one model, or None."""
         return None
 
@@ -152,3 +154,13 @@ def zero_padded_queries(y: torch.Tensor, key_padding_mask: torch.Tensor | None) 
 
 def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
+
+
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """t in fp32 when it is in a half type (fp16/bf16); fp32 and fp64 are kept."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def fp32_region(x: torch.Tensor) -> torch.autocast:
+    """A context in which autocast is off, so the math inside really runs in fp32."""
+    return torch.autocast(device_type=x.device.type, enabled=False)

@@ -36,7 +36,13 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from attention.base import Attention, AttentionOptions, check_padding_mask, zero_padded_queries
+from attention.base import (
+    Attention,
+    AttentionOptions,
+    check_padding_mask,
+    upcast,
+    zero_padded_queries,
+)
 from attention.registry import register
 
 
@@ -235,8 +241,3 @@ class DebertaAttention(Attention):
             causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
             allowed = causal if allowed is None else allowed & causal
         return allowed
-
-
-def upcast(t: torch.Tensor) -> torch.Tensor:
-    """t in fp32 when it is in a half type (fp16/bf16); fp32 and fp64 are kept."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t

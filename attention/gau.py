@@ -28,13 +28,17 @@ from pydantic import Field
 from attention._gau_common import (
     GatedUnitCore,
     GatedUnitOptions,
-    fp32_region,
     key_padding_bias,
     real_lengths,
     relu_squared_scores,
-    upcast,
 )
-from attention.base import Attention, check_padding_mask, zero_padded_queries
+from attention.base import (
+    Attention,
+    check_padding_mask,
+    fp32_region,
+    upcast,
+    zero_padded_queries,
+)
 from attention.registry import register
 
 
