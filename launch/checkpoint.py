@@ -14,7 +14,12 @@ crash mid-save leaves the previous checkpoint and its pointer intact. The last
 
 Expert weights: the engine sees moeforge's MoE layers through parameter-free markers
 (parallel/deepspeed_bridge.py, contract 1), so it writes no per-expert files and the stacked
-expert weights stay in its module state with everything else (complete at ep=1).
+expert weights stay in its module state with everything else (complete at ep=1). Every
+checkpoint of a model with experts also holds ``portable.pt`` (parallel/expert_checkpoint.py):
+full weights, Adam moments and step, independent of the EP size. moeforge.json records the
+``ep`` a checkpoint was saved with; ``load(..., ep=N)`` at another ep takes the scheduler,
+step counters and client state from the engine's files and weights plus Adam state from
+``portable.pt`` only (issue 4).
 """
 
 from __future__ import annotations
@@ -28,7 +33,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 from pydantic import BaseModel, ConfigDict, Field
+
+from launch.errors import UserError
+from parallel import deepspeed_bridge as bridge
 
 STATE_FILE = "moeforge.json"
 LATEST = "latest"
@@ -155,37 +164,94 @@ def saved_config_text(run_dir: Path) -> str | None:
     return None if tag is None else (checkpoint_dir(run_dir) / tag / "config.yaml").read_text()
 
 
-def load(engine: Any, run_dir: Path) -> dict[str, Any]:
-    """Load the latest checkpoint into ``engine`` and this rank's RNG; returns moeforge's state."""
+def saved_ep(run_dir: Path) -> int | None:
+    """The EP size the latest checkpoint was saved with (moeforge.json, else its config)."""
+    state = saved_state(run_dir)
+    if state is None:
+        return None
+    if "ep" in state:
+        return int(state["ep"])
+    config = yaml.safe_load(saved_config_text(run_dir) or "") or {}
+    return int((config.get("parallel") or {}).get("ep", 1))
+
+
+def check_ep_change(run_dir: Path, ep: int) -> None:
+    """Raise a one-line UserError unless the latest checkpoint can be resumed at ``ep``."""
+    before = saved_ep(run_dir)
+    if before is None or before == ep:
+        return
+    directory = checkpoint_dir(run_dir) / str(latest_tag(run_dir))
+    if not (directory / PORTABLE_FILE).is_file():
+        raise UserError(
+            f"cannot resume {directory} at parallel.ep={ep}: it was saved at ep={before} without "
+            f"{PORTABLE_FILE} (layout-free weights and Adam state); resume at parallel.ep={before}"
+        )
+
+
+def load(engine: Any, run_dir: Path, *, ep: int | None = None) -> dict[str, Any]:
+    """Load the latest checkpoint into ``engine`` and this rank's RNG; returns moeforge's state.
+
+    ``ep``: this run's EP size. When it differs from the saved one, module and optimizer
+    states (shaped by the layout) are not loaded from the engine's files: weights, Adam
+    moments and step come from ``portable.pt``, the rest (LR scheduler, step counters,
+    client state) from the engine's files.
+    """
     tag = latest_tag(run_dir)
     if tag is None:
         raise FileNotFoundError(f"no complete checkpoint under {checkpoint_dir(run_dir)}")
-    path, client_state = engine.load_checkpoint(
-        str(checkpoint_dir(run_dir)),
-        tag=tag,
-        load_module_strict=True,
-        load_optimizer_states=True,
-        load_lr_scheduler_states=True,
-    )
-    if path is None:
-        raise RuntimeError(
-            f"DeepSpeed could not load checkpoint {tag} from {checkpoint_dir(run_dir)}"
+    directory = checkpoint_dir(run_dir) / tag
+    before = saved_ep(run_dir)
+    if ep is not None and before != ep:
+        check_ep_change(run_dir, ep)
+        client_state = bridge.load_training_state(engine, str(checkpoint_dir(run_dir)), tag)
+        groups = _portable_groups(engine)
+        if groups is None:
+            raise UserError(
+                f"cannot resume {directory} at parallel.ep={ep}: the model has no experts"
+            )
+        from parallel.expert_checkpoint import load_portable
+
+        load_portable(engine, engine.module, groups, directory / PORTABLE_FILE)
+    else:
+        path, client_state = engine.load_checkpoint(
+            str(checkpoint_dir(run_dir)),
+            tag=tag,
+            load_module_strict=True,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
         )
-    _load_experts(engine, checkpoint_dir(run_dir) / tag)
-    rng_file = checkpoint_dir(run_dir) / tag / f"rng_rank{_rank()}.pt"
+        if path is None:
+            raise RuntimeError(
+                f"DeepSpeed could not load checkpoint {tag} from {checkpoint_dir(run_dir)}"
+            )
+        _load_experts(engine, directory)
+    rng_file = directory / f"rng_rank{_rank()}.pt"
     set_rng_state(torch.load(rng_file, weights_only=False))
     return client_state["moeforge"]
 
 
 # --- Expert parallelism (issue 4): the engine's module state comes from rank 0 only, which at
 # ep > 1 holds just its own block of experts. The full, layout-independent weights and Adam
-# moments of every parameter go to PORTABLE_FILE (parallel/expert_checkpoint.py) and
-# overwrite what the engine loaded.
+# moments of every parameter go to PORTABLE_FILE (parallel/expert_checkpoint.py): at ep > 1
+# they overwrite what the engine loaded; at any ep they let a run continue at another ep.
 PORTABLE_FILE = "portable.pt"
 
 
+def _portable_groups(engine: Any) -> Any:
+    """The EP groups of a model with experts (a mesh-free ep=1 stand-in at ep=1), else None."""
+    module = getattr(engine, "module", None)
+    groups = getattr(module, "expert_parallel_groups", None)
+    if groups is not None or getattr(module, bridge.MARKERS_ATTRIBUTE, None) is None:
+        return groups
+    from parallel.layout import ParallelLayout, ProcessGroups
+
+    # At ep=1 nothing is exchanged: save/load_portable read only the layout and ep rank 0.
+    layout = ParallelLayout.from_world(dist.get_world_size(), ep=1)
+    return ProcessGroups(layout=layout, mesh=None, rank=dist.get_rank())
+
+
 def _save_experts(engine: Any, directory: Path) -> None:
-    groups = getattr(getattr(engine, "module", None), "expert_parallel_groups", None)
+    groups = _portable_groups(engine)
     if groups is not None:
         from parallel.expert_checkpoint import save_portable
 
@@ -193,6 +259,7 @@ def _save_experts(engine: Any, directory: Path) -> None:
 
 
 def _load_experts(engine: Any, directory: Path) -> None:
+    """Same-ep resume: at ep > 1 every rank's experts come from the portable file."""
     groups = getattr(getattr(engine, "module", None), "expert_parallel_groups", None)
     if groups is not None and (directory / PORTABLE_FILE).is_file():
         from parallel.expert_checkpoint import load_portable

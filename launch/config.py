@@ -364,13 +364,23 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+# Fields a resume may change: a run saved at one EP size continues at another from the
+# layout-free weights and Adam state (launch/checkpoint.py, parallel/expert_checkpoint.py).
+RESUMABLE_CHANGES = ("parallel.ep",)
+
+
 def incompatible_fields(saved: dict[str, Any], current: RunConfig) -> list[str]:
-    """Dotted fields whose change breaks resuming (shapes, data order, layout, precision)."""
+    """Dotted fields whose change breaks resuming (shapes, data order, layout, precision).
+
+    ``RESUMABLE_CHANGES`` (parallel.ep) are not reported; parallel.zero_stage still is.
+    """
     now = current.model_dump(mode="json")
     fixed = ("model", "moe", "attention", "data", "parallel", "precision")
     changed: list[str] = []
 
     def walk(a: Any, b: Any, prefix: str) -> None:
+        if prefix in RESUMABLE_CHANGES:
+            return
         if isinstance(a, dict) and isinstance(b, dict):
             for key in sorted(set(a) | set(b)):
                 walk(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)

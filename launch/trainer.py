@@ -11,7 +11,10 @@ records with val_loss (nats per token) and val_bpb (bits per byte of the targets
 plus val_accuracy in classify mode (images: launch/images.py).
 Values are averaged over the micro steps of the step and over data-parallel ranks.
 Re-running a run directory that holds a checkpoint continues it exactly: same data order
-(the position is the step), same RNG states, same optimizer and schedule state.
+(the position is the step), same RNG states, same optimizer and schedule state. The same
+number of ranks may continue it at another ``parallel.ep`` (weights and Adam state from the
+checkpoint's layout-free portable.pt); other layout changes, the world size among them, are
+refused.
 """
 
 from __future__ import annotations
@@ -176,6 +179,7 @@ def _check_resume(
             f"cannot resume {run_dir}: it was written by {saved['world_size']} ranks, this run has "
             f"{world_size}; relaunch with {saved['world_size']} processes or use a new --run-dir"
         )
+    checkpoint.check_ep_change(run_dir, config.parallel.ep)  # another ep needs portable.pt
     return saved
 
 
@@ -248,7 +252,13 @@ def train(
     )
     start_step = 0
     if saved is not None:
-        start_step = checkpoint.load(engine, run_dir)["step"]
+        before = checkpoint.saved_ep(run_dir)
+        if before != config.parallel.ep:
+            log.info(
+                "resuming a run saved at ep=%d at ep=%d (weights and Adam state from %s)",
+                before, config.parallel.ep, checkpoint.PORTABLE_FILE,
+            )  # fmt: skip
+        start_step = checkpoint.load(engine, run_dir, ep=config.parallel.ep)["step"]
     elif rank == 0:
         save_resolved(config, run_dir / "config.yaml")
     config_yaml = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
@@ -379,7 +389,7 @@ def train(
         if done == end_step or (every and done % every == 0):
             checkpoint.save(
                 engine, run_dir, done, world_size=world, config_yaml=config_yaml,
-                keep_last=config.checkpoint.keep_last,
+                keep_last=config.checkpoint.keep_last, extra={"ep": config.parallel.ep},
             )  # fmt: skip
             window_start = time.perf_counter()
     if progress is not None:

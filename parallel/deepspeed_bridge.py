@@ -24,6 +24,15 @@ tests/parallel/test_deepspeed_bridge.py so an upgrade that breaks one fails loud
    earlier with a message that says what to do.
 5. Precision: ``torch_autocast`` keeps parameters fp32 (a truly fp32 router); classic
    ``bf16`` casts every parameter to bf16 at engine build.
+6. ZeRO 1/2 (``runtime/zero/stage_1_and_2.py``): ``_optimizer_step`` links each parameter's
+   optimizer-state fragments (what ``get_full_hp_param("exp_avg")`` reads) once, right after
+   the first parameter group's step, when later groups (the expert ``moe`` groups among
+   them) have no state yet, and never again. ``link_optimizer_state`` relinks them.
+7. ``load_checkpoint(..., load_optimizer_states=False, custom_load_fn=...)`` restores the
+   LR scheduler, step counters and client state while a no-op ``custom_load_fn`` keeps the
+   module state (shaped by the EP layout) out: ``load_training_state``. The scheduler's
+   state is only ``last_batch_iteration``; the learning rate is in the optimizer's param
+   groups, so ``step(last_batch_iteration)`` re-applies it.
 
 Without CUDA, ``DS_ACCELERATOR=cpu`` is set before deepspeed is imported (gloo backend).
 """
@@ -246,6 +255,58 @@ def initialize(
         model=model, model_parameters=groups, optimizer=optimizer, config=ds_config
     )
     return engine
+
+
+def link_optimizer_state(engine: Any) -> None:
+    """(Re)link every ZeRO 1/2 parameter's optimizer-state fragments to the current state.
+
+    Contract 6: deepspeed 0.19 links them once, after the step of the first parameter group,
+    and marks them linked, so ``get_full_hp_param("exp_avg")`` fails ("exp_avg not found in
+    optimizer state fragment") for parameters of later groups. Relinking once every group
+    has state fixes that; it is also how moments get written into a fresh engine (after
+    creating zero state). A no-op for engines without ZeRO 1/2.
+    """
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "_hp_optimizer_states_linked"):
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def _skip_module_state(src: dict[str, Any], dst: nn.Module) -> None:
+    """``custom_load_fn`` that leaves the module as it is (its weights come from elsewhere)."""
+
+
+def load_training_state(engine: Any, load_dir: str, tag: str) -> dict[str, Any]:
+    """Load a checkpoint's LR scheduler, step counters and client state, not its weights.
+
+    For a checkpoint written at another EP size (contract 7): module and optimizer states are
+    shaped by the layout and must come from a layout-free file instead. Under ZeRO 1/2 the
+    engine then copies the (unchanged) module weights into its fp32 partitions. Returns the
+    client state.
+    """
+    path, client_state = engine.load_checkpoint(
+        load_dir,
+        tag=tag,
+        load_module_strict=False,
+        load_optimizer_states=False,
+        load_lr_scheduler_states=True,
+        load_module_only=False,
+        custom_load_fn=_skip_module_state,
+    )
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {load_dir}")
+    # The scheduler's state is its position only; the learning rate it set lives in the
+    # optimizer's param groups, which were not loaded. Re-apply it without advancing
+    # (DeepSpeed's schedulers take ``step(last_batch_iteration)``).
+    scheduler = engine.lr_scheduler
+    if scheduler is not None:
+        if not hasattr(scheduler, "last_batch_iteration"):
+            raise TypeError(
+                f"{type(scheduler).__name__} is not a DeepSpeed LR scheduler; resuming at "
+                "another parallel.ep needs one (the ds_config 'scheduler' section)"
+            )
+        scheduler.step(scheduler.last_batch_iteration)
+    return client_state
 
 
 def expert_data_parallel_group(ep_size: int) -> Any:

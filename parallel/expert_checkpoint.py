@@ -18,7 +18,9 @@ DESIGN.md, "DeepSpeed contracts".)
 How the values are read (deepspeed 0.19): under ZeRO 1/2 each parameter carries
 ``_hp_mapping`` and the methods ``get_full_hp_param(key)`` / ``set_full_hp_param(value, key)``
 that assemble / scatter the fp32 master weight (key None) or an optimizer state over the
-parameter's data-parallel group (for experts: the expert-data-parallel group), collectively.
+parameter's data-parallel group (for experts: the expert-data-parallel group), collectively;
+``link_optimizer_state`` (parallel/deepspeed_bridge.py, contract 6) makes the moments of
+every parameter group reachable that way first.
 Under ZeRO 0 the engine's optimizer is torch's AdamW itself and its ``state[param]`` holds
 the moments. Parameters are visited in the same order on every rank, so the collectives
 match.
@@ -35,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from parallel.collectives import all_gather_tensor
+from parallel.deepspeed_bridge import link_optimizer_state
 from parallel.layout import ProcessGroups
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -61,21 +64,6 @@ def _ensure_adam_state(optimizer: torch.optim.Optimizer) -> None:
                 state["step"] = torch.tensor(0.0)
                 for key in MOMENTS:
                     state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
-
-
-def link_optimizer_state(engine: Any) -> None:
-    """(Re)link every ZeRO 1/2 parameter's optimizer-state fragments to the current state.
-
-    deepspeed 0.19's ``_optimizer_step`` links them once, right after the step of the first
-    parameter group, and marks them linked: the parameters of later groups (the expert
-    ``moe`` groups among them) are never linked, and ``get_full_hp_param("exp_avg")`` fails
-    for them. Relinking after every group has state fixes that; it is also how moments get
-    written into a fresh engine (state created by ``_ensure_adam_state``).
-    """
-    optimizer = engine.optimizer
-    if hasattr(optimizer, "_hp_optimizer_states_linked"):
-        optimizer._hp_optimizer_states_linked = False
-        optimizer._lazy_init_hp_params_optimizer_state()
 
 
 def adam_step(engine: Any) -> float:
