@@ -110,10 +110,12 @@ def main(argv: list[str]) -> int:
         raise UserError(
             "moeforge bench ep needs 2 processes: torchrun --nproc_per_node=2 -m launch.cli bench ep"
         )
+    from launch.cpu_memory import retain_freed_memory
     from moe import MoELayer
     from parallel import deepspeed_bridge as bridge
     from parallel.layout import ParallelLayout
 
+    retain_freed_memory()  # both contenders run in these processes, under the same malloc
     torch.set_num_threads(args.threads)
     bridge.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()

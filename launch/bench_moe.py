@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from launch.cpu_memory import retain_freed_memory
 from moe.experts import DenseFFN
 from moe.layer import MoELayer
 
@@ -193,16 +194,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--capacity-factor", type=float, default=1.25)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-deepspeed", action="store_true", help="skip DeepSpeed's layer")
+    p.add_argument(
+        "--no-retain-memory",
+        action="store_true",
+        help="leave glibc's malloc at its defaults (large tensors page-faulted on every call; "
+        "see launch/cpu_memory.py)",
+    )
     p.add_argument("--markdown", help="also write the tables to this file")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    retained = False if args.no_retain_memory else retain_freed_memory(force=True)
     print(
         f"MoE layer fwd+bwd, {args.tokens} tokens, d={args.d_model}, ff={args.d_ff}, "
         f"top-1, capacity factor {args.capacity_factor}, median of {args.repeats} "
-        f"(torch {torch.__version__}, {torch.get_num_threads()} threads)",
+        f"(torch {torch.__version__}, {torch.get_num_threads()} threads, freed host memory "
+        f"{'retained' if retained else 'returned to the OS'})",
         flush=True,
     )
     rows = []

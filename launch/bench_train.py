@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         "--precision", choices=["bf16", "fp32"], default=None, help="default: the config's"
     )
     args = parser.parse_args(argv)
+    from launch.cpu_memory import retain_freed_memory
+
+    retain_freed_memory()  # as `moeforge train` does; every model here runs under it
     config = load_config(args.config, args.overrides)
     if config.moe is None:
         raise SystemExit("moeforge bench train needs an MoE config (moe.num_experts)")

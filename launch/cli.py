@@ -52,7 +52,10 @@ def train_main(argv: list[str]) -> int:
     """``moeforge train``: returns the exit status."""
     args = _train_parser().parse_args(argv)
     from launch.config import load_config
+    from launch.cpu_memory import retain_freed_memory
     from launch.trainer import train
+
+    retain_freed_memory()  # CPU runs: no page faults for tensors freed and reallocated each step
 
     config = load_config(args.config, args.overrides)
     run_dir = args.run_dir
