@@ -251,16 +251,16 @@ def train(
         zero_stage=int(ds_config.get("zero_optimization", {}).get("stage", 0)),
     )
     start_step = 0
+    before = checkpoint.saved_ep(run_dir) if saved is not None else None
     if saved is not None:
-        before = checkpoint.saved_ep(run_dir)
         if before != config.parallel.ep:
             log.info(
                 "resuming a run saved at ep=%d at ep=%d (weights and Adam state from %s)",
                 before, config.parallel.ep, checkpoint.PORTABLE_FILE,
             )  # fmt: skip
         start_step = checkpoint.load(engine, run_dir, ep=config.parallel.ep)["step"]
-    elif rank == 0:
-        save_resolved(config, run_dir / "config.yaml")
+    if rank == 0 and (saved is None or before != config.parallel.ep):
+        save_resolved(config, run_dir / "config.yaml")  # the run's layout from here on
     config_yaml = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
     train_cfg, mode = config.train, config.model.mode

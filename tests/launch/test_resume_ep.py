@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from launch import checkpoint
 from launch.config import RunConfig, config_from_dict, incompatible_fields
@@ -116,6 +117,10 @@ def body(rank: int, world_size: int, root_name: str) -> dict:
         "messages": messages,
         "info": describe(root / "z0_ep1_to_ep2"),
         "saved_ep": {name: checkpoint.saved_state(root / name)["ep"] for name in runs},
+        "run_config_ep": {
+            name: yaml.safe_load((root / name / "config.yaml").read_text())["parallel"]["ep"]
+            for name in runs
+        },
     }
 
 
@@ -163,6 +168,7 @@ def test_resume_at_ep2_and_ep1_and_back_continues_with_the_same_losses(tmp_path)
         "z0_ep4": 4, "z0_ep4_to_ep2": 2, "z0_ep4_to_ep1": 1, "z0_ep1_to_ep2": 2,
         "z2_ep4": 4, "z2_ep4_to_ep2": 2, "z2_ep4_to_ep1": 1,
     }  # fmt: skip
+    assert result["run_config_ep"] == result["saved_ep"]  # the run's resolved config follows
     info = result["info"]
     assert "step 5" in info[0] and "(ep=2, each expert on 2 rank(s)) on 4 ranks" in info[1]
     assert info[2].startswith("experts: saved with dp=4 x tp=1 x pp=1 (ep=2) on 4 ranks")
