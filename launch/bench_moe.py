@@ -126,7 +126,13 @@ def contenders(
     mods: dict[str, nn.Module] = {
         "dense FFN": DenseFFN(args.d_model, args.d_ff),
         "moeforge": _OursCall(
-            MoELayer(args.d_model, args.d_ff, num_experts, capacity_factor=args.capacity_factor)
+            MoELayer(
+                args.d_model,
+                args.d_ff,
+                num_experts,
+                capacity_factor=args.capacity_factor,
+                expert_layout=args.expert_layout,
+            )
         ),
     }
     if not args.no_deepspeed:
@@ -142,6 +148,7 @@ def bench_point(num_experts: int, dtype_name: str, args: argparse.Namespace) -> 
     mods = contenders(num_experts, dtype, args)
     x = torch.randn(args.tokens, args.d_model, dtype=dtype)
     grad = torch.randn_like(x)
+    layout = mods["moeforge"].layer.resolve_layout(x)
     runners = {name: fwd_bwd(m, x, grad) for name, m in mods.items()}
     times: dict[str, list[float]] = {name: [] for name in runners}
     for rep in range(args.repeats + 1):  # the first round is warm-up
@@ -149,6 +156,7 @@ def bench_point(num_experts: int, dtype_name: str, args: argparse.Namespace) -> 
             ms = run()
             if rep > 0:
                 times[name].append(ms)
+    print(f"  E={num_experts} {dtype_name}: moeforge expert layout {layout}", flush=True)
     return {name: statistics.median(v) for name, v in times.items()}
 
 
@@ -192,6 +200,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--experts", type=int, nargs="+", default=[8, 64])
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
     p.add_argument("--capacity-factor", type=float, default=1.25)
+    p.add_argument(
+        "--expert-layout", default="auto", choices=["auto", "grouped", "buffer"],
+        help="moeforge's expert layout (auto: buffer for bf16 on CPU, grouped otherwise)",
+    )  # fmt: skip
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-deepspeed", action="store_true", help="skip DeepSpeed's layer")
     p.add_argument(

@@ -21,9 +21,10 @@ class MoEConfig(BaseModel):
     router: Literal["token_choice", "expert_choice"] = "token_choice"
     jitter_eps: float = Field(default=0.0, ge=0.0, lt=1.0)
     activation: Literal["relu", "gelu", "swiglu"] = "relu"
-    expert_layout: Literal["grouped", "buffer"] = Field(
-        default="grouped",
-        description="grouped: experts run on kept rows only; buffer: one bmm on [E, C, d]",
+    expert_layout: Literal["auto", "grouped", "buffer"] = Field(
+        default="auto",
+        description="grouped: experts run on kept rows only; buffer: one bmm on [E, C, d]; "
+        "auto: buffer for bf16/fp16 on CPU, else grouped (MoELayer.resolve_layout)",
     )
     shared_expert: bool = False
     every: int = Field(default=2, ge=1, description="an MoE FFN every `every` blocks")

@@ -14,11 +14,17 @@ from moe.dispatch import LocalDispatcher
 from moe.ep_dispatch import AllToAllDispatcher, check_capacity_scope
 from moe.experts import ACTIVATIONS, DenseFFN, GroupedExperts
 from moe.losses import router_entropy
-from moe.router import PRIORITIES, ExpertChoiceRouter, TopKRouter, check_capacity_factor
+from moe.router import (
+    PRIORITIES,
+    ExpertChoiceRouter,
+    TopKRouter,
+    check_capacity_factor,
+    is_dropless,
+)
 from moe.simulate import SimulatedDispatcher
 
 ROUTERS = ("token_choice", "expert_choice")
-EXPERT_LAYOUTS = ("grouped", "buffer")
+EXPERT_LAYOUTS = ("auto", "grouped", "buffer")
 
 
 class MoEOutput(NamedTuple):
@@ -49,8 +55,8 @@ class MoELayer(nn.Module):
         jitter_eps: multiplicative jitter U(1-eps, 1+eps) on the router input in training.
         activation: "relu", "gelu" or "swiglu".
         shared_expert: also apply a dense FFN to every token and add it.
-        expert_layout: "grouped" (kept rows only, no padding; default) or "buffer"
-            (experts run on the padded [E, C, d] buffer with one bmm).
+        expert_layout: "grouped" (kept rows only, no padding), "buffer" (experts run on the
+            padded [E, C, d] buffer with one bmm) or "auto" (default; see ``resolve_layout``).
         capacity_scope: "per_rank" (capacity from each rank's own tokens; default) or
             "global" (decided over all tokens of the EP group; drops independent of layout).
         simulate_ep: > 1 reproduces that many expert-parallel ranks in this one process
@@ -77,7 +83,7 @@ class MoELayer(nn.Module):
         jitter_eps: float = 0.0,
         activation: str = "relu",
         shared_expert: bool = False,
-        expert_layout: str = "grouped",
+        expert_layout: str = "auto",
         capacity_scope: str = "per_rank",
         simulate_ep: int = 1,
         ep_group: Any = None,
@@ -136,6 +142,29 @@ class MoELayer(nn.Module):
         self.expert_offset = getattr(self.dispatcher, "expert_offset", 0)
         self.shared_expert = DenseFFN(d_model, d_ff, activation) if shared_expert else None
 
+    def resolve_layout(self, tokens: torch.Tensor) -> str:
+        """The expert layout this call uses: ``expert_layout`` unless it is "auto".
+
+        "auto" picks "buffer" for bf16/fp16 experts on CPU with a capacity factor: there one
+        batched matmul over [E, C, d] beats E small matmuls despite the padding (oneDNN's
+        bf16 kernel repacks each weight per call; docs/bench_moe.md). Otherwise "grouped":
+        fp32 on CPU, accelerators (one grouped kernel, no padding), dropless routing (the
+        buffer would pad to the largest expert), and expert-parallel or simulated dispatch
+        (rows travel without padding).
+        """
+        if self.expert_layout != "auto":
+            return self.expert_layout
+        if type(self.dispatcher) is not LocalDispatcher or tokens.device.type != "cpu":
+            return "grouped"
+        if is_dropless(self.router.active_capacity_factor()):
+            return "grouped"
+        dtype = (
+            torch.get_autocast_dtype("cpu")
+            if torch.is_autocast_enabled("cpu")
+            else self.experts.w1.dtype
+        )
+        return "buffer" if dtype in (torch.bfloat16, torch.float16) else "grouped"
+
     def forward(self, x: torch.Tensor) -> MoEOutput:
         """x [B, S, d] or [T, d] -> MoEOutput with output of the same shape."""
         if x.dim() < 2 or x.shape[-1] != self.d_model:
@@ -148,7 +177,7 @@ class MoELayer(nn.Module):
         plan = dispatcher.plan(routing)
         # permute (local) -> exchange (communication, identity in one process) -> experts ->
         # exchange back -> unpermute (local), as named in moe/dispatch.py.
-        if self.expert_layout == "grouped":
+        if self.resolve_layout(tokens) == "grouped":
             rows = dispatcher.exchange(dispatcher.permute(tokens, plan), plan)
             rows = self.experts(rows, dispatcher.expert_group_sizes(plan))
             y = dispatcher.unpermute(dispatcher.exchange_back(rows, plan), plan)

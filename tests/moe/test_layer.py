@@ -175,3 +175,27 @@ def test_bad_arguments_raise_value_error(kwargs, match):
 def test_wrong_input_width_raises():
     with pytest.raises(ValueError, match=r"last dim must be d_model \(8\), got shape \(3, 7\)"):
         MoELayer(D, FF, E)(torch.randn(3, 7))
+
+
+def test_auto_layout_resolution():
+    """auto: buffer for bf16 experts on CPU with a capacity, grouped otherwise; same outputs."""
+    x = torch.randn(64, D)
+    layer = MoELayer(D, FF, E)
+    assert layer.expert_layout == "auto"
+    assert layer.resolve_layout(x) == "grouped"  # fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer.resolve_layout(x) == "buffer"
+    assert (
+        MoELayer(D, FF, E, capacity_factor=None).to(torch.bfloat16).resolve_layout(x) == "grouped"
+    )
+    assert MoELayer(D, FF, E, simulate_ep=2).to(torch.bfloat16).resolve_layout(x) == "grouped"
+    assert (
+        MoELayer(D, FF, E, expert_layout="grouped").to(torch.bfloat16).resolve_layout(x)
+        == "grouped"
+    )
+    half = layer.to(torch.bfloat16)
+    assert half.resolve_layout(x) == "buffer"
+    explicit = MoELayer(D, FF, E, expert_layout="buffer").to(torch.bfloat16)
+    explicit.load_state_dict(half.state_dict())
+    xb = x.to(torch.bfloat16)
+    assert torch.equal(half(xb).output, explicit(xb).output)
