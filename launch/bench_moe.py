@@ -104,6 +104,31 @@ def fwd_bwd(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[
     return run
 
 
+def weight_traffic_ms(layer: MoELayer, repeats: int) -> tuple[float, float]:
+    """(MiB of expert weights, ms to read them twice and write their gradients once).
+
+    The memory traffic every forward+backward of the layer must do whatever its kernels: the
+    forward and the input-gradient pass read every expert weight, the weight-gradient pass
+    writes as many values. Timed alone (``sum`` and ``fill_``), as a floor to compare with.
+    """
+    weights = [w for w in (layer.experts.w1, layer.experts.w2, layer.experts.w3) if w is not None]
+    grads = [torch.empty_like(w) for w in weights]
+
+    def traffic() -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            for _ in range(2):
+                for w in weights:
+                    w.sum()
+            for g in grads:
+                g.fill_(1.0)
+        return (time.perf_counter() - start) * 1e3
+
+    traffic()
+    ms = statistics.median(traffic() for _ in range(max(repeats, 3)))
+    return sum(w.numel() * w.element_size() for w in weights) / 2**20, ms
+
+
 def saved_activation_bytes(module: nn.Module, x: torch.Tensor) -> int:
     """Bytes of distinct activation tensors (not parameters) saved for backward in one forward."""
     params = {p.untyped_storage().data_ptr() for p in module.parameters()}
@@ -156,7 +181,12 @@ def bench_point(num_experts: int, dtype_name: str, args: argparse.Namespace) -> 
             ms = run()
             if rep > 0:
                 times[name].append(ms)
-    print(f"  E={num_experts} {dtype_name}: moeforge expert layout {layout}", flush=True)
+    mib, floor = weight_traffic_ms(mods["moeforge"].layer, args.repeats)
+    print(
+        f"  E={num_experts} {dtype_name}: moeforge expert layout {layout}; expert weights "
+        f"{mib:.0f} MiB, read twice + gradients written once alone: {floor:.1f} ms",
+        flush=True,
+    )
     return {name: statistics.median(v) for name, v in times.items()}
 
 

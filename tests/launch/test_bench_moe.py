@@ -18,3 +18,11 @@ def test_format_table_ratios():
         [(8, "fp32", {"dense FFN": 100.0, "moeforge": 105.0, "deepspeed MoE": 120.0})]
     )
     assert "| 8 | fp32 | 100.0 | 105.0 | 120.0 | 1.05x | 1.20x | 0.88x |" in table
+
+
+def test_weight_traffic_counts_every_expert_weight():
+    from launch.bench_moe import weight_traffic_ms
+
+    mib, ms = weight_traffic_ms(MoELayer(32, 64, 4, activation="swiglu"), repeats=1)
+    assert mib == 3 * 4 * 32 * 64 * 4 / 2**20  # w1, w2, w3 of 4 experts, fp32
+    assert ms > 0
