@@ -117,6 +117,10 @@ class LocalDispatcher:
       layout an all-to-all exchanges).
     """
 
+    # Kept slots of each expert are 0..count-1 (``buffer_rows`` relies on it); the simulated
+    # dispatcher's merged buffer places each virtual rank at its own offset and turns it off.
+    trims_buffer = True
+
     def route(self, router: Router, tokens: torch.Tensor) -> Routing:
         """Gating and selection over this process's tokens [T, d] (the simulated and
         expert-parallel dispatchers decide capacity over virtual ranks or the EP group)."""
@@ -157,14 +161,37 @@ class LocalDispatcher:
         weighted = y * plan.gate.to(y.dtype).unsqueeze(-1)
         return _Unpermute.apply(weighted, plan.token_index, plan.inverse)
 
+    def buffer_rows(self, plan: DispatchPlan) -> tuple[int, torch.Tensor]:
+        """Rows per expert in the buffer, and each kept assignment's row of the flat buffer.
+
+        On CPU the buffer is cut to the fullest expert's kept count when that is below the
+        capacity (kept slots are 0..count-1, so nothing moves but the stride): the experts'
+        batched matmul then skips rows that would only hold padding. Elsewhere (no host
+        synchronisation wanted) it is the capacity, as the expert-parallel exchange needs.
+        """
+        capacity = plan.capacity
+        if (
+            not self.trims_buffer
+            or plan.buffer_index.device.type != "cpu"
+            or plan.tokens_per_expert.numel() == 0
+        ):
+            return capacity, plan.buffer_index
+        rows = int(plan.tokens_per_expert.max())
+        if rows == 0 or rows >= capacity:
+            return capacity, plan.buffer_index
+        expert = torch.div(plan.buffer_index, capacity, rounding_mode="floor")
+        return rows, plan.buffer_index - expert * (capacity - rows)
+
     def permute_to_buffer(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        """x [T, d] -> buffer [E, C, d] (zeros where a slot is unused)."""
+        """x [T, d] -> buffer [E, R, d] (zeros where a slot is unused), R = ``buffer_rows``."""
+        rows_per_expert, index = self.buffer_rows(plan)
         rows = self.permute(x, plan)
-        buffer = x.new_zeros(plan.num_experts * plan.capacity, x.shape[-1])
-        buffer = buffer.index_copy(0, plan.buffer_index, rows)
-        return buffer.view(plan.num_experts, plan.capacity, x.shape[-1])
+        buffer = x.new_zeros(plan.num_experts * rows_per_expert, x.shape[-1])
+        buffer = buffer.index_copy(0, index, rows)
+        return buffer.view(plan.num_experts, rows_per_expert, x.shape[-1])
 
     def unpermute_from_buffer(self, buffer: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        """buffer [E, C, d] -> [T, d], scaled by the gate (unused slots are never read)."""
-        rows = buffer.reshape(-1, buffer.shape[-1]).index_select(0, plan.buffer_index)
+        """buffer [E, R, d] -> [T, d], scaled by the gate (unused slots are never read)."""
+        _, index = self.buffer_rows(plan)
+        rows = buffer.reshape(-1, buffer.shape[-1]).index_select(0, index)
         return self.unpermute(rows, plan)

@@ -106,6 +106,8 @@ class SimulatedDispatcher(LocalDispatcher):
         self.ep = ep
         self.tokens_per_rank = tokens_per_rank
 
+    trims_buffer = False  # the merged buffer is the real receive buffer [E, sum_r C_r, d]
+
     def sizes(self, num_tokens: int) -> list[int]:
         """Tokens of each virtual rank for a batch of ``num_tokens``."""
         if self.tokens_per_rank is None:
