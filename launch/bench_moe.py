@@ -234,7 +234,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--expert-layout", default="auto", choices=["auto", "grouped", "buffer"],
         help="moeforge's expert layout (auto: buffer for bf16 on CPU, grouped otherwise)",
     )  # fmt: skip
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--no-deepspeed", action="store_true", help="skip DeepSpeed's layer")
     p.add_argument(
         "--no-retain-memory",
