@@ -6,7 +6,9 @@ MoE layer, MSE + aux + z losses) trains 10 AdamW steps through ``bridge.initiali
 ZeRO 0, 1 and 2 in one spawn. Checks, per stage:
 * each step's loss, averaged over ranks, equals one process running the same global batch
   with ``SimulatedDispatcher(4 virtual ranks, EP groups of 2)`` and torch's AdamW
-  (atol 2e-5: fp32 rounding through 10 Adam steps);
+  (atol 2e-5: fp32 rounding through 10 Adam steps), and equals the issue's wording too: one
+  process with ``simulate_ep=2`` accumulating gradients over two micro-batches, each the
+  rows of one EP group (ranks {0, 1}, then {2, 3});
 * afterwards each expert's replicas are bitwise identical across its EDP group, differ from
   the other experts, and equal the one-process model's experts (atol 2e-5).
 """
@@ -113,12 +115,35 @@ def reference() -> tuple[list[float], dict[str, torch.Tensor]]:
     return losses, {n: p.detach() for n, p in model.named_parameters() if "experts" in n}
 
 
+def reference_simulate_ep2_accumulated() -> list[float]:
+    """One process, ``simulate_ep=2``, the global batch as two micro-batches of one EP group."""
+    model = TinyMoEModel()
+    simulate_layout(model, EP)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    micro_steps = WORLD // EP
+    losses = []
+    for step in range(STEPS):
+        x, target = global_batch(step)
+        optimizer.zero_grad()
+        total = 0.0
+        for micro in range(micro_steps):
+            rows = slice(micro * EP * TOKENS, (micro + 1) * EP * TOKENS)
+            loss = model(x[rows], target[rows]) / micro_steps
+            loss.backward()
+            total += loss.item()
+        optimizer.step()
+        losses.append(total)
+    return losses
+
+
 @pytest.mark.slow
 def test_dp4_ep2_engine_matches_simulated_process(tmp_path):
     raw = run_ranks(WORLD, body, tmp_path, timeout=600)
     results = [torch.load(io.BytesIO(r), weights_only=False) for r in raw]
     expected_losses, expected_experts = reference()
     assert expected_losses[-1] < expected_losses[0], "the reference must train"
+    accumulated = reference_simulate_ep2_accumulated()
+    assert accumulated == pytest.approx(expected_losses, abs=2e-5)
     for stage in STAGES:
         per_rank = [r[stage] for r in results]
         assert per_rank[0]["edp_size"] == WORLD // EP
