@@ -9,7 +9,8 @@ hidden width 1024 (relu, top-1, capacity factor 1.25, fp32, gloo on CPU or NCCL 
 * ``ours ep=1``: moeforge's MoELayer, all experts on every rank (no communication);
 * ``ours ep=2``: the same layer with 4 experts per rank and the all-to-all dispatcher;
 * ``deepspeed ep=2``: ``deepspeed.moe.layer.MoE`` (its TopKGate and one-hot einsum dispatch,
-  one module per expert) with ep_size=2, its expert groups created as the engine would.
+  one module per expert, no random token selection, as in ``bench moe``) with ep_size=2,
+  its expert groups created as the engine would.
 Each timed step is a barrier, then forward and backward; the layers take turns so that load
 from other processes hits them alike. The table shows the median over ``--repeats`` steps
 (after ``--warmup``), the slowest rank's, and the ratio to DeepSpeed.
@@ -98,6 +99,8 @@ def deepspeed_layer(args: argparse.Namespace, ep_size: int) -> nn.Module:
         capacity_factor=args.capacity_factor,
         eval_capacity_factor=args.capacity_factor,
         min_capacity=4,
+        drop_tokens=True,
+        use_rts=False,  # as `bench moe`: no random token selection, the same routing as ours
     )
     layer.set_deepspeed_parallelism()
     return layer
