@@ -42,7 +42,6 @@ from moe.router import (
     Router,
     Routing,
     TopKRouter,
-    group_slots,
     is_dropless,
     route_member,
     top_k_choice,
@@ -173,14 +172,7 @@ class AllToAllDispatcher(LocalDispatcher):
                 if router.priority == "probability"
                 else torch.zeros(group_index.shape[0], device=key.device)
             )
-            slot, capacity = group_slots(
-                group_index,
-                group_key,
-                num_experts=self.num_experts,
-                capacity_factor=router.active_capacity_factor(),
-                min_capacity=router.min_capacity,
-                priority=router.priority,
-            )
+            slot, capacity = router.group_slots(group_index, group_key)
             return route_member(
                 logits, group_index, slot, capacity, sizes, self.ep_rank, top_k=router.top_k
             )

@@ -436,6 +436,19 @@ class TopKRouter(Router):
             priority=self.priority,
         )
 
+    def group_slots(
+        self, group_expert_index: torch.Tensor, group_priority_key: torch.Tensor
+    ) -> tuple[torch.Tensor, int]:
+        """``group_slots`` over a capacity group's choices under this router's settings."""
+        return group_slots(
+            group_expert_index,
+            group_priority_key,
+            num_experts=self.num_experts,
+            capacity_factor=self.active_capacity_factor(),
+            min_capacity=self.min_capacity,
+            priority=self.priority,
+        )
+
 
 class ExpertChoiceRouter(Router):
     """Expert choice: each expert picks its top-C tokens (Zhou et al. 2022)."""

@@ -34,7 +34,6 @@ from moe.router import (
     Router,
     Routing,
     TopKRouter,
-    group_slots,
     route_member,
     top_k_choice,
 )
@@ -137,14 +136,7 @@ class SimulatedDispatcher(LocalDispatcher):
             members = sizes[first : first + self.ep]
             block_logits = torch.cat(chunks[first : first + self.ep])
             block_index, key = top_k_choice(block_logits, router.top_k)
-            slot, capacity = group_slots(
-                block_index,
-                key,
-                num_experts=router.num_experts,
-                capacity_factor=router.active_capacity_factor(),
-                min_capacity=router.min_capacity,
-                priority=router.priority,
-            )
+            slot, capacity = router.group_slots(block_index, key)
             for member in range(self.ep):
                 routings.append(
                     route_member(
