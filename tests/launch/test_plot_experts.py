@@ -1,23 +1,13 @@
 """``moeforge plot-experts`` on a synthetic run's metrics.jsonl."""
 
 import json
-from types import SimpleNamespace
 
 import pytest
-import torch
 
 from launch.plot_experts import main as plot_main
 from launch.plot_experts import read_loads
 from moe.telemetry import RoutingTelemetry
-
-
-def stats(counts, dropped, entropy, capacity):
-    return SimpleNamespace(
-        tokens_per_expert=torch.tensor(counts),
-        dropped_fraction=torch.tensor(dropped),
-        router_entropy=torch.tensor(entropy),
-        capacity=capacity,
-    )
+from tests.moe.test_telemetry import stats
 
 
 def test_plot_experts_reads_loads_and_writes_a_png(tmp_path, capsys):

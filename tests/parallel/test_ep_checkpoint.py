@@ -18,7 +18,7 @@ import torch
 from tests.dist import run_ranks
 
 # the same tiny model, batches and DeepSpeed config as the engine test
-from tests.parallel.test_ep_engine import TOKENS, TinyMoEModel, ds_config, global_batch
+from tests.parallel.test_ep_engine import TinyMoEModel, ds_config, train_steps
 
 WORLD, E = 4, 4
 
@@ -31,7 +31,6 @@ def body(rank: int, world_size: int, directory: str) -> bytes:
     from parallel.layout import ParallelLayout
 
     bridge.init_distributed("gloo")
-    rows = slice(rank * TOKENS, (rank + 1) * TOKENS)
 
     def build(ep: int, stage: int):
         groups = ParallelLayout.from_world(world_size, ep=ep).build(num_experts=E)
@@ -44,16 +43,7 @@ def body(rank: int, world_size: int, directory: str) -> bytes:
         return groups, model, engine
 
     def train(engine, steps: range) -> list[float]:
-        losses = []
-        for step in steps:
-            x, target = global_batch(step)
-            loss = engine(x[rows], target[rows])
-            engine.backward(loss)
-            engine.step()
-            mean = loss.detach().clone()
-            torch.distributed.all_reduce(mean)
-            losses.append(mean.item() / world_size)
-        return losses
+        return train_steps(engine, rank, steps)
 
     results = {}
     for stage in (1, 0):

@@ -65,6 +65,22 @@ def ds_config(stage: int) -> dict:
     }  # fmt: skip
 
 
+def train_steps(engine, rank: int, steps: range) -> list[float]:
+    """Engine steps on this rank's rows of each global batch; the rank-averaged losses."""
+    rows = slice(rank * TOKENS, (rank + 1) * TOKENS)
+    world_size = torch.distributed.get_world_size()
+    losses = []
+    for step in steps:
+        x, target = global_batch(step)
+        loss = engine(x[rows], target[rows])
+        engine.backward(loss)
+        engine.step()
+        mean = loss.detach().clone()
+        torch.distributed.all_reduce(mean)
+        losses.append(mean.item() / world_size)
+    return losses
+
+
 def body(rank: int, world_size: int) -> bytes:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     from parallel import deepspeed_bridge as bridge
@@ -79,18 +95,8 @@ def body(rank: int, world_size: int) -> bytes:
         engine = bridge.initialize(
             model, ds_config(stage), num_experts_per_layer=[E], ep_size=EP, zero_stage=stage
         )
-        losses = []
-        rows = slice(rank * TOKENS, (rank + 1) * TOKENS)
-        for step in range(STEPS):
-            x, target = global_batch(step)
-            loss = engine(x[rows], target[rows])
-            engine.backward(loss)
-            engine.step()
-            mean = loss.detach().clone()
-            torch.distributed.all_reduce(mean)
-            losses.append(mean.item() / world_size)
         results[stage] = {
-            "losses": losses,
+            "losses": train_steps(engine, rank, range(STEPS)),
             "local_w1": model.moe.experts.w1.detach().clone(),
             "full": gather_expert_weights(model, groups.ep_group),
             "edp_size": torch.distributed.get_world_size(bridge.expert_data_parallel_group(EP)),
