@@ -23,7 +23,7 @@ class DispatchPlan:
 
     Attributes:
         token_index: [N] int64 source token of each kept assignment, sorted by (expert, slot).
-        buffer_index: [N] int64 row in a flattened [E * C] capacity buffer (expert * C + slot).
+        buffer_index: [N] int64 row in the flattened [E * R] buffer (expert * R + slot).
         gate: [N] fp32 combine weight of each kept assignment (carries the router gradient).
         tokens_per_expert: [E] int64 kept assignments per expert (group sizes of the
             grouped layout).
@@ -31,6 +31,8 @@ class DispatchPlan:
             dropped (it points at an appended zero row).
         num_tokens: T.
         capacity: C.
+        buffer_rows: R, rows per expert in the buffer layout: C, or with ``trim_buffer`` the
+            fullest expert's kept count when that is smaller.
     """
 
     token_index: torch.Tensor
@@ -40,19 +42,30 @@ class DispatchPlan:
     inverse: torch.Tensor
     num_tokens: int
     capacity: int
+    buffer_rows: int
 
     @property
     def num_experts(self) -> int:
         return self.tokens_per_expert.numel()
 
 
-def make_plan(routing: Routing) -> DispatchPlan:
-    """Turn a Routing into sorted index vectors (one argsort over the kept assignments)."""
+def make_plan(routing: Routing, *, trim_buffer: bool = False) -> DispatchPlan:
+    """Turn a Routing into sorted index vectors (one argsort over the kept assignments).
+
+    ``trim_buffer``: cut the buffer layout to the fullest expert's kept count R when it is
+    below the capacity (kept slots are 0..count-1, so only the stride changes): the experts'
+    batched matmul then skips rows that would only hold padding. It reads that count on the
+    host, so only CPU callers ask for it; the expert-parallel exchange needs C.
+    """
     num_tokens, top_k = routing.slot.shape
     slot = routing.slot.reshape(-1)
     kept = slot >= 0
     token = torch.arange(num_tokens, device=slot.device).repeat_interleave(top_k)[kept]
-    buffer_index = routing.expert_index.reshape(-1)[kept] * routing.capacity + slot[kept]
+    rows = routing.capacity
+    if trim_buffer and routing.tokens_per_expert.numel():
+        fullest = int(routing.tokens_per_expert.max())
+        rows = fullest if 0 < fullest < rows else rows
+    buffer_index = routing.expert_index.reshape(-1)[kept] * rows + slot[kept]
     order = torch.argsort(buffer_index)
     num_kept = order.numel()
     inverse = torch.full((num_tokens * top_k,), num_kept, dtype=torch.long, device=slot.device)
@@ -65,6 +78,7 @@ def make_plan(routing: Routing) -> DispatchPlan:
         inverse=inverse.view(num_tokens, top_k),
         num_tokens=num_tokens,
         capacity=routing.capacity,
+        buffer_rows=rows,
     )
 
 
@@ -117,8 +131,8 @@ class LocalDispatcher:
       layout an all-to-all exchanges).
     """
 
-    # Kept slots of each expert are 0..count-1 (``buffer_rows`` relies on it); the simulated
-    # dispatcher's merged buffer places each virtual rank at its own offset and turns it off.
+    # Kept slots of each expert are 0..count-1 (``make_plan``'s trim_buffer relies on it); the
+    # simulated dispatcher's merged buffer places each virtual rank at its own offset.
     trims_buffer = True
 
     def route(self, router: Router, tokens: torch.Tensor) -> Routing:
@@ -127,7 +141,8 @@ class LocalDispatcher:
         return router(tokens)
 
     def plan(self, routing: Routing) -> DispatchPlan:
-        return make_plan(routing)
+        on_cpu = routing.slot.device.type == "cpu"  # trimming reads a count on the host
+        return make_plan(routing, trim_buffer=self.trims_buffer and on_cpu)
 
     def exchange(self, rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """Send permuted rows to the ranks of their experts; nothing to send locally."""
@@ -161,37 +176,14 @@ class LocalDispatcher:
         weighted = y * plan.gate.to(y.dtype).unsqueeze(-1)
         return _Unpermute.apply(weighted, plan.token_index, plan.inverse)
 
-    def buffer_rows(self, plan: DispatchPlan) -> tuple[int, torch.Tensor]:
-        """Rows per expert in the buffer, and each kept assignment's row of the flat buffer.
-
-        On CPU the buffer is cut to the fullest expert's kept count when that is below the
-        capacity (kept slots are 0..count-1, so nothing moves but the stride): the experts'
-        batched matmul then skips rows that would only hold padding. Elsewhere (no host
-        synchronisation wanted) it is the capacity, as the expert-parallel exchange needs.
-        """
-        capacity = plan.capacity
-        if (
-            not self.trims_buffer
-            or plan.buffer_index.device.type != "cpu"
-            or plan.tokens_per_expert.numel() == 0
-        ):
-            return capacity, plan.buffer_index
-        rows = int(plan.tokens_per_expert.max())
-        if rows == 0 or rows >= capacity:
-            return capacity, plan.buffer_index
-        expert = torch.div(plan.buffer_index, capacity, rounding_mode="floor")
-        return rows, plan.buffer_index - expert * (capacity - rows)
-
     def permute_to_buffer(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        """x [T, d] -> buffer [E, R, d] (zeros where a slot is unused), R = ``buffer_rows``."""
-        rows_per_expert, index = self.buffer_rows(plan)
+        """x [T, d] -> buffer [E, R, d] (zeros where a slot is unused), R = plan.buffer_rows."""
         rows = self.permute(x, plan)
-        buffer = x.new_zeros(plan.num_experts * rows_per_expert, x.shape[-1])
-        buffer = buffer.index_copy(0, index, rows)
-        return buffer.view(plan.num_experts, rows_per_expert, x.shape[-1])
+        buffer = x.new_zeros(plan.num_experts * plan.buffer_rows, x.shape[-1])
+        buffer = buffer.index_copy(0, plan.buffer_index, rows)
+        return buffer.view(plan.num_experts, plan.buffer_rows, x.shape[-1])
 
     def unpermute_from_buffer(self, buffer: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """buffer [E, R, d] -> [T, d], scaled by the gate (unused slots are never read)."""
-        _, index = self.buffer_rows(plan)
-        rows = buffer.reshape(-1, buffer.shape[-1]).index_select(0, index)
+        rows = buffer.reshape(-1, buffer.shape[-1]).index_select(0, plan.buffer_index)
         return self.unpermute(rows, plan)

@@ -210,7 +210,7 @@ def test_buffer_cut_to_fullest_expert_matches_grouped():
     buffered.load_state_dict(grouped.state_dict())
     routing = buffered.dispatcher.route(buffered.router, x)
     plan = buffered.dispatcher.plan(routing)
-    rows, index = buffered.dispatcher.buffer_rows(plan)
+    rows, index = plan.buffer_rows, plan.buffer_index
     assert rows == int(routing.tokens_per_expert.max()) < plan.capacity
     assert index.max().item() < E * rows and index.unique().numel() == index.numel()
     upstream = torch.randn(x.shape)
