@@ -123,6 +123,35 @@ def rank_within_expert(
     return rank_flat.view(top_k, num_tokens).t(), counts
 
 
+def expert_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over experts of fp32 logits [T, E] -> [T, E] (contiguous).
+
+    On CPU, torch's softmax over a last dim shorter than one AVX-512 vector (16 fp32) is not
+    vectorised: for [4096, 8], forward+backward measured 950 us against 320 us over the first
+    dim of the transposed copy (from E=16 on, the direct call is the faster). Same values.
+    """
+    if logits.device.type == "cpu" and logits.shape[-1] < 16:
+        return torch.softmax(logits.t().contiguous(), dim=0).t().contiguous()
+    return torch.softmax(logits, dim=-1)
+
+
+def choose_experts(
+    logits: torch.Tensor, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Probabilities [T, E], top-k probabilities [T, k], their experts [T, k] and the gates.
+
+    Gates are the top-k probabilities renormalised over the k choices when k > 1. For k = 1
+    ``max`` replaces ``topk`` (3x faster on CPU; on a tie it takes the lowest expert id,
+    where topk's pick is unspecified).
+    """
+    probs = expert_softmax(logits)
+    if top_k == 1:
+        top_probs, expert_index = probs.max(dim=-1, keepdim=True)
+        return probs, top_probs, expert_index, top_probs
+    top_probs, expert_index = torch.topk(probs, top_k, dim=-1)
+    return probs, top_probs, expert_index, top_probs / top_probs.sum(dim=-1, keepdim=True)
+
+
 def route(
     logits: torch.Tensor,
     *,
@@ -155,9 +184,7 @@ def route(
         raise ValueError(f"min_capacity must be >= 0, got {min_capacity}")
 
     logits = logits.float()
-    probs = torch.softmax(logits, dim=-1)
-    top_probs, expert_index = torch.topk(probs, top_k, dim=-1)
-    gate = top_probs / top_probs.sum(dim=-1, keepdim=True) if top_k > 1 else top_probs
+    probs, top_probs, expert_index, gate = choose_experts(logits, top_k)
 
     slot, capacity, counts = assign_slots(
         expert_index,
@@ -277,9 +304,7 @@ def route_member(
         raise ValueError(
             f"logits have {num_tokens} tokens but member_sizes[{member}] is {member_sizes[member]}"
         )
-    probs = torch.softmax(logits, dim=-1)
-    top_probs, expert_index = torch.topk(probs, top_k, dim=-1)
-    gate = top_probs / top_probs.sum(dim=-1, keepdim=True) if top_k > 1 else top_probs
+    probs, _, expert_index, gate = choose_experts(logits, top_k)
     start = sum(member_sizes[:member])
     slot = group_slot[start : start + num_tokens]
     if not torch.equal(expert_index, group_expert_index[start : start + num_tokens]):
@@ -303,8 +328,7 @@ def route_member(
 
 def top_k_choice(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each token's top-k experts [T, k] int64 and its highest probability [T] fp32."""
-    probs = torch.softmax(logits.float(), dim=-1)
-    top_probs, expert_index = torch.topk(probs, top_k, dim=-1)
+    _, top_probs, expert_index, _ = choose_experts(logits.float(), top_k)
     return expert_index, top_probs[:, 0]
 
 
@@ -326,7 +350,7 @@ def expert_choice_route(
         )
     logits = logits.float()
     num_tokens, num_experts = logits.shape
-    probs = torch.softmax(logits, dim=-1)
+    probs = expert_softmax(logits)
     capacity = min(
         compute_capacity(num_tokens, num_experts, 1, capacity_factor, min_capacity), num_tokens
     )
