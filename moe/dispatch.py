@@ -27,8 +27,9 @@ class DispatchPlan:
         gate: [N] fp32 combine weight of each kept assignment (carries the router gradient).
         tokens_per_expert: [E] int64 kept assignments per expert (group sizes of the
             grouped layout).
-        inverse: [T, k] int64 row of each (token, choice) in the grouped layout, N where
-            dropped (it points at an appended zero row).
+        inverse: [T, k] int64 row of each (token, choice) in the grouped layout (0 where
+            dropped: those rows are zeroed after the gather).
+        dropped: [D] int64 flat positions t * k + j of the dropped (token, choice) pairs.
         num_tokens: T.
         capacity: C.
         buffer_rows: R, rows per expert in the buffer layout: C, or with ``trim_buffer`` the
@@ -40,6 +41,7 @@ class DispatchPlan:
     gate: torch.Tensor
     tokens_per_expert: torch.Tensor
     inverse: torch.Tensor
+    dropped: torch.Tensor
     num_tokens: int
     capacity: int
     buffer_rows: int
@@ -68,7 +70,7 @@ def make_plan(routing: Routing, *, trim_buffer: bool = False) -> DispatchPlan:
     buffer_index = routing.expert_index.reshape(-1)[kept] * rows + slot[kept]
     order = torch.argsort(buffer_index)
     num_kept = order.numel()
-    inverse = torch.full((num_tokens * top_k,), num_kept, dtype=torch.long, device=slot.device)
+    inverse = torch.zeros(num_tokens * top_k, dtype=torch.long, device=slot.device)
     inverse[kept.nonzero().squeeze(1)[order]] = torch.arange(num_kept, device=slot.device)
     return DispatchPlan(
         token_index=token[order],
@@ -76,18 +78,28 @@ def make_plan(routing: Routing, *, trim_buffer: bool = False) -> DispatchPlan:
         gate=routing.gate.reshape(-1)[kept][order],
         tokens_per_expert=routing.tokens_per_expert,
         inverse=inverse.view(num_tokens, top_k),
+        dropped=(~kept).nonzero().squeeze(1),
         num_tokens=num_tokens,
         capacity=routing.capacity,
         buffer_rows=rows,
     )
 
 
-def _gather_sum(rows: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    """out[t] = sum_j rows[inverse[t, j]], where index len(rows) reads a zero row."""
-    extended = torch.cat([rows, rows.new_zeros(1, rows.shape[-1])])
-    if inverse.shape[1] == 1:
-        return extended.index_select(0, inverse[:, 0])
-    return extended[inverse].sum(dim=1)
+def _gather_sum(rows: torch.Tensor, inverse: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+    """out[t] = sum_j rows[inverse[t, j]] over the kept pairs (flat positions not in ``dropped``).
+
+    One gather, then the few dropped rows are zeroed in place (no copy of ``rows`` with a
+    zero row appended).
+    """
+    num_tokens, top_k = inverse.shape
+    if rows.shape[0] == 0:  # everything was dropped
+        return rows.new_zeros(num_tokens, rows.shape[-1])
+    gathered = rows.index_select(0, inverse.reshape(-1))
+    if dropped.numel():
+        gathered.index_fill_(0, dropped, 0)
+    if top_k == 1:
+        return gathered
+    return gathered.view(num_tokens, top_k, -1).sum(dim=1)
 
 
 class _Permute(torch.autograd.Function):
@@ -95,15 +107,19 @@ class _Permute(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, x: torch.Tensor, token_index: torch.Tensor, inverse: torch.Tensor
+        ctx,
+        x: torch.Tensor,
+        token_index: torch.Tensor,
+        inverse: torch.Tensor,
+        dropped: torch.Tensor,
     ) -> torch.Tensor:
-        ctx.save_for_backward(inverse)
+        ctx.save_for_backward(inverse, dropped)
         return x.index_select(0, token_index)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (inverse,) = ctx.saved_tensors
-        return _gather_sum(grad, inverse), None, None
+        inverse, dropped = ctx.saved_tensors
+        return _gather_sum(grad, inverse, dropped), None, None, None
 
 
 class _Unpermute(torch.autograd.Function):
@@ -111,15 +127,19 @@ class _Unpermute(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, rows: torch.Tensor, token_index: torch.Tensor, inverse: torch.Tensor
+        ctx,
+        rows: torch.Tensor,
+        token_index: torch.Tensor,
+        inverse: torch.Tensor,
+        dropped: torch.Tensor,
     ) -> torch.Tensor:
         ctx.save_for_backward(token_index)
-        return _gather_sum(rows, inverse)
+        return _gather_sum(rows, inverse, dropped)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (token_index,) = ctx.saved_tensors
-        return grad.index_select(0, token_index), None, None
+        return grad.index_select(0, token_index), None, None, None
 
 
 class LocalDispatcher:
@@ -166,7 +186,7 @@ class LocalDispatcher:
 
     def permute(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """x [T, d] -> grouped [N, d]."""
-        return _Permute.apply(x, plan.token_index, plan.inverse)
+        return _Permute.apply(x, plan.token_index, plan.inverse, plan.dropped)
 
     def unpermute(self, y: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """grouped expert outputs [N, d] -> [T, d], each scaled by its gate and summed per token.
@@ -174,7 +194,7 @@ class LocalDispatcher:
         Dropped assignments contribute zero (the residual connection carries the token).
         """
         weighted = y * plan.gate.to(y.dtype).unsqueeze(-1)
-        return _Unpermute.apply(weighted, plan.token_index, plan.inverse)
+        return _Unpermute.apply(weighted, plan.token_index, plan.inverse, plan.dropped)
 
     def permute_to_buffer(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """x [T, d] -> buffer [E, R, d] (zeros where a slot is unused), R = plan.buffer_rows."""
