@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from moe import MoELayer
-from moe.experts import grouped_matmul
+from moe.experts import GroupedExperts, grouped_matmul
 from tests.moe.reference import naive_moe
 
 D, FF, E = 8, 16, 4
@@ -119,6 +119,37 @@ def test_grouped_matmul_impls_agree(impl):
         pytest.skip("torch._grouped_mm not available")
     got = grouped_matmul(x.float(), w.float(), sizes, impl=impl)
     torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_relu_experts_equal_the_unfused_matmuls(autocast):
+    """The CPU relu path (one fused function, relu and its mask in place per expert) gives
+    the output and gradients of grouped_matmul -> relu -> grouped_matmul, an empty expert's
+    weight gradient included (exactly 0)."""
+    torch.manual_seed(0)
+    experts = GroupedExperts(4, 8, 16, activation="relu")
+    sizes = torch.tensor([3, 0, 5, 2])
+    x = torch.randn(10, 8)
+    grad = torch.randn(10, 8)
+
+    def run(fused):
+        experts.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if fused:
+                y = experts(xi, sizes)
+            else:
+                h = torch.relu(grouped_matmul(xi, experts.w1, sizes, impl="loop"))
+                y = grouped_matmul(h, experts.w2, sizes, impl="loop")
+        y.float().backward(grad)
+        return y, xi.grad, experts.w1.grad, experts.w2.grad
+
+    fused, unfused = run(True), run(False)
+    assert fused[0].dtype == (torch.bfloat16 if autocast else torch.float32)
+    for got, want in zip(fused, unfused):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert fused[2][1].abs().max() == 0 and fused[3][1].abs().max() == 0
+    assert fused[2][0].abs().max() > 0
 
 
 def test_expert_choice_layer_runs_and_balances():

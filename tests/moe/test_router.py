@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from moe.losses import load_balancing_loss, router_z_loss
-from moe.router import TopKRouter, compute_capacity, expert_choice_route, route
+from moe.router import (
+    TopKRouter,
+    choose_experts,
+    compute_capacity,
+    expert_choice_route,
+    expert_softmax,
+    route,
+)
 from tests.moe.reference import naive_route
 
 
@@ -157,3 +164,34 @@ def test_routing_math_is_fp32_for_bf16_logits():
 def test_bad_arguments_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         route(torch.randn(3, 4), **kwargs)
+
+
+@pytest.mark.parametrize("num_experts", [2, 8, 15, 16, 64])
+def test_expert_softmax_equals_softmax_with_its_gradient(num_experts):
+    """The CPU layout trick for few experts changes neither values nor gradients."""
+    torch.manual_seed(0)
+    logits = torch.randn(37, num_experts, requires_grad=True)
+    weights = torch.randn(37, num_experts)
+    probs = expert_softmax(logits)
+    assert probs.is_contiguous() and probs.shape == (37, num_experts)
+    (grad,) = torch.autograd.grad((probs * weights).sum(), logits)
+    ref_logits = logits.detach().double().requires_grad_(True)
+    ref = torch.softmax(ref_logits, dim=-1)
+    (ref_grad,) = torch.autograd.grad((ref * weights.double()).sum(), ref_logits)
+    torch.testing.assert_close(probs.double(), ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, atol=1e-6, rtol=1e-6)
+
+
+def test_choose_experts_top1_is_topk_and_breaks_ties_by_lowest_id():
+    torch.manual_seed(0)
+    logits = torch.randn(50, 8)
+    probs, top_probs, index, gate = choose_experts(logits, 1)
+    want_probs, want_index = torch.topk(torch.softmax(logits, -1), 1, dim=-1)
+    assert torch.equal(index, want_index)
+    torch.testing.assert_close(top_probs, want_probs)
+    assert gate is top_probs and index.shape == (50, 1)
+    tied = torch.tensor([[0.0, 1.0, 1.0, 0.0], [2.0, 2.0, 2.0, 2.0]])
+    assert choose_experts(tied, 1)[2].view(-1).tolist() == [1, 0]
+    _, top2, index2, gate2 = choose_experts(logits, 2)
+    torch.testing.assert_close(gate2, top2 / top2.sum(-1, keepdim=True))
+    assert torch.equal(index2, torch.topk(logits, 2, dim=-1).indices)
