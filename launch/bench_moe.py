@@ -88,6 +88,38 @@ class _OursCall(nn.Module):
         return self.layer(x).output
 
 
+class _ExpertsAlone(nn.Module):
+    """The layer's experts on rows already grouped by expert: no router, no permute, no gate.
+
+    ``inputs`` gives rows of the shape one routing of the benchmark's input hands the experts
+    ([N, d] kept rows for the grouped layout, [E, R, d] for the buffer layout); the same
+    kernels at the same sizes, so the ratio to the dense FFN is the floor that the whole
+    layer cannot go below with these matmul libraries.
+    """
+
+    def __init__(self, layer: MoELayer, x: torch.Tensor) -> None:
+        super().__init__()
+        self.experts = layer.experts
+        self.grouped = layer.resolve_layout(x) == "grouped"
+        with torch.no_grad():
+            plan = layer.dispatcher.plan(layer.dispatcher.route(layer.router, x))
+        self.sizes = plan.tokens_per_expert
+        self.shape = (
+            (int(self.sizes.sum()), x.shape[-1])
+            if self.grouped
+            else (plan.num_experts, plan.buffer_rows, x.shape[-1])
+        )
+
+    def inputs(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random rows and upstream gradient of the experts' input shape."""
+        return torch.randn(self.shape, dtype=dtype), torch.randn(self.shape, dtype=dtype)
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.grouped:
+            return self.experts(rows, self.sizes)
+        return self.experts.forward_buffer(rows)
+
+
 def fwd_bwd(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], float]:
     """A closure timing one forward + backward, in milliseconds."""
 
@@ -175,6 +207,8 @@ def bench_point(num_experts: int, dtype_name: str, args: argparse.Namespace) -> 
     grad = torch.randn_like(x)
     layout = mods["moeforge"].layer.resolve_layout(x)
     runners = {name: fwd_bwd(m, x, grad) for name, m in mods.items()}
+    alone = _ExpertsAlone(mods["moeforge"].layer, x)
+    runners["experts alone"] = fwd_bwd(alone, *alone.inputs(dtype))
     times: dict[str, list[float]] = {name: [] for name in runners}
     for rep in range(args.repeats + 1):  # the first round is warm-up
         for name, run in runners.items():
@@ -193,18 +227,20 @@ def bench_point(num_experts: int, dtype_name: str, args: argparse.Namespace) -> 
 def format_table(rows: list[tuple[int, str, dict[str, float]]]) -> str:
     names = ["dense FFN", "moeforge", "deepspeed MoE"]
     lines = [
-        "| experts | dtype | dense FFN ms | moeforge ms | deepspeed MoE ms | moeforge / dense | deepspeed / dense | moeforge / deepspeed |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| experts | dtype | dense FFN ms | moeforge ms | deepspeed MoE ms | moeforge / dense | deepspeed / dense | moeforge / deepspeed | experts alone / dense |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for experts, dtype, med in rows:
         cells = [f"{med[n]:.1f}" if n in med else "n/a" for n in names]
         dense = med["dense FFN"]
         ours = med["moeforge"]
         ds = med.get("deepspeed MoE")
+        alone = med.get("experts alone")
         ratios = [
             f"{ours / dense:.2f}x",
             f"{ds / dense:.2f}x" if ds else "n/a",
             f"{ours / ds:.2f}x" if ds else "n/a",
+            f"{alone / dense:.2f}x" if alone else "n/a",
         ]
         lines.append(f"| {experts} | {dtype} | " + " | ".join(cells + ratios) + " |")
     return "\n".join(lines)
