@@ -8,6 +8,17 @@ from __future__ import annotations
 import torch
 
 
+def experts_first(logits: torch.Tensor) -> bool:
+    """Whether to reduce [T, E] over experts as the transposed [E, T] copy over dim 0.
+
+    On CPU, torch's softmax and logsumexp over a last dim shorter than one AVX-512 vector
+    (16 fp32) take a scalar path: at [4096, 8] softmax forward+backward measured 950 us
+    against 320 us over dim 0 of the transposed copy, logsumexp 495 us against 291 us. From
+    E=16 on, the direct call is the faster. The values are the same either way.
+    """
+    return logits.device.type == "cpu" and logits.shape[-1] < 16
+
+
 def load_balancing_loss(probs: torch.Tensor, first_choice: torch.Tensor) -> torch.Tensor:
     """Switch Transformer eq. 4: E * sum_e f_e * P_e.
 
@@ -36,6 +47,8 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     """
     if logits.shape[0] == 0:
         return logits.sum() * 0.0
+    if experts_first(logits):
+        return torch.logsumexp(logits.t().contiguous(), dim=0).square().mean()
     return torch.logsumexp(logits, dim=-1).square().mean()
 
 

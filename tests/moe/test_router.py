@@ -182,6 +182,18 @@ def test_expert_softmax_equals_softmax_with_its_gradient(num_experts):
     torch.testing.assert_close(grad.double(), ref_grad, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("num_experts", [8, 64])
+def test_z_loss_layouts_agree_with_float64(num_experts):
+    torch.manual_seed(1)
+    logits = torch.randn(29, num_experts, requires_grad=True)
+    (grad,) = torch.autograd.grad(router_z_loss(logits), logits)
+    ref_logits = logits.detach().double().requires_grad_(True)
+    ref = torch.logsumexp(ref_logits, dim=-1).square().mean()
+    (ref_grad,) = torch.autograd.grad(ref, ref_logits)
+    torch.testing.assert_close(router_z_loss(logits).double(), ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, atol=1e-6, rtol=1e-6)
+
+
 def test_choose_experts_top1_is_topk_and_breaks_ties_by_lowest_id():
     torch.manual_seed(0)
     logits = torch.randn(50, 8)
