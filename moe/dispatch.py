@@ -85,16 +85,25 @@ def make_plan(routing: Routing, *, trim_buffer: bool = False) -> DispatchPlan:
     )
 
 
-def _gather_sum(rows: torch.Tensor, inverse: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
-    """out[t] = sum_j rows[inverse[t, j]] over the kept pairs (flat positions not in ``dropped``).
+def _gather_sum(
+    rows: torch.Tensor,
+    inverse: torch.Tensor,
+    dropped: torch.Tensor,
+    gate: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """out[t] = sum_j gate[i] * rows[i], i = inverse[t, j], over the kept pairs (flat positions
+    not in ``dropped``); without ``gate`` the weights are 1.
 
-    One gather, then the few dropped rows are zeroed in place (no copy of ``rows`` with a
-    zero row appended).
+    One gather, then the gate multiply in place while the rows are fresh, and the few dropped
+    rows zeroed (no copy of ``rows`` with a zero row appended).
     """
     num_tokens, top_k = inverse.shape
     if rows.shape[0] == 0:  # everything was dropped
         return rows.new_zeros(num_tokens, rows.shape[-1])
-    gathered = rows.index_select(0, inverse.reshape(-1))
+    flat = inverse.reshape(-1)
+    gathered = rows.index_select(0, flat)
+    if gate is not None:
+        gathered.mul_(gate.index_select(0, flat).unsqueeze(-1))
     if dropped.numel():
         gathered.index_fill_(0, dropped, 0)
     if top_k == 1:
@@ -122,24 +131,33 @@ class _Permute(torch.autograd.Function):
         return _gather_sum(grad, inverse, dropped), None, None, None
 
 
-class _Unpermute(torch.autograd.Function):
-    """y[t] = sum_j rows[inverse[t, j]]; backward is the gather grad_y[token_index]."""
+class _Combine(torch.autograd.Function):
+    """out[t] = sum_j gate[i] * rows[i], i = inverse[t, j] (the gate-weighted unpermute).
+
+    One function instead of a multiply then a gather: the forward scales the gathered rows in
+    place, and the backward gathers the output gradient once, takes the gate gradient as a
+    row-wise dot with the rows, and scales in place (two fewer passes over [N, d]).
+    """
 
     @staticmethod
     def forward(
         ctx,
         rows: torch.Tensor,
+        gate: torch.Tensor,
         token_index: torch.Tensor,
         inverse: torch.Tensor,
         dropped: torch.Tensor,
     ) -> torch.Tensor:
-        ctx.save_for_backward(token_index)
-        return _gather_sum(rows, inverse, dropped)
+        ctx.save_for_backward(rows, gate, token_index)
+        return _gather_sum(rows, inverse, dropped, gate)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (token_index,) = ctx.saved_tensors
-        return grad.index_select(0, token_index), None, None, None
+        rows, gate, token_index = ctx.saved_tensors
+        grad_rows = grad.index_select(0, token_index)  # each kept row's token's gradient
+        grad_gate = torch.linalg.vecdot(grad_rows, rows) if ctx.needs_input_grad[1] else None
+        grad_rows = grad_rows.mul_(gate.unsqueeze(-1)) if ctx.needs_input_grad[0] else None
+        return grad_rows, grad_gate, None, None, None
 
 
 class LocalDispatcher:
@@ -193,8 +211,8 @@ class LocalDispatcher:
 
         Dropped assignments contribute zero (the residual connection carries the token).
         """
-        weighted = y * plan.gate.to(y.dtype).unsqueeze(-1)
-        return _Unpermute.apply(weighted, plan.token_index, plan.inverse, plan.dropped)
+        gate = plan.gate.to(y.dtype)
+        return _Combine.apply(y, gate, plan.token_index, plan.inverse, plan.dropped)
 
     def permute_to_buffer(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """x [T, d] -> buffer [E, R, d] (zeros where a slot is unused), R = plan.buffer_rows."""
