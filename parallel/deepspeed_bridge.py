@@ -33,6 +33,14 @@ tests/parallel/test_deepspeed_bridge.py so an upgrade that breaks one fails loud
    module state (shaped by the EP layout) out: ``load_training_state``. The scheduler's
    state is only ``last_batch_iteration``; the learning rate is in the optimizer's param
    groups, so ``step(last_batch_iteration)`` re-applies it.
+8. Classic bf16 or fp16 without ZeRO: the engine wraps the optimizer in
+   ``runtime/fp16/unfused_optimizer.py`` FP16_UnfusedOptimizer (a torch optimizer, as
+   here), whose fp32 masters are one tensor per parameter, ``fp32_groups[i][j]`` for
+   ``fp16_groups[i][j]``, or with DeepSpeed's FusedAdam in ``fused_optimizer.py``
+   FP16_Optimizer, whose masters are one flat tensor per group, ``fp32_groups_flat[i]``,
+   the concatenation in order of ``fp16_groups[i]``. The torch optimizer's parameters, and
+   so its Adam state, are those masters; the model's parameters carry no ``_hp_mapping``.
+   ``fp32_master_slots`` maps each parameter to its master and offset.
 
 Without CUDA, ``DS_ACCELERATOR=cpu`` is set before deepspeed is imported (gloo backend).
 """
@@ -270,6 +278,42 @@ def link_optimizer_state(engine: Any) -> None:
     if hasattr(optimizer, "_hp_optimizer_states_linked"):
         optimizer._hp_optimizer_states_linked = False
         optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def fp32_master_slots(engine: Any) -> dict[nn.Parameter, tuple[torch.Tensor, int]]:
+    """Each low-precision parameter's fp32 master: (flat master tensor, offset in it).
+
+    Contract 8: only engines that keep separate fp32 masters outside ZeRO (classic bf16/fp16
+    without ZeRO) have them; a slot's Adam moment is ``state[master][key]`` at the same
+    offset. Empty for every other engine (fp32 parameters are their own masters; ZeRO 1/2
+    parameters reach theirs through ``_hp_mapping``).
+    """
+    optimizer = engine.optimizer
+    groups = getattr(optimizer, "fp16_groups", None)
+    if groups is None:
+        return {}
+    slots: dict[nn.Parameter, tuple[torch.Tensor, int]] = {}
+    if hasattr(optimizer, "fp32_groups_flat"):  # fused: one flat master per group
+        for params, flat in zip(groups, optimizer.fp32_groups_flat):
+            offset = 0
+            for param in params:
+                slots[param] = (flat, offset)
+                offset += param.numel()
+            _check_master(flat.numel(), offset)
+        return slots
+    for params, masters in zip(groups, optimizer.fp32_groups):  # unfused: one per parameter
+        for param, master in zip(params, masters):
+            _check_master(master.numel(), param.numel())
+            slots[param] = (master, 0)
+    return slots
+
+
+def _check_master(master_size: int, expected: int) -> None:
+    if master_size != expected:
+        raise RuntimeError(
+            f"deepspeed's fp32 master holds {master_size} values for parameters of {expected}: "
+            "contract 8 (parallel/deepspeed_bridge.py) no longer holds"
+        )
 
 
 def _skip_module_state(src: dict[str, Any], dst: nn.Module) -> None:

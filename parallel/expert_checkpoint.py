@@ -22,7 +22,9 @@ parameter's data-parallel group (for experts: the expert-data-parallel group), c
 ``link_optimizer_state`` (parallel/deepspeed_bridge.py, contract 6) makes the moments of
 every parameter group reachable that way first.
 Under ZeRO 0 the engine's optimizer is torch's AdamW itself and its ``state[param]`` holds
-the moments. Parameters are visited in the same order on every rank, so the collectives
+the moments; with classic bf16/fp16 at ZeRO 0 the fp32 masters and moments are slices of
+one flat tensor per parameter group (``fp32_master_slots``, contract 8), read and written
+there, never from the rounded bf16 parameters. Parameters are visited in the same order on every rank, so the collectives
 match.
 """
 
@@ -37,7 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from parallel.collectives import all_gather_tensor
-from parallel.deepspeed_bridge import link_optimizer_state
+from parallel.deepspeed_bridge import fp32_master_slots, link_optimizer_state
 from parallel.layout import ProcessGroups
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -74,11 +76,31 @@ def adam_step(engine: Any) -> float:
     return 0.0
 
 
-def _read(param: nn.Parameter, key: str | None, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+Slots = dict[nn.Parameter, tuple[torch.Tensor, int]]
+
+
+def _master_slice(
+    param: nn.Parameter, key: str | None, optimizer: torch.optim.Optimizer, slots: Slots
+) -> torch.Tensor | None:
+    """``param``'s view into its flat fp32 master (key None) or flat Adam moment, where the
+    engine keeps flat masters (classic bf16/fp16 without ZeRO, bridge contract 8)."""
+    flat, offset = slots[param]
+    source = flat if key is None else optimizer.state.get(flat, {}).get(key)
+    if source is None:
+        return None
+    return source.detach()[offset : offset + param.numel()].view(param.shape)
+
+
+def _read(
+    param: nn.Parameter, key: str | None, optimizer: torch.optim.Optimizer, slots: Slots
+) -> torch.Tensor:
     """Full fp32 weight (key None) or Adam moment of ``param`` on this rank (collective under
     ZeRO 1/2, over the parameter's data-parallel group)."""
     if hasattr(param, "_hp_mapping"):
         return param.get_full_hp_param(key).detach().float().clone()
+    if param in slots:
+        value = _master_slice(param, key, optimizer, slots)
+        return torch.zeros_like(param, dtype=torch.float32) if value is None else value.clone()
     if key is None:
         return param.detach().float().clone()
     state = optimizer.state.get(param, {})
@@ -88,9 +110,19 @@ def _read(param: nn.Parameter, key: str | None, optimizer: torch.optim.Optimizer
 
 
 def _write(
-    param: nn.Parameter, key: str | None, value: torch.Tensor, optimizer: torch.optim.Optimizer
+    param: nn.Parameter,
+    key: str | None,
+    value: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    slots: Slots,
 ) -> None:
     value = value.to(param.device)
+    if param in slots:
+        with torch.no_grad():
+            _master_slice(param, key, optimizer, slots).copy_(value)
+            if key is None:
+                param.copy_(value.to(param.dtype))
+        return
     if hasattr(param, "_hp_mapping"):
         param.set_full_hp_param(value, key)
         if key is None:
@@ -111,9 +143,10 @@ def save_portable(engine: Any, model: nn.Module, groups: ProcessGroups, path: Pa
     """
     optimizer = base_optimizer(engine)
     link_optimizer_state(engine)
+    slots = fp32_master_slots(engine)
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     for name, param in model.named_parameters():
-        entry = {key or "weight": _read(param, key, optimizer) for key in (None, *MOMENTS)}
+        entry = {key or "weight": _read(param, key, optimizer, slots) for key in (None, *MOMENTS)}
         if is_expert_name(name) and groups.ep_size > 1:
             entry = {
                 k: all_gather_tensor(v, groups.ep_group).flatten(0, 1) for k, v in entry.items()
@@ -143,6 +176,7 @@ def load_portable(engine: Any, model: nn.Module, groups: ProcessGroups, path: Pa
     optimizer = base_optimizer(engine)
     _ensure_adam_state(optimizer)
     link_optimizer_state(engine)
+    slots = fp32_master_slots(engine)
     step = torch.tensor(float(saved["meta"]["adam_step"]))
     named = dict(model.named_parameters())
     missing = sorted(set(named) - set(saved["tensors"]))
@@ -167,7 +201,7 @@ def load_portable(engine: Any, model: nn.Module, groups: ProcessGroups, path: Pa
                 raise ValueError(
                     f"{name}: saved shape {tuple(value.shape)} != {tuple(param.shape)}"
                 )
-            _write(param, key, value, optimizer)
+            _write(param, key, value, optimizer, slots)
     for state in optimizer.state.values():
         if "step" in state:
             state["step"] = step.clone()

@@ -149,7 +149,19 @@ def _engine_body(rank: int, world_size: int, stage: int, precision: str) -> dict
         engine.step()
         losses.append(out.loss.item())
     edp = bridge.expert_data_parallel_group(1)
+    slots = bridge.fp32_master_slots(engine)  # contract 8
+    masters = [
+        slots[p][0].detach()[slots[p][1] : slots[p][1] + p.numel()].view(p.shape)
+        for p in model.parameters()
+        if p in slots
+    ]
     return {
+        "master_slots": len(slots),
+        "masters_round_to_params": all(
+            master.dtype == torch.float32 and torch.equal(master.to(p.dtype), p.detach())
+            for master, p in zip(masters, model.parameters())
+        ),
+        "num_params": len(list(model.parameters())),
         "has_moe_layers": engine.has_moe_layers,
         "expert_groups": sorted(engine.expert_data_parallel_group),
         "edp_size": torch.distributed.get_world_size(edp),
@@ -190,16 +202,24 @@ def test_bf16_autocast_keeps_router_fp32_while_matmuls_run_in_bf16(tmp_path):
         r["expert_weight"] == torch.float32 and r["attention_weight"] == torch.float32
     )  # fp32 masters
     assert r["router_moved"] and all(torch.isfinite(torch.tensor(r["losses"])))
+    assert r["master_slots"] == 0  # fp32 parameters are their own masters
 
 
 @pytest.mark.slow
-def test_bf16_params_stores_bf16_weights_with_fp32_routing_math(tmp_path):
-    (r,) = run_ranks(1, _engine_body, tmp_path, 1, "bf16-params")
+@pytest.mark.parametrize("stage", [0, 1])
+def test_bf16_params_stores_bf16_weights_with_fp32_routing_math(tmp_path, stage):
+    (r,) = run_ranks(1, _engine_body, tmp_path, stage, "bf16-params")
     assert r["router_weight"] == torch.bfloat16 and r["expert_weight"] == torch.bfloat16
     assert r["attention_weight"] == torch.bfloat16
     # Activations reach the router in bf16; it computes logits (and softmax, top-k) in fp32.
     assert r["dtype_router_input"] == torch.bfloat16 and r["dtype_logits"] == torch.float32
     assert r["dtype_experts_out"] == torch.bfloat16 and r["router_moved"]
+    # Contract 8: at ZeRO 0 every bf16 parameter has an fp32 master slot that rounds to it;
+    # under ZeRO 1 the masters are reached through _hp_mapping instead.
+    if stage == 0:
+        assert r["master_slots"] == r["num_params"] and r["masters_round_to_params"]
+    else:
+        assert r["master_slots"] == 0
 
 
 def _relink_body(rank: int, world_size: int) -> dict:

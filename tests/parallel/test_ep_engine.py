@@ -65,17 +65,18 @@ def ds_config(stage: int) -> dict:
     }  # fmt: skip
 
 
-def train_steps(engine, rank: int, steps: range) -> list[float]:
-    """Engine steps on this rank's rows of each global batch; the rank-averaged losses."""
+def train_steps(engine, rank: int, steps: range, dtype: torch.dtype | None = None) -> list[float]:
+    """Engine steps on this rank's rows of each global batch (cast to ``dtype`` for an engine
+    with bf16 parameters); the rank-averaged losses."""
     rows = slice(rank * TOKENS, (rank + 1) * TOKENS)
     world_size = torch.distributed.get_world_size()
     losses = []
     for step in steps:
-        x, target = global_batch(step)
-        loss = engine(x[rows], target[rows])
+        x, target = (t[rows].to(dtype or t.dtype) for t in global_batch(step))
+        loss = engine(x, target)
         engine.backward(loss)
         engine.step()
-        mean = loss.detach().clone()
+        mean = loss.detach().float().clone()
         torch.distributed.all_reduce(mean)
         losses.append(mean.item() / world_size)
     return losses
