@@ -88,7 +88,7 @@ def _master_slice(
     source = flat if key is None else optimizer.state.get(flat, {}).get(key)
     if source is None:
         return None
-    return source.detach()[offset : offset + param.numel()].view(param.shape)
+    return source.detach().view(-1)[offset : offset + param.numel()].view(param.shape)
 
 
 def _read(
