@@ -108,24 +108,33 @@ class _LoopReluMLP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
         x, hidden, w1, w2 = ctx.saved_tensors
+        needs_x, needs_w1, needs_w2 = ctx.needs_input_grad[:3]
         grad = grad.contiguous()
-        grad_x, grad_w1, grad_w2 = torch.empty_like(x), torch.empty_like(w1), torch.empty_like(w2)
-        grad_hidden = hidden.new_empty(hidden.shape)
+        grad_x = torch.empty_like(x) if needs_x else None
+        grad_w1 = torch.empty_like(w1) if needs_w1 else None
+        grad_w2 = torch.empty_like(w2) if needs_w2 else None
+        grad_hidden = hidden.new_empty(hidden.shape) if needs_x or needs_w1 else None
         start = 0
         for e, n in enumerate(ctx.sizes):
             rows = slice(start, start + n)
             start += n
             if not n:
-                grad_w1[e].zero_()
-                grad_w2[e].zero_()
+                for grad_w in (grad_w1, grad_w2):
+                    if grad_w is not None:
+                        grad_w[e].zero_()
                 continue
-            torch.mm(hidden[rows].t(), grad[rows], out=grad_w2[e])
+            if grad_w2 is not None:
+                torch.mm(hidden[rows].t(), grad[rows], out=grad_w2[e])
+            if grad_hidden is None:
+                continue
             g = grad_hidden[rows]
             torch.mm(grad[rows], w2[e].t(), out=g)
             # relu's backward in place (aten.threshold_backward; a masked_fill is ~60x slower)
             torch.ops.aten.threshold_backward.grad_input(g, hidden[rows], 0.0, grad_input=g)
-            torch.mm(g, w1[e].t(), out=grad_x[rows])
-            torch.mm(x[rows].t(), g, out=grad_w1[e])
+            if grad_x is not None:
+                torch.mm(g, w1[e].t(), out=grad_x[rows])
+            if grad_w1 is not None:
+                torch.mm(x[rows].t(), g, out=grad_w1[e])
         return grad_x, grad_w1, grad_w2, None
 
 

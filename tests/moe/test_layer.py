@@ -152,6 +152,26 @@ def test_fused_relu_experts_equal_the_unfused_matmuls(autocast):
     assert fused[2][0].abs().max() > 0
 
 
+def test_fused_relu_experts_compute_only_the_gradients_asked_for():
+    torch.manual_seed(0)
+    experts = GroupedExperts(4, 8, 16, activation="relu")
+    sizes = torch.tensor([3, 0, 5, 2])
+    x = torch.randn(10, 8, requires_grad=True)
+    experts(x, sizes).sum().backward()
+    full = (x.grad, experts.w1.grad, experts.w2.grad)
+    experts.zero_grad(set_to_none=True)
+    experts.w1.requires_grad_(False)
+    experts(x.detach(), sizes).sum().backward()  # only w2's gradient
+    assert experts.w1.grad is None and torch.equal(experts.w2.grad, full[2])
+    experts.w1.requires_grad_(True)
+    experts.w2.requires_grad_(False)
+    experts.zero_grad(set_to_none=True)
+    xi = x.detach().requires_grad_(True)
+    experts(xi, sizes).sum().backward()  # input and w1, not w2
+    assert torch.equal(xi.grad, full[0]) and torch.equal(experts.w1.grad, full[1])
+    assert experts.w2.grad is None
+
+
 def test_expert_choice_layer_runs_and_balances():
     layer = MoELayer(D, FF, E, router="expert_choice", capacity_factor=1.0)
     out = layer(torch.randn(16, D))
