@@ -100,7 +100,8 @@ class _ExpertsAlone(nn.Module):
     def __init__(self, layer: MoELayer, x: torch.Tensor) -> None:
         super().__init__()
         self.experts = layer.experts
-        self.grouped = layer.resolve_layout(x) == "grouped"
+        self.layout = layer.resolve_layout(x)
+        self.grouped = self.layout == "grouped"
         with torch.no_grad():
             plan = layer.dispatcher.plan(layer.dispatcher.route(layer.router, x))
         self.sizes = plan.tokens_per_expert
@@ -205,7 +206,6 @@ def bench_point(num_experts: int, dtype_name: str, args: argparse.Namespace) -> 
     mods = contenders(num_experts, dtype, args)
     x = torch.randn(args.tokens, args.d_model, dtype=dtype)
     grad = torch.randn_like(x)
-    layout = mods["moeforge"].layer.resolve_layout(x)
     runners = {name: fwd_bwd(m, x, grad) for name, m in mods.items()}
     alone = _ExpertsAlone(mods["moeforge"].layer, x)
     runners["experts alone"] = fwd_bwd(alone, *alone.inputs(dtype))
@@ -217,7 +217,7 @@ def bench_point(num_experts: int, dtype_name: str, args: argparse.Namespace) -> 
                 times[name].append(ms)
     mib, floor = weight_traffic_ms(mods["moeforge"].layer, args.repeats)
     print(
-        f"  E={num_experts} {dtype_name}: moeforge expert layout {layout}; expert weights "
+        f"  E={num_experts} {dtype_name}: moeforge expert layout {alone.layout}; expert weights "
         f"{mib:.0f} MiB, read twice + gradients written once alone: {floor:.1f} ms",
         flush=True,
     )

@@ -281,7 +281,8 @@ def link_optimizer_state(engine: Any) -> None:
 
 
 def fp32_master_slots(engine: Any) -> dict[nn.Parameter, tuple[torch.Tensor, int]]:
-    """Each low-precision parameter's fp32 master: (flat master tensor, offset in it).
+    """Each low-precision parameter's fp32 master: (master tensor, offset of the parameter in
+    it; 0 for a per-parameter master, the running offset in a per-group flat master).
 
     Contract 8: only engines that keep separate fp32 masters outside ZeRO (classic bf16/fp16
     without ZeRO) have them; a slot's Adam moment is ``state[master][key]`` at the same

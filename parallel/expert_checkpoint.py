@@ -22,10 +22,10 @@ parameter's data-parallel group (for experts: the expert-data-parallel group), c
 ``link_optimizer_state`` (parallel/deepspeed_bridge.py, contract 6) makes the moments of
 every parameter group reachable that way first.
 Under ZeRO 0 the engine's optimizer is torch's AdamW itself and its ``state[param]`` holds
-the moments; with classic bf16/fp16 at ZeRO 0 the fp32 masters and moments are slices of
-one flat tensor per parameter group (``fp32_master_slots``, contract 8), read and written
-there, never from the rounded bf16 parameters. Parameters are visited in the same order on every rank, so the collectives
-match.
+the moments. With classic bf16/fp16 at ZeRO 0, DeepSpeed's wrapper keeps separate fp32
+masters, and the Adam state is keyed by them (``fp32_master_slots``, contract 8): masters
+and moments are read and written there, never from the rounded bf16 parameters.
+Parameters are visited in the same order on every rank, so the collectives match.
 """
 
 from __future__ import annotations
@@ -82,8 +82,8 @@ Slots = dict[nn.Parameter, tuple[torch.Tensor, int]]
 def _master_slice(
     param: nn.Parameter, key: str | None, optimizer: torch.optim.Optimizer, slots: Slots
 ) -> torch.Tensor | None:
-    """``param``'s view into its flat fp32 master (key None) or flat Adam moment, where the
-    engine keeps flat masters (classic bf16/fp16 without ZeRO, bridge contract 8)."""
+    """``param``'s view into its fp32 master (key None) or that master's Adam moment, where
+    the engine keeps separate masters (classic bf16/fp16 without ZeRO, bridge contract 8)."""
     flat, offset = slots[param]
     source = flat if key is None else optimizer.state.get(flat, {}).get(key)
     if source is None:
