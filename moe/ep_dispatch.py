@@ -35,6 +35,7 @@ one after another, equal to the merged matmul's to fp32 rounding.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from datetime import timedelta
 from typing import Any
 
@@ -72,20 +73,28 @@ class ExpertParallelPlan(DispatchPlan):
     Attributes (beyond DispatchPlan):
         send_splits: rows sent to each EP rank (list of ep ints).
         recv_splits: rows received from each EP rank.
-        local_order: [M] int64 source-major received row -> expert-major position.
-        inverse_order: [M] int64 the inverse permutation.
         local_group_sizes: [E_l] int64 rows per local expert after the exchange.
         recv_counts: [ep, E_l] int64 rows received from each source rank per local expert.
         padded: rows are fixed [E, C] capacity buffers (per_rank scope with a capacity).
+        local_order, inverse_order (computed on first use; source-major experts never ask):
+            [M] int64 source-major received row -> expert-major position, and its inverse.
     """
 
     send_splits: list[int]
     recv_splits: list[int]
-    local_order: torch.Tensor
-    inverse_order: torch.Tensor
     local_group_sizes: torch.Tensor
     recv_counts: torch.Tensor
     padded: bool
+
+    @functools.cached_property
+    def local_order(self) -> torch.Tensor:
+        return source_to_expert_order(self.recv_counts.cpu()).to(self.recv_counts.device)
+
+    @functools.cached_property
+    def inverse_order(self) -> torch.Tensor:
+        inverse = torch.empty_like(self.local_order)
+        inverse[self.local_order] = torch.arange(inverse.numel(), device=inverse.device)
+        return inverse
 
 
 def source_to_expert_order(recv_counts: torch.Tensor) -> torch.Tensor:
@@ -209,16 +218,11 @@ class AllToAllDispatcher(LocalDispatcher):
             recv_counts = capacities.cpu()[:, None].expand(ep, local)
             padded = True
         send_counts, recv_counts = send_counts.cpu(), recv_counts.cpu()
-        local_order = source_to_expert_order(recv_counts)
-        inverse_order = torch.empty_like(local_order)
-        inverse_order[local_order] = torch.arange(local_order.numel())
         device = base.token_index.device
         return ExpertParallelPlan(
             **{f.name: getattr(base, f.name) for f in dataclasses.fields(DispatchPlan)},
             send_splits=send_counts.sum(1).tolist(),
             recv_splits=recv_counts.sum(1).tolist(),
-            local_order=local_order.to(device),
-            inverse_order=inverse_order.to(device),
             local_group_sizes=recv_counts.sum(0).to(device),
             recv_counts=recv_counts.to(device),
             padded=padded,
