@@ -182,19 +182,11 @@ class LocalDispatcher:
         on_cpu = routing.slot.device.type == "cpu"  # trimming reads a count on the host
         return make_plan(routing, trim_buffer=self.trims_buffer and on_cpu)
 
-    def exchange(
-        self, rows: torch.Tensor, plan: DispatchPlan, *, source_major: bool = False
-    ) -> torch.Tensor:
-        """Send permuted rows to the ranks of their experts; nothing to send locally.
-
-        ``source_major``: the experts take received rows source rank by source rank (see
-        ``expert_group_sizes``); one process is its only source, so nothing changes here.
-        """
+    def exchange(self, rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """Send permuted rows to the ranks of their experts; nothing to send locally."""
         return rows
 
-    def exchange_back(
-        self, rows: torch.Tensor, plan: DispatchPlan, *, source_major: bool = False
-    ) -> torch.Tensor:
+    def exchange_back(self, rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """Return expert outputs to the ranks of their tokens; nothing to send locally."""
         return rows
 
@@ -206,9 +198,8 @@ class LocalDispatcher:
         """Inverse of ``exchange_buffer``; the identity locally."""
         return buffer
 
-    def expert_group_sizes(self, plan: DispatchPlan, *, source_major: bool = False) -> torch.Tensor:
-        """[E_local] int64 rows each local expert receives after ``exchange``; with
-        ``source_major``, [sources, E_local] (one block per source rank; here one source)."""
+    def expert_group_sizes(self, plan: DispatchPlan) -> torch.Tensor:
+        """[E_local] int64 rows each local expert receives after ``exchange``."""
         return plan.tokens_per_expert
 
     def permute(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:

@@ -24,18 +24,13 @@ experts, *exchange back* (the reverse all-to-all), *unpermute* (local). Three pa
   follow from the gathered routing; no further exchange is needed.
 
 On the receiving rank rows arrive source-major (rank 0's rows for each local expert, then
-rank 1's, ...). For one grouped matmul (``torch._grouped_mm`` on GPU) they are reordered
-expert-major, so expert e sees the same rows in the same order as in
-``SimulatedDispatcher``'s merged buffer. The CPU per-expert loop takes them as received,
-[ep, E_l] blocks (``exchange(..., source_major=True)``), and skips that reorder and its
-inverse (four passes over M rows per step); expert e's weight gradient then sums its blocks
-one after another, equal to the merged matmul's to fp32 rounding.
+rank 1's, ...) and are reordered expert-major for one grouped matmul, so expert e sees the
+same rows in the same order as in ``SimulatedDispatcher``'s merged buffer.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from datetime import timedelta
 from typing import Any
 
@@ -73,28 +68,18 @@ class ExpertParallelPlan(DispatchPlan):
     Attributes (beyond DispatchPlan):
         send_splits: rows sent to each EP rank (list of ep ints).
         recv_splits: rows received from each EP rank.
+        local_order: [M] int64 source-major received row -> expert-major position.
+        inverse_order: [M] int64 the inverse permutation.
         local_group_sizes: [E_l] int64 rows per local expert after the exchange.
-        recv_counts: [ep, E_l] int64 rows received from each source rank per local expert.
         padded: rows are fixed [E, C] capacity buffers (per_rank scope with a capacity).
-        local_order, inverse_order (computed on first use; source-major experts never ask):
-            [M] int64 source-major received row -> expert-major position, and its inverse.
     """
 
     send_splits: list[int]
     recv_splits: list[int]
+    local_order: torch.Tensor
+    inverse_order: torch.Tensor
     local_group_sizes: torch.Tensor
-    recv_counts: torch.Tensor
     padded: bool
-
-    @functools.cached_property
-    def local_order(self) -> torch.Tensor:
-        return source_to_expert_order(self.recv_counts.cpu()).to(self.recv_counts.device)
-
-    @functools.cached_property
-    def inverse_order(self) -> torch.Tensor:
-        inverse = torch.empty_like(self.local_order)
-        inverse[self.local_order] = torch.arange(inverse.numel(), device=inverse.device)
-        return inverse
 
 
 def source_to_expert_order(recv_counts: torch.Tensor) -> torch.Tensor:
@@ -218,13 +203,17 @@ class AllToAllDispatcher(LocalDispatcher):
             recv_counts = capacities.cpu()[:, None].expand(ep, local)
             padded = True
         send_counts, recv_counts = send_counts.cpu(), recv_counts.cpu()
+        local_order = source_to_expert_order(recv_counts)
+        inverse_order = torch.empty_like(local_order)
+        inverse_order[local_order] = torch.arange(local_order.numel())
         device = base.token_index.device
         return ExpertParallelPlan(
             **{f.name: getattr(base, f.name) for f in dataclasses.fields(DispatchPlan)},
             send_splits=send_counts.sum(1).tolist(),
             recv_splits=recv_counts.sum(1).tolist(),
+            local_order=local_order.to(device),
+            inverse_order=inverse_order.to(device),
             local_group_sizes=recv_counts.sum(0).to(device),
-            recv_counts=recv_counts.to(device),
             padded=padded,
         )
 
@@ -251,31 +240,20 @@ class AllToAllDispatcher(LocalDispatcher):
         """[E, C, d] -> [T, d], gate-weighted (unused slots are never read)."""
         return self.unpermute(buffer.reshape(-1, buffer.shape[-1]), plan)
 
-    def exchange(
-        self, rows: torch.Tensor, plan: ExpertParallelPlan, *, source_major: bool = False
-    ) -> torch.Tensor:
-        """Rows sorted by global expert -> this rank's experts' rows [M, d], expert-major, or
-        as received (source rank by source rank, each grouped by expert) with
-        ``source_major``: experts that take [ep, E_l] blocks skip two reorders of M rows."""
+    def exchange(self, rows: torch.Tensor, plan: ExpertParallelPlan) -> torch.Tensor:
+        """Rows sorted by global expert -> this rank's experts' rows [M, d], expert-major."""
         received = all_to_all(rows, plan.send_splits, plan.recv_splits, self.group, self.timeout)
-        if source_major:
-            return received
         return permute_rows(received, plan.local_order, plan.inverse_order)
 
-    def exchange_back(
-        self, rows: torch.Tensor, plan: ExpertParallelPlan, *, source_major: bool = False
-    ) -> torch.Tensor:
-        """Expert outputs [M, d] (in ``exchange``'s order) -> this rank's rows, in
-        ``permute``'s order."""
-        if not source_major:
-            rows = permute_rows(rows, plan.inverse_order, plan.local_order)
-        return all_to_all(rows, plan.recv_splits, plan.send_splits, self.group, self.timeout)
+    def exchange_back(self, rows: torch.Tensor, plan: ExpertParallelPlan) -> torch.Tensor:
+        """Expert outputs [M, d] (expert-major) -> this rank's rows, in ``permute``'s order."""
+        source_major = permute_rows(rows, plan.inverse_order, plan.local_order)
+        return all_to_all(
+            source_major, plan.recv_splits, plan.send_splits, self.group, self.timeout
+        )
 
-    def expert_group_sizes(
-        self, plan: ExpertParallelPlan, *, source_major: bool = False
-    ) -> torch.Tensor:
-        """[E_l] rows per local expert, or [ep, E_l] per source rank with ``source_major``."""
-        return plan.recv_counts if source_major else plan.local_group_sizes
+    def expert_group_sizes(self, plan: ExpertParallelPlan) -> torch.Tensor:
+        return plan.local_group_sizes
 
     def _check_buffer(self, plan: ExpertParallelPlan) -> None:
         if not plan.padded:

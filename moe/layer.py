@@ -178,13 +178,9 @@ class MoELayer(nn.Module):
         # permute (local) -> exchange (communication, identity in one process) -> experts ->
         # exchange back -> unpermute (local), as named in moe/dispatch.py.
         if self.resolve_layout(tokens) == "grouped":
-            # Experts that loop over row blocks take received rows source rank by source rank.
-            blocks = self.experts.takes_source_blocks(tokens)
-            rows = dispatcher.permute(tokens, plan)
-            rows = dispatcher.exchange(rows, plan, source_major=blocks)
-            rows = self.experts(rows, dispatcher.expert_group_sizes(plan, source_major=blocks))
-            rows = dispatcher.exchange_back(rows, plan, source_major=blocks)
-            y = dispatcher.unpermute(rows, plan)
+            rows = dispatcher.exchange(dispatcher.permute(tokens, plan), plan)
+            rows = self.experts(rows, dispatcher.expert_group_sizes(plan))
+            y = dispatcher.unpermute(dispatcher.exchange_back(rows, plan), plan)
         else:
             buffer = dispatcher.exchange_buffer(dispatcher.permute_to_buffer(tokens, plan), plan)
             buffer = self.experts.forward_buffer(buffer)

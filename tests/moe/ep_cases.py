@@ -121,18 +121,11 @@ def run_rank(
     rank: int,
     ep_group: Any,
     equal_tokens: bool = False,
-    source_blocks: bool = True,
 ) -> dict[str, Any]:
-    """One real rank: forward and backward of its rows through an AllToAllDispatcher layer.
-
-    ``source_blocks=False`` makes the experts take received rows expert-major, as
-    ``torch._grouped_mm`` does on GPU (on CPU the loop takes them source rank by source rank).
-    """
+    """One real rank: forward and backward of its rows through an AllToAllDispatcher layer."""
     layer = MoELayer(
         D, FF, E, min_capacity=1, ep_group=ep_group, equal_tokens=equal_tokens, **kwargs
     )
-    if not source_blocks:
-        layer.experts.takes_source_blocks = lambda x: False
     load_local_state(layer, state)
     x, upstream = make_batch(sizes)
     rows = x[rank_rows(sizes, rank)].clone().requires_grad_(True)

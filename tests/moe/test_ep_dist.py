@@ -6,8 +6,7 @@ tests/moe/ep_cases.py: which assignments drop (exactly), outputs, mean aux and z
 gradients of the input, the router and every expert (rtol = atol = 1e-5, fp32 rounding), and
 the same for ``SimulatedDispatcher`` with as many virtual ranks. Token counts per rank are
 uneven, expert 3 never receives a token, top-1 and top-2, dropping and dropless, per_rank
-and global capacity scope; experts take the received rows source rank by source rank (the
-CPU loop) and, for two cases, reordered expert-major (the order GPU's grouped kernel needs).
+and global capacity scope.
 """
 
 import io
@@ -35,7 +34,6 @@ from tests.moe.ep_cases import (
 
 SIZES = {2: [7, 5], 4: [5, 3, 6, 4]}
 EQUAL = {2: [6, 6], 4: [4, 4, 4, 4]}
-EXPERT_MAJOR = ("top2_drop", "top1_dropless")
 GLOBAL_18 = [8, 10]  # the 4-rank batch (18 tokens) split over 2 ranks
 
 
@@ -65,11 +63,6 @@ def body(rank: int, world_size: int, eps: list[int], case_states: dict) -> dict:
         results[(ep, "equal_tokens")] = run_rank(
             kwargs, case_states["top2_drop_buffer"], EQUAL[world_size], rank, groups.ep_group, True
         )
-        for name in EXPERT_MAJOR:  # received rows reordered expert-major (the GPU kernel's order)
-            results[(ep, name, "expert_major")] = run_rank(
-                CASES[name], case_states[name], SIZES[world_size], rank, groups.ep_group,
-                source_blocks=False,
-            )  # fmt: skip
     # Global scope on the 18-token batch of the 4-rank run, at ep=2 (rank sizes 8 and 10).
     if world_size == 2:
         name = "top1_drop_global"
@@ -119,10 +112,6 @@ def check_world(world_size: int, eps: list[int], tmp_path) -> None:
                 real = gather_ranks([r[(ep, name)] for r in results])
                 kept = one_process_kept(name, case_states[name], sum(SIZES[world_size]))
                 assert torch.equal(real["kept"], kept), (world_size, ep, name)
-        for name in EXPERT_MAJOR:
-            expected = reference(CASES[name], case_states[name], SIZES[world_size], ep)
-            real = gather_ranks([r[(ep, name, "expert_major")] for r in results])
-            assert_same_run(real, expected, f"world {world_size} ep {ep} {name} expert-major")
         name = "top2_drop_buffer"
         expected = reference(CASES[name], case_states[name], EQUAL[world_size], ep)
         real = gather_ranks([r[(ep, "equal_tokens")] for r in results])

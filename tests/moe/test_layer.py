@@ -172,42 +172,6 @@ def test_fused_relu_experts_compute_only_the_gradients_asked_for():
     assert experts.w2.grad is None
 
 
-@pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
-def test_experts_take_source_blocks(activation):
-    """Rows as an all-to-all delivers them ([S, E] blocks: source rank by source rank, each
-    grouped by expert) give the outputs and gradients of the same rows reordered
-    expert-major: expert 1 has rows from one source only, expert 2 from none (gradient 0)."""
-    torch.manual_seed(0)
-    experts = GroupedExperts(4, 8, 16, activation=activation).double()
-    blocks = torch.tensor([[3, 2, 0, 1], [2, 0, 0, 4]])  # [sources, experts]
-    x = torch.randn(int(blocks.sum()), 8, dtype=torch.float64)
-    grad = torch.randn_like(x)
-    starts = (blocks.reshape(-1).cumsum(0) - blocks.reshape(-1)).view_as(blocks)
-    order = torch.cat([
-        torch.arange(int(starts[s, e]), int(starts[s, e] + blocks[s, e]))
-        for e in range(4) for s in range(2)
-    ])  # fmt: skip
-    assert experts.takes_source_blocks(x)
-
-    def run(rows, sizes):
-        experts.zero_grad(set_to_none=True)
-        rows = rows.clone().requires_grad_(True)
-        y = experts(rows, sizes)
-        y.backward(grad[order] if sizes.dim() == 1 else grad)
-        weights = [w.grad.clone() for w in (experts.w1, experts.w2, experts.w3) if w is not None]
-        return y, rows.grad, weights
-
-    y, grad_x, weights = run(x, blocks)
-    y_ref, grad_x_ref, weights_ref = run(x[order], blocks.sum(0))
-    torch.testing.assert_close(y[order], y_ref, atol=1e-12, rtol=1e-12)
-    torch.testing.assert_close(grad_x[order], grad_x_ref, atol=1e-12, rtol=1e-12)
-    for got, want in zip(weights, weights_ref, strict=True):
-        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
-        assert got[2].abs().max() == 0 and got[1].abs().max() > 0
-    with pytest.raises(ValueError, match="group_sizes"):
-        grouped_matmul(x, experts.w1, blocks, impl="grouped")
-
-
 def test_expert_choice_layer_runs_and_balances():
     layer = MoELayer(D, FF, E, router="expert_choice", capacity_factor=1.0)
     out = layer(torch.randn(16, D))
