@@ -41,6 +41,12 @@ tests/parallel/test_deepspeed_bridge.py so an upgrade that breaks one fails loud
    the concatenation in order of ``fp16_groups[i]``. The torch optimizer's parameters, and
    so its Adam state, are those masters; the model's parameters carry no ``_hp_mapping``.
    ``fp32_master_slots`` maps each parameter to its master and offset.
+9. Non-finite gradients (``runtime/engine.py _take_model_step``): after ``optimizer.step()``
+   the engine reads ``optimizer.overflow``; when true it counts the step in
+   ``skipped_steps``, does not step the LR scheduler and ``was_step_applied()`` is false.
+   ZeRO 1/2 and the fp16/bf16 wrappers set it themselves (their overflow check skips the
+   update); a plain torch optimizer at ZeRO 0 has none and would write NaN into the
+   weights. ``guard_nonfinite_steps`` gives it one.
 
 Without CUDA, ``DS_ACCELERATOR=cpu`` is set before deepspeed is imported (gloo backend).
 """
@@ -262,7 +268,51 @@ def initialize(
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=groups, optimizer=optimizer, config=ds_config
     )
+    if not hasattr(engine.optimizer, "overflow"):
+        guard_nonfinite_steps(engine.optimizer)
     return engine
+
+
+def guard_nonfinite_steps(optimizer: torch.optim.Optimizer) -> None:
+    """Make ``optimizer.step()`` skip an update whose gradients are not all finite (contract 9).
+
+    Sets ``optimizer.overflow`` as DeepSpeed's own wrappers do, so the engine counts the step
+    as skipped and leaves the schedule where it was. Ranks whose gradients differ (experts
+    under expert parallelism) agree through one all-reduce of the flag, so replicas never
+    drift apart by one rank skipping alone. ``optimizer.nonfinite_parameter`` is the first
+    parameter whose gradient was not finite, for the trainer's message.
+    """
+    step = optimizer.step
+
+    def guarded_step(*args: Any, **kwargs: Any) -> Any:
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        finite = torch.ones((), dtype=torch.float32)
+        first = None
+        if grads:
+            norms = torch._foreach_norm(grads)
+            flags = torch.stack([torch.isfinite(n) for n in norms])
+            finite = flags.all().float().cpu()
+            if not bool(finite):
+                index = int((~flags).nonzero()[0])
+                first = [p for g in optimizer.param_groups for p in g["params"]
+                         if p.grad is not None][index]  # fmt: skip
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            device = grads[0].device if grads else torch.device("cpu")
+            flag = finite.to(device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            finite = flag.cpu()
+        optimizer.overflow = not bool(finite)
+        optimizer.nonfinite_parameter = first
+        if optimizer.overflow:
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    param.grad = None
+            return None
+        return step(*args, **kwargs)
+
+    optimizer.overflow = False
+    optimizer.nonfinite_parameter = None
+    optimizer.step = guarded_step
 
 
 def link_optimizer_state(engine: Any) -> None:
