@@ -48,6 +48,9 @@ class Attention(nn.Module):
     supports_causal: ClassVar[bool] = False
     supports_padding: ClassVar[bool] = True
     needs_fixed_max_len: ClassVar[bool] = False
+    # The option that bounds the sequence length (parameters sized for it); a model fills it
+    # with its context length when the config leaves it unset.
+    length_option: ClassVar[str | None] = None
     replaces_ffn: ClassVar[bool] = False
     needs_cross_layer_state: ClassVar[bool] = False
     stochastic_structure: ClassVar[bool] = False

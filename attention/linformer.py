@@ -40,10 +40,15 @@ from attention.registry import register
 
 
 class LinformerOptions(AttentionOptions):
-    """Linformer options; defaults k = 256 and n_max = 512 (the paper's RoBERTa setting)."""
+    """Linformer options; k defaults to 256 (the paper's RoBERTa setting).
+
+    ``n_max`` (the longest sequence E and F cover) has no fixed default: the transformer
+    sets it to ``model.max_seq_len`` when the config leaves it unset; a standalone module
+    needs it passed.
+    """
 
     k: int = Field(256, ge=1)
-    n_max: int = Field(512, ge=1)
+    n_max: int | None = Field(None, ge=1)
     share_kv: bool = False
     share_layers: bool = False
     bias: bool = True
@@ -70,11 +75,19 @@ class SequenceProjection(nn.Module):
         return torch.matmul(self.weight[:, :n].to(t.dtype), t)
 
 
+def _require_n_max(options: AttentionOptions) -> None:
+    if getattr(options, "n_max", None) is None:
+        raise ValueError(
+            "linformer needs n_max, the longest sequence its projections cover; pass n_max=... "
+            "(a transformer sets it to model.max_seq_len)"
+        )
+
+
 @register
 class LinformerAttention(Attention):
     """Linformer self-attention, O(n k d); encoder-only, needs n <= n_max.
 
-    Defaults: k = 256, n_max = 512 (set n_max to the model's context length; the benchmark
+    Defaults: k = 256, n_max = the model's context length (model.max_seq_len; the benchmark
     uses n_max = 8192), one E and one F per layer shared by the heads.
     """
 
@@ -82,11 +95,13 @@ class LinformerAttention(Attention):
     supports_causal = False
     supports_padding = True
     needs_fixed_max_len = True
+    length_option = "n_max"
     Options = LinformerOptions
 
     def __init__(self, d_model: int, num_heads: int, **kwargs: Any) -> None:
         super().__init__(d_model, num_heads, **kwargs)
         o = self.options
+        _require_n_max(o)
         self.query = nn.Linear(d_model, d_model, bias=o.bias)
         self.key_value = nn.Linear(d_model, 2 * d_model, bias=o.bias)
         self.out = nn.Linear(d_model, d_model, bias=o.bias)
@@ -109,6 +124,7 @@ class LinformerAttention(Attention):
     ) -> nn.Module | None:
         """One E (= F) for every layer when ``share_layers`` is set, else None."""
         if getattr(options, "share_layers", False):
+            _require_n_max(options)
             return SequenceProjection(options.k, options.n_max)
         return None
 

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+import attention
 from launch.checkpoint import CheckpointConfig
 from launch.data import DataConfig
 from launch.errors import UserError
@@ -49,11 +50,21 @@ class OptimizerConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    lr: float = Field(default=1e-3, gt=0.0)
+    lr: float = Field(default=1e-3, gt=0.0, allow_inf_nan=False)
     betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = Field(default=1e-8, gt=0.0)
-    weight_decay: float = Field(default=0.1, ge=0.0)
-    grad_clip: float = Field(default=1.0, ge=0.0, description="0 disables clipping")
+    eps: float = Field(default=1e-8, gt=0.0, allow_inf_nan=False)
+    weight_decay: float = Field(default=0.1, ge=0.0, allow_inf_nan=False)
+    grad_clip: float = Field(
+        default=1.0, ge=0.0, allow_inf_nan=False, description="0 disables clipping"
+    )
+
+    @field_validator("betas")
+    @classmethod
+    def _check_betas(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        # Adam's moment decays: 1 would never forget, >= 1 or < 0 diverges.
+        if not all(0.0 <= beta < 1.0 for beta in betas):
+            raise ValueError("both betas must be in [0, 1), e.g. [0.9, 0.95]")
+        return betas
 
 
 class ScheduleConfig(BaseModel):
@@ -187,6 +198,10 @@ def describe_error(error: dict[str, Any]) -> str:
     if kind == "missing":
         return f"config key '{path}' is required; add it to the config or --set {path}=..."
     msg = error.get("msg", "invalid value")
+    if kind == "value_error":  # our own validators' messages already say what is valid
+        msg = msg.removeprefix("Value error, ")
+    if isinstance(given, dict):  # a section-level check: the section's contents add nothing
+        return f"config key '{path}': {msg}"
     return f"config key '{path}': {msg} (got {type(given).__name__} {given!r}); fix the value"
 
 
@@ -234,6 +249,7 @@ def validate(config: RunConfig, world_size: int) -> int:
         )
     dp = world_size // (par.tp * par.pp)
     if config.moe is not None:
+        _check_moe(config.moe)
         if config.moe.num_experts % par.ep != 0:
             raise UserError(
                 f"moe.num_experts ({config.moe.num_experts}) must be divisible by parallel.ep "
@@ -285,7 +301,48 @@ def validate(config: RunConfig, world_size: int) -> int:
         raise UserError(
             f"data.label_field is only used with model.mode classify (got {config.model.mode})"
         )
+    _check_lengths(config)
     return dp
+
+
+def _check_moe(moe: MoEConfig) -> None:
+    """What the MoE layer would refuse when the model is built, said with its config keys."""
+    if moe.top_k > moe.num_experts:
+        raise UserError(
+            f"moe.top_k ({moe.top_k}) must be at most moe.num_experts ({moe.num_experts}); "
+            "lower moe.top_k or add experts"
+        )
+    if moe.router == "expert_choice":
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            value = getattr(moe, name)
+            if value is None or value == 0:
+                raise UserError(
+                    f"moe.{name} ({value}) must be > 0 with moe.router expert_choice (experts "
+                    f"pick a fixed number of tokens; there is no dropless mode); set e.g. "
+                    f"moe.{name}=1.25"
+                )
+
+
+def _check_lengths(config: RunConfig) -> None:
+    """Tokenizer and attention limits that only show once data flows through the model."""
+    model, data = config.model, config.data
+    if model.input != "tokens":
+        return
+    if data.tokenizer == "byte" and model.vocab_size is not None and model.vocab_size < 260:
+        raise UserError(
+            f"model.vocab_size ({model.vocab_size}) is smaller than the byte tokenizer's (260: "
+            "bytes and 4 special tokens); raise it or leave it unset"
+        )
+    for index in range(model.num_layers):
+        choice = config.attention.for_layer(index)
+        length = attention.get(choice.name).length_option
+        value = choice.options.get(length) if length is not None else None
+        if value is not None and isinstance(value, int) and value < data.seq_len:
+            where = f"attention.layers.{index}" if str(index) in config.attention.layers else "attention"
+            raise UserError(
+                f"{where}.options.{length} ({value}) is shorter than data.seq_len "
+                f"({data.seq_len}); raise it or leave it unset (then it is model.max_seq_len)"
+            )
 
 
 # Outputs -----------------------------------------------------------------------------------

@@ -176,6 +176,227 @@ def _looks_local(path: str) -> bool:
     return path.startswith(("/", "./", "../", "~")) or Path(path).suffix in LOCAL_SUFFIXES
 
 
+# Checks before loading ----------------------------------------------------------------------
+
+SNIFF_BYTES = 1 << 16  # what is read of each local file to tell text from binary
+SNIFF_FILES = 64  # files of a directory that are sniffed (sorted order, the first ones)
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def local_files(local: Path) -> list[Path]:
+    """The data files ``data.path`` names: itself, or the data files under a directory."""
+    if local.is_dir():
+        return sorted(p for p in local.rglob("*") if p.suffix in LOCAL_SUFFIXES)
+    return [local]
+
+
+def check_source(config: DataConfig) -> None:
+    """Refuse in one line, before anything is loaded, a text source that cannot work: a
+    missing path, a file that is not UTF-8 text (or not Parquet), a text field that the
+    first record lacks, or a hub name that is neither cached nor reachable."""
+    if config.path is None:
+        return  # the embedded corpus, built from the standard library's sources
+    local = Path(config.path).expanduser()
+    if not local.exists():
+        if _looks_local(config.path):
+            raise DataError(
+                f"data.path {config.path} does not exist; point it at a file or directory, or "
+                "unset it for the embedded corpus"
+            )
+        check_hub_name(config.path)
+        return
+    files = local_files(local)
+    if not files:
+        raise DataError(
+            f"data.path {local} holds no .txt/.jsonl/.json/.parquet files; add some or fix the path"
+        )
+    kinds = {LOCAL_SUFFIXES.get(p.suffix) for p in files}
+    if len(kinds) != 1 or None in kinds:
+        raise DataError(
+            f"data.path {local}: files must all be one of .txt, .jsonl/.json, .parquet "
+            f"(found {sorted(str(k) for k in kinds)})"
+        )
+    for file in files[:SNIFF_FILES]:
+        if file.suffix == ".parquet":
+            _check_parquet(file, config)
+        else:
+            _check_text(file, config)
+
+
+def _check_text(file: Path, config: DataConfig) -> None:
+    with file.open("rb") as handle:
+        head = handle.read(SNIFF_BYTES)
+        complete = len(head) < SNIFF_BYTES or not handle.read(1)
+    if b"\x00" in head:
+        raise DataError(
+            f"data.path {file} is binary, not text (a NUL byte at offset {head.index(0)}; "
+            "UTF-16 text looks the same); point data.path at UTF-8 text"
+        )
+    try:
+        # A multi-byte character cut by the sniff window is not an error: final only at EOF.
+        import codecs
+
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=complete)
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"data.path {file} is not UTF-8 text (byte 0x{head[err.start]:02x} at offset "
+            f"{err.start}); convert it, e.g. iconv -f latin1 -t utf-8 {file.name} > utf8/{file.name}"
+        ) from None
+    if file.suffix == ".jsonl":
+        first = head.split(b"\n", 1)[0].strip()
+        if first and (complete or b"\n" in head):
+            try:
+                record = json.loads(first)
+            except json.JSONDecodeError as err:
+                raise DataError(
+                    f"data.path {file}: line 1 is not JSON ({err.msg} at column {err.colno}); "
+                    "write one JSON object per line"
+                ) from None
+            if not isinstance(record, dict):
+                raise DataError(
+                    f"data.path {file}: line 1 is a JSON {type(record).__name__}, not an "
+                    f'object; write one object per line, e.g. {{"{config.text_field}": "..."}}'
+                )
+            if config.text_field not in record:
+                raise DataError(
+                    f"data.text_field '{config.text_field}' is not a key of {file}'s first "
+                    f"record (keys: {', '.join(record) or 'none'}); set data.text_field"
+                )
+
+
+def _check_parquet(file: Path, config: DataConfig) -> None:
+    with file.open("rb") as handle:
+        start = handle.read(4)
+        handle.seek(0, os.SEEK_END)
+        size = handle.tell()
+        handle.seek(max(size - 4, 0))
+        end = handle.read(4)
+    if size < 12 or start != b"PAR1" or end != b"PAR1":
+        raise DataError(
+            f"data.path {file} is not a Parquet file (no PAR1 marker at its start and end); "
+            "fix or replace the file, or give it the suffix of what it holds"
+        )
+    try:
+        import pyarrow.parquet as pq
+
+        columns = pq.read_schema(file).names
+    except ImportError:
+        return
+    except Exception as err:  # noqa: BLE001 - pyarrow's errors vary; report one line
+        raise DataError(
+            f"data.path {file} is a damaged Parquet file ({_first_line(err)}); fix or replace it"
+        ) from None
+    if config.text_field not in columns:
+        raise DataError(
+            f"data.text_field '{config.text_field}' is not a column of {file} "
+            f"(columns: {', '.join(columns)}); set data.text_field"
+        )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def hub_cache_dirs(name: str) -> list[Path]:
+    """Where Hugging Face keeps a hub dataset it has downloaded (hub files, prepared data),
+    from the same environment variables ``huggingface_hub`` and ``datasets`` read."""
+    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")).expanduser()
+    hub = Path(os.environ.get("HF_HUB_CACHE", os.environ.get("HUGGINGFACE_HUB_CACHE", home / "hub")))
+    prepared = Path(os.environ.get("HF_DATASETS_CACHE", home / "datasets"))
+    return [hub / f"datasets--{name.replace('/', '--')}", prepared / name.replace("/", "___")]
+
+
+def _offline() -> bool:
+    return any(
+        os.environ.get(key, "").lower() in ("1", "true", "yes", "on")
+        for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
+
+
+def hub_reachable() -> bool:
+    """Whether the hub endpoint answers a TCP connect within a few seconds (one try, no
+    retries); behind a proxy the answer is assumed yes (the proxy decides)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((endpoint.hostname, port), timeout=HUB_PROBE_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
+
+
+def check_hub_name(name: str) -> None:
+    """A hub dataset loads from the local cache, or from a hub that answers; anything else
+    fails now, in one line, instead of after the hub client's retries. A cached dataset with
+    the hub unreachable is loaded offline (the environment of this process says so)."""
+    cached = any(path.exists() for path in hub_cache_dirs(name))
+    if cached:
+        if not _offline() and not hub_reachable():
+            os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+        return
+    if _offline():
+        raise DataError(
+            f"data.path '{name}' is neither a local file or directory nor a cached hub dataset "
+            "(HF_HUB_OFFLINE is set); fix the path, or download the dataset first"
+        )
+    if not hub_reachable():
+        raise DataError(
+            f"data.path '{name}' is neither a local file or directory nor a cached hub dataset, "
+            "and the Hugging Face hub cannot be reached; fix the path, or download the dataset "
+            "where there is network"
+        )
+
+
+def sequence_bound(config: DataConfig, mode: str) -> int | None:
+    """At most how many sequences the data can make, from file sizes (None if unknown):
+    every token covers at least one byte of text, and an end-of-document token is more
+    than paid for by the file's own separators, except for .txt files (one document each)."""
+    if config.path is None:
+        cached = CACHE_DIR / (
+            f"stdlib-py{sys.version_info.major}{sys.version_info.minor}-{config.corpus_max_bytes}.jsonl"
+        )
+        files = [cached] if cached.is_file() else []
+        if not files:
+            return None
+    else:
+        local = Path(config.path).expanduser()
+        if not local.exists():
+            return None
+        files = local_files(local)
+        if not files or any(f.suffix == ".parquet" for f in files):
+            return None  # compressed: its size bounds nothing
+    tokens = sum(f.stat().st_size + (f.suffix == ".txt") for f in files)
+    if mode == "classify":  # one row per document; a document is at least one byte
+        return tokens
+    window = config.seq_len + 1 if mode == "causal_lm" else config.seq_len
+    return tokens // window
+
+
+def check_batch_fits(
+    config: DataConfig, mode: str, micro_batch: int, dp_size: int
+) -> None:
+    """Refuse a micro batch the validation split can never fill, from the files' sizes."""
+    bound = sequence_bound(config, mode)
+    if bound is None:
+        return
+    num_val = max(1, math.ceil(config.val_fraction * bound))
+    if micro_batch * dp_size > num_val:
+        source = config.path or "the embedded corpus"
+        raise DataError(
+            f"train.micro_batch ({micro_batch}) x {dp_size} data-parallel rank(s) is more than "
+            f"the validation split can hold: {source} makes at most {bound} sequences of "
+            f"data.seq_len {config.seq_len}, {num_val} of them for validation "
+            f"(data.val_fraction {config.val_fraction}); set train.micro_batch <= "
+            f"{max(num_val // dp_size, 1)}"
+        )
+
+
 def load_records(config: DataConfig) -> tuple[list[str], list[int] | None]:
     """Texts (and integer labels when data.label_field is set) in a deterministic order."""
     path = str(default_corpus(config.corpus_max_bytes)) if config.path is None else config.path
@@ -202,9 +423,17 @@ def load_records(config: DataConfig) -> tuple[list[str], list[int] | None]:
             )
         builder = kinds.pop()
         kwargs = {"sample_by": "document"} if builder == "text" else {}
-        dataset = datasets.load_dataset(
-            builder, data_files=[str(p) for p in files], split="train", **kwargs
-        )
+        try:
+            dataset = datasets.load_dataset(
+                builder, data_files=[str(p) for p in files], split="train", **kwargs
+            )
+        except Exception as err:  # noqa: BLE001 - a bad file deep inside: name it, one line
+            cause = err.__cause__ or err.__context__ or err
+            raise DataError(
+                f"data.path {local} could not be read as {builder} ({type(cause).__name__}: "
+                f"{_first_line(cause)}); check that every file is UTF-8 text, JSON lines or "
+                "Parquet as its suffix says"
+            ) from None
     elif _looks_local(path):
         raise DataError(
             f"data.path {path} does not exist; point it at a file or directory, or unset it for the embedded corpus"
@@ -354,6 +583,28 @@ class BatchSampler:
     def rows(self, step: int, accum_index: int) -> Split:
         """This rank's rows for one micro step."""
         return _take(self.split, self.micro_batch_indices(step, accum_index))
+
+
+def check_loaded_batches(
+    data: Data, micro_batch: int, num_eval_batches: int, dp_size: int
+) -> str | None:
+    """Refuse a micro batch the loaded validation split cannot fill; returns a warning line
+    when ``train.eval_batches`` asks for more batches than the split holds (they are capped)."""
+    per_batch = micro_batch * dp_size
+    available = len(data.val) // per_batch
+    if available == 0:
+        raise DataError(
+            f"train.micro_batch ({micro_batch}) x {dp_size} data-parallel rank(s) = {per_batch} "
+            f"sequences is more than the validation split's {len(data.val)} (of {len(data.train) + len(data.val)}); "
+            f"set train.micro_batch <= {max(len(data.val) // dp_size, 1)} or add data"
+        )
+    if num_eval_batches > available:
+        return (
+            f"train.eval_batches ({num_eval_batches}) is more than the {available} batch(es) of "
+            f"train.micro_batch x ranks = {per_batch} sequences the validation split holds "
+            f"({len(data.val)} sequences); evaluating on {available}"
+        )
+    return None
 
 
 def eval_batches(

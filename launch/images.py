@@ -92,6 +92,22 @@ def load_image_folder(root: Path, channels: int, size: tuple[int, int]) -> Image
     return ImageSet(images, torch.tensor(labels, dtype=torch.int64), classes)
 
 
+def check_image_source(path: str | None) -> None:
+    """Refuse, before anything loads, an image source that is neither digits nor a folder."""
+    if path == DIGITS:
+        return
+    if path is None:
+        raise DataError(
+            "model.input patches needs image data: set data.path to 'digits' or a folder of "
+            "class subdirectories"
+        )
+    if not Path(path).expanduser().is_dir():
+        raise DataError(
+            f"data.path {path} is not a directory; use 'digits' or a folder laid out as "
+            "ROOT/CLASS/IMAGE.png"
+        )
+
+
 def load_images(path: str | None, channels: int, size: tuple[int, int]) -> ImageSet:
     """The images ``data.path`` names, at ``size`` (H, W) with ``channels`` channels."""
     if path == DIGITS:

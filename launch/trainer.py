@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -33,12 +34,21 @@ import torch.nn.functional as F
 import yaml
 
 from launch import checkpoint
-from launch.config import RunConfig, deepspeed_config, incompatible_fields, save_resolved, validate
-from launch.data import BatchSampler, Data, Split, build_data, eval_batches, mask_for_mlm
+from launch.config import RunConfig, deepspeed_config, incompatible_fields, save_resolved
+from launch.data import (
+    BatchSampler,
+    Data,
+    Split,
+    build_data,
+    check_loaded_batches,
+    eval_batches,
+    mask_for_mlm,
+)
 from launch.errors import UserError
 from launch.images import build_image_data, shift_images
 from launch.launcher import discover_environment
 from launch.log import get_logger, quiet_deepspeed
+from launch.preflight import preflight
 from moe.expert_parallel import apply_expert_parallel
 from moe.telemetry import RoutingTelemetry
 from moe.transformer import IGNORE_INDEX, Transformer, count_parameters, is_moe_block
@@ -206,14 +216,23 @@ def train(
     started = time.perf_counter()
     log = get_logger()
     launcher = discover_environment()
+    run_dir = Path(run_dir)
+    # Everything knowable without a process group is checked before DeepSpeed is imported
+    # and before any data loads: a bad value then costs seconds, not a traceback later.
+    dp = preflight(
+        config,
+        run_dir,
+        world_size=int(os.environ["WORLD_SIZE"]),
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+        deepspeed_json=deepspeed_json,
+        log=log,
+    )
     backend = config.parallel.backend
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     bridge.init_distributed(backend)
     quiet_deepspeed()
     world, rank = dist.get_world_size(), dist.get_rank()
-    dp = validate(config, world)
-    run_dir = Path(run_dir)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
@@ -221,6 +240,9 @@ def train(
 
     torch.manual_seed(config.train.seed)
     data = _build_data(config, run_dir, rank)
+    clamped = check_loaded_batches(data, config.train.micro_batch, config.train.eval_batches, dp)
+    if clamped is not None:
+        log.warning(clamped)
     vocab = None if data.tokenizer is None else data.tokenizer.vocab_size
     if (
         vocab is not None

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class MoEConfig(BaseModel):
@@ -28,8 +29,8 @@ class MoEConfig(BaseModel):
     )
     shared_expert: bool = False
     every: int = Field(default=2, ge=1, description="an MoE FFN every `every` blocks")
-    aux_loss_coef: float = Field(default=1e-2, ge=0.0)
-    z_loss_coef: float = Field(default=1e-3, ge=0.0)
+    aux_loss_coef: float = Field(default=1e-2, ge=0.0, allow_inf_nan=False)
+    z_loss_coef: float = Field(default=1e-3, ge=0.0, allow_inf_nan=False)
     capacity_scope: Literal["per_rank", "global"] = Field(
         default="per_rank",
         description="capacity from each rank's tokens, or over the EP group (layout-independent drops)",
@@ -37,6 +38,14 @@ class MoEConfig(BaseModel):
     simulate_ep: int = Field(
         default=1, ge=1, description="reproduce this many expert-parallel ranks in one process"
     )
+
+    @field_validator("capacity_factor", "eval_capacity_factor")
+    @classmethod
+    def _check_capacity_factor(cls, value: float | None) -> float | None:
+        # The router takes 0 or None as dropless; a negative or infinite factor has no meaning.
+        if value is not None and (not math.isfinite(value) or value < 0):
+            raise ValueError("must be a finite number >= 0 (0 or null = dropless), e.g. 1.25")
+        return value
 
     def layer_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``MoELayer(d_model, d_ff, **kwargs)``."""

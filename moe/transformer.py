@@ -90,7 +90,7 @@ class ModelConfig(BaseModel):
     d_ff: int = Field(default=512, ge=1)
     max_seq_len: int = Field(default=256, ge=1)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    norm_eps: float = Field(default=1e-5, gt=0.0)
+    norm_eps: float = Field(default=1e-5, gt=0.0, allow_inf_nan=False)
     num_classes: int = Field(default=2, ge=2)
     pooling: Literal["mean", "cls"] = "mean"
     image: ImageConfig | None = Field(
@@ -111,6 +111,17 @@ class ModelOutput(NamedTuple):
     aux_loss: torch.Tensor
     z_loss: torch.Tensor
     routing: tuple[RoutingStats, ...]
+
+
+def layer_options(model: ModelConfig, choice: LayerAttentionConfig) -> dict[str, Any]:
+    """The options block's method is built with: the config's, plus the method's length
+    option (Linformer's ``n_max``) set to ``model.max_seq_len`` when the config leaves it
+    out, so that its length-sized parameters cover exactly the model's context."""
+    options = dict(choice.options)
+    length = attention.get(choice.name).length_option
+    if length is not None and options.get(length) is None:
+        options[length] = model.max_seq_len
+    return options
 
 
 def check_attention(model: ModelConfig, attn: AttentionConfig) -> None:
@@ -141,7 +152,7 @@ def check_attention(model: ModelConfig, attn: AttentionConfig) -> None:
         where = f"attention.layers.{index}" if str(index) in attn.layers else "attention"
         try:
             cls = attention.get(choice.name)
-            attention.parse_options(choice.name, choice.options)
+            attention.parse_options(choice.name, layer_options(model, choice))
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from None
         if model.mode == "causal_lm" and not cls.supports_causal:
@@ -244,7 +255,7 @@ class Transformer(nn.Module):
             if choice.name in self.shared_attention:
                 continue
             cls = attention.get(choice.name)
-            opts = attention.parse_options(choice.name, choice.options)
+            opts = attention.parse_options(choice.name, layer_options(config, choice))
             shared = cls.build_shared(config.d_model, config.num_heads, opts)
             if shared is not None:
                 self.shared_attention[choice.name] = shared
@@ -275,7 +286,7 @@ class Transformer(nn.Module):
                 shared=self.shared_attention[choice.name]
                 if choice.name in self.shared_attention
                 else None,
-                **choice.options,
+                **layer_options(config, choice),
             )
             ffn: nn.Module | None
             if cls.replaces_ffn:
