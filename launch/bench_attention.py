@@ -376,7 +376,9 @@ def header(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="moeforge bench attention", description=__doc__.split("\n")[0]
+        prog="moeforge bench attention",
+        description=__doc__.split("\n")[0],
+        allow_abbrev=False,
     )
     parser.add_argument(
         "--methods",

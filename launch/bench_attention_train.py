@@ -277,7 +277,9 @@ def _without_notes(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Train every requested method, print and write the table; returns 0."""
     parser = argparse.ArgumentParser(
-        prog="moeforge bench attention_train", description=__doc__.splitlines()[0]
+        prog="moeforge bench attention_train",
+        description=__doc__.splitlines()[0],
+        allow_abbrev=False,
     )
     parser.add_argument("config", nargs="?", help="YAML config (default: configs/tiny.yaml)")
     parser.add_argument("--methods", help="comma-separated names (default: every registered)")

@@ -42,7 +42,7 @@ def _step(
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print the table; returns 0."""
     parser = argparse.ArgumentParser(
-        prog="moeforge bench train", description=__doc__.splitlines()[0]
+        prog="moeforge bench train", description=__doc__.splitlines()[0], allow_abbrev=False
     )
     parser.add_argument("config", nargs="?", help="YAML config (default: configs/tiny.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")

@@ -1,32 +1,52 @@
-"""Atomic checkpoints through the DeepSpeed engine, plus RNG states and the resolved config.
+"""Atomic, verified checkpoints through the DeepSpeed engine, plus RNG states and the config.
 
 Layout under ``RUN_DIR/checkpoints``:
 
     step00000500/            engine state (model, optimizer, scheduler) + moeforge.json
-                             + rng_rank<r>.pt per rank + config.yaml
+                             + rng_rank<r>.pt per rank + config.yaml + manifest.json
     latest                   the tag of the last complete checkpoint (written last)
 
-Saving writes everything into ``.tmp-step...`` first; rank 0 renames it to its final name
-after every rank has finished and only then replaces ``latest`` (write-then-rename), so a
-crash mid-save leaves the previous checkpoint and its pointer intact. The last
-``checkpoint.keep_last`` checkpoints are kept. The data position is the step number
-(launch/data.py), stored with the world size that produced it.
+Saving writes everything into ``.tmp-step...`` first. After every rank has finished, the
+ranks hash the files (each a share of them) and rank 0 writes ``manifest.json`` (sizes and
+checksums, launch/checkpoint_verify.py), renames the directory to its final name and only
+then replaces ``latest`` (write-then-rename), so a crash mid-save leaves the previous
+checkpoint and its pointer intact. A full disk during a save removes the partial directory
+and raises ``NoSpaceLeft``: one line naming the step that failed and the one still intact.
+
+Pruning keeps the newest ``checkpoint.keep_last`` checkpoints that pass the size check, and
+runs only after the new checkpoint is renamed into place and verified against its manifest,
+so it never leaves fewer than one verified checkpoint and never removes the one a run
+resumed from before a newer one exists.
+
+Resuming (``resume_point``): rank 0 finds the newest checkpoint that matches its manifest
+(sizes of every candidate, checksums of the one to load; launch/checkpoint_verify.py) and
+broadcasts its choice, so every rank loads the same one. A load error that verification did
+not catch names the file in one line.
+
+The data position is the step number (launch/data.py), stored with the world size that
+produced it.
 
 Expert weights: the engine sees moeforge's MoE layers through parameter-free markers
 (parallel/deepspeed_bridge.py, contract 1), so it writes no per-expert files and the stacked
-expert weights stay in its module state with everything else (complete at ep=1). Every
-checkpoint of a model with experts also holds ``portable.pt`` (parallel/expert_checkpoint.py):
-full weights, Adam moments and step, independent of the EP size. moeforge.json records the
-``ep`` a checkpoint was saved with; ``load(..., ep=N)`` at another ep takes the scheduler,
-step counters and client state from the engine's files and weights plus Adam state from
-``portable.pt`` only (issue 4).
+expert weights stay in its module state with everything else (complete at ep=1). A run at
+ep > 1, under ZeRO 1/2 or with DeepSpeed's fp32 master copies also writes ``portable.pt``
+(parallel/expert_checkpoint.py): full weights, Adam moments and step, independent of the EP
+size. At ep=1 with ZeRO 0 and plain parameters the engine's own files already hold exactly
+that, by name, so ``portable.pt`` is not written and a later ep change reads the engine's
+files instead (moeforge.json says which: ``layout_free``). moeforge.json records the ``ep``
+a checkpoint was saved with; ``load(..., ep=N)`` at another ep takes the scheduler, step
+counters and client state from the engine's files and weights plus Adam state from the
+layout-free source only.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import random
 import shutil
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +56,33 @@ import torch.distributed as dist
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from launch.checkpoint_verify import (
+    LATEST,
+    MANIFEST,
+    STATE_FILE,
+    ResumePoint,
+    checkpoint_tags,
+    describe_files,
+    find_resume_point,
+    list_files,
+    step_of,
+    verify,
+    write_manifest,
+)
 from launch.errors import UserError
 from parallel import deepspeed_bridge as bridge
 
-STATE_FILE = "moeforge.json"
-LATEST = "latest"
+__all__ = [
+    "LATEST", "MANIFEST", "PORTABLE_FILE", "STATE_FILE", "CheckpointConfig", "NoSpaceLeft",
+    "ResumePoint", "RunSurvey", "check_ep_change", "checkpoint_dir", "latest_tag", "load",
+    "prune", "remove_run_state", "resume_point", "save", "saved_config_text", "saved_ep",
+    "saved_state", "survey", "tag_for",
+]  # fmt: skip
+
+PORTABLE_FILE = "portable.pt"
+# A write failure with this little space left is a full disk even when the writer (torch's
+# zip writer) reports it without an errno.
+_FULL_DISK_BYTES = 64 << 20
 
 
 class CheckpointConfig(BaseModel):
@@ -50,6 +92,13 @@ class CheckpointConfig(BaseModel):
 
     every: int = Field(default=500, ge=0, description="0: only at the end")
     keep_last: int = Field(default=2, ge=1)
+
+
+class NoSpaceLeft(UserError):
+    """The disk filled up while a checkpoint was written; the previous one is intact.
+
+    A user error (exit status 2): the fix is to free space and rerun, which resumes.
+    """
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -63,11 +112,19 @@ def tag_for(step: int) -> str:
 
 
 def latest_tag(run_dir: Path) -> str | None:
-    """The tag ``latest`` points to, or None when the run has no complete checkpoint."""
+    """The tag ``latest`` points to, or None when it names no checkpoint with a state file.
+
+    Not verified: ``resume_point`` is what a resume uses.
+    """
     pointer = checkpoint_dir(run_dir) / LATEST
     if not pointer.is_file():
         return None
-    tag = pointer.read_text().strip()
+    try:
+        tag = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if step_of(tag) is None:
+        return None
     return tag if (checkpoint_dir(run_dir) / tag / STATE_FILE).is_file() else None
 
 
@@ -75,9 +132,31 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def _from_rank0(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank."""
+    if _world() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _gather(value: Any) -> list[Any]:
+    """Every rank's ``value``, in rank order."""
+    if _world() == 1:
+        return [value]
+    out: list[Any] = [None] * _world()
+    dist.all_gather_object(out, value)
+    return out
 
 
 def rng_state() -> dict[str, Any]:
@@ -101,6 +180,55 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# --- Saving --------------------------------------------------------------------------------
+
+
+def _is_disk_full(err: BaseException, root: Path) -> bool:
+    """Whether ``err`` (or what caused it) means the disk is full."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    if isinstance(err, (RuntimeError, OSError)):  # torch's zip writer: "file write failed"
+        try:
+            return shutil.disk_usage(root).free < _FULL_DISK_BYTES
+        except OSError:
+            return False
+    return False
+
+
+def _agree_on_failure(err: BaseException | None, root: Path) -> tuple[int, str, bool] | None:
+    """(rank, message, disk full) of the first rank whose writes failed, on every rank."""
+    mine = (
+        None if err is None else (_rank(), f"{type(err).__name__}: {err}", _is_disk_full(err, root))
+    )
+    failures = [f for f in _gather(mine) if f is not None]
+    return failures[0] if failures else None
+
+
+def _fail_save(
+    err: BaseException | None, failure: tuple[int, str, bool], root: Path, tmp: Path, step: int
+) -> None:
+    """Raise the agreed save failure on every rank; a full disk removes the partial directory."""
+    rank, message, disk_full = failure
+    if not disk_full:
+        if err is not None:
+            raise err
+        raise RuntimeError(f"rank {rank} failed writing checkpoint step {step}: {message}")
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _barrier()
+    previous = find_resume_point(root)
+    intact = f"step {previous.step} intact" if previous.tag else "no earlier checkpoint"
+    raise NoSpaceLeft(
+        f"no space left writing step {step}; {intact} (free space under {root} and rerun to "
+        "continue)"
+    ) from err
+
+
 def save(
     engine: Any,
     run_dir: Path,
@@ -115,126 +243,263 @@ def save(
     root = checkpoint_dir(run_dir)
     tag = tag_for(step)
     final = root / tag
-    if latest_tag(run_dir) == tag:  # already saved (e.g. stop_at followed by the end)
-        return final
-    tmp_tag = f".tmp-{tag}"
-    if _rank() == 0 and (root / tmp_tag).exists():
-        shutil.rmtree(root / tmp_tag)  # leftovers of a crashed save
-    _barrier()
-    state = {"step": step, "world_size": world_size, **(extra or {})}
-    engine.save_checkpoint(
-        str(root), tag=tmp_tag, client_state={"moeforge": state}, save_latest=False
-    )
-    torch.save(rng_state(), root / tmp_tag / f"rng_rank{_rank()}.pt")
-    _save_experts(engine, root / tmp_tag)
-    _barrier()
+    tmp = root / f".tmp-{tag}"
     if _rank() == 0:
-        (root / tmp_tag / "config.yaml").write_text(config_yaml)
-        (root / tmp_tag / STATE_FILE).write_text(json.dumps(state))
-        if final.exists():
-            shutil.rmtree(final)
-        (root / tmp_tag).rename(final)
-        pointer_tmp = root / f"{LATEST}.tmp"
-        pointer_tmp.write_text(tag)
-        pointer_tmp.replace(root / LATEST)
-        prune(root, keep_last, keep=tag)
+        for leftover in root.glob(".tmp-step*"):  # of crashed saves
+            shutil.rmtree(leftover, ignore_errors=True)
+    _barrier()
+    layout_free = _layout_free_source(engine)
+    state = {"step": step, "world_size": world_size, **(extra or {})}
+    if layout_free is not None:
+        state["layout_free"] = layout_free
+    error: BaseException | None = None
+    try:
+        engine.save_checkpoint(
+            str(root), tag=tmp.name, client_state={"moeforge": state}, save_latest=False
+        )
+        torch.save(rng_state(), tmp / f"rng_rank{_rank()}.pt")
+        if layout_free == PORTABLE_FILE:
+            _save_portable(engine, tmp)
+        if _rank() == 0:
+            (tmp / "config.yaml").write_text(config_yaml)
+            (tmp / STATE_FILE).write_text(json.dumps(state))
+    except (OSError, RuntimeError) as err:
+        error = err
+    failure = _agree_on_failure(error, root)
+    if failure is not None:
+        _fail_save(error, failure, root, tmp, step)
+    error = None
+    try:
+        _write_manifest(tmp)
+        if _rank() == 0:
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            pointer_tmp = root / f"{LATEST}.tmp"
+            pointer_tmp.write_text(tag)
+            pointer_tmp.replace(root / LATEST)
+    except (OSError, RuntimeError) as err:
+        error = err
+    failure = _agree_on_failure(error, root)
+    if failure is not None:
+        _fail_save(error, failure, root, tmp, step)
+    if _rank() == 0:
+        problem = verify(final, checksums=False)
+        if problem is None:
+            prune(root, keep_last, keep=tag)
+        else:  # keep everything older: the new one cannot count as the verified copy
+            from launch.log import get_logger
+
+            get_logger().warning(
+                "checkpoint %s fails its size check (%s); not pruning", tag, problem
+            )
     _barrier()
     return final
 
 
+def _write_manifest(directory: Path) -> None:
+    """Every rank checksums a share of the files; rank 0 writes the manifest.
+
+    Rank 0 lists the directory once for all ranks, so the shares never overlap or miss a
+    file whatever each rank's view of a shared filesystem's directory cache.
+    """
+    names = _from_rank0(list_files(directory) if _rank() == 0 else None)
+    mine = describe_files(directory, names[_rank() :: _world()])
+    entries: dict[str, dict[str, int | str]] = {}
+    for share in _gather(mine):
+        entries.update(share)
+    if _rank() == 0:
+        write_manifest(directory, dict(sorted(entries.items())))
+
+
 def prune(root: Path, keep_last: int, keep: str) -> None:
-    """Delete all but the newest ``keep_last`` complete checkpoints (never ``keep``)."""
-    tags = sorted(p.name for p in root.glob("step*") if p.is_dir())
-    for name in tags[:-keep_last]:
-        if name != keep:
-            shutil.rmtree(root / name, ignore_errors=True)
+    """Keep ``keep`` and the newest older checkpoints that pass the size check, ``keep_last``
+    in all; delete older and damaged ones. Call only once ``keep`` is verified.
+
+    Checkpoints newer than ``keep`` are left alone: a resume from an older one overwrites
+    them as it reaches their steps, and ``latest`` (which names ``keep``) hides them.
+    """
+    kept = 1
+    newest_first = reversed(checkpoint_tags(root))
+    for name in [t for t in newest_first if step_of(t) < step_of(keep)]:
+        if kept < keep_last and verify(root / name, checksums=False) is None:
+            kept += 1
+            continue
+        shutil.rmtree(root / name, ignore_errors=True)
 
 
-def saved_state(run_dir: Path) -> dict[str, Any] | None:
-    """moeforge's own state of the latest checkpoint (step, world size), or None."""
-    tag = latest_tag(run_dir)
+# --- Choosing and reading a checkpoint -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunSurvey:
+    """What a run directory holds of a previous run, and the checkpoint it would resume from.
+
+    ``contents``: phrases such as "metrics.jsonl", "2 checkpoints" (empty: a new run dir).
+    ``num_checkpoints``: checkpoint directories, valid or not (partial ones excluded).
+    """
+
+    point: ResumePoint
+    contents: tuple[str, ...]
+    num_checkpoints: int
+
+
+def _survey_here(run_dir: Path) -> RunSurvey:
+    run_dir = Path(run_dir)
+    found = []
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        found.append("metrics.jsonl")
+    root = checkpoint_dir(run_dir)
+    tags = checkpoint_tags(root)
+    partial = list(root.glob(".tmp-step*")) if root.is_dir() else []
+    if tags:
+        found.append(f"{len(tags)} checkpoint{'s' if len(tags) != 1 else ''}")
+    if partial:
+        found.append(f"{len(partial)} partial checkpoint{'s' if len(partial) != 1 else ''}")
+    if not tags and not partial and (root / LATEST).exists():
+        found.append(f"checkpoints/{LATEST}")
+    return RunSurvey(find_resume_point(root), tuple(found), len(tags))
+
+
+def survey(run_dir: Path) -> RunSurvey:
+    """``run_dir``'s previous run and newest valid checkpoint: rank 0 looks (and verifies the
+    checkpoint to load, launch/checkpoint_verify.py); every rank gets the same answer."""
+    return _from_rank0(_survey_here(run_dir) if _rank() == 0 else None)
+
+
+def resume_point(run_dir: Path) -> ResumePoint:
+    """The newest valid checkpoint of ``run_dir`` (rank 0 verifies; every rank gets its answer)."""
+    point = find_resume_point(checkpoint_dir(run_dir)) if _rank() == 0 else None
+    return _from_rank0(point)
+
+
+def remove_run_state(run_dir: Path) -> None:
+    """Delete a previous run's checkpoints, metrics and monitor logs (rank 0; all ranks call)."""
+    if _rank() == 0:
+        shutil.rmtree(checkpoint_dir(run_dir), ignore_errors=True)
+        shutil.rmtree(Path(run_dir) / "monitor", ignore_errors=True)
+        (Path(run_dir) / "metrics.jsonl").unlink(missing_ok=True)
+    _barrier()
+
+
+def _tag_or_latest(run_dir: Path, tag: str | None) -> str | None:
+    return latest_tag(run_dir) if tag is None else tag
+
+
+def saved_state(run_dir: Path, tag: str | None = None) -> dict[str, Any] | None:
+    """moeforge's own state (step, world size, ep) of checkpoint ``tag`` (default: latest)."""
+    tag = _tag_or_latest(run_dir, tag)
     if tag is None:
         return None
     return json.loads((checkpoint_dir(run_dir) / tag / STATE_FILE).read_text())
 
 
-def saved_config_text(run_dir: Path) -> str | None:
-    """The resolved config stored with the latest checkpoint."""
-    tag = latest_tag(run_dir)
+def saved_config_text(run_dir: Path, tag: str | None = None) -> str | None:
+    """The resolved config stored with checkpoint ``tag`` (default: latest)."""
+    tag = _tag_or_latest(run_dir, tag)
     return None if tag is None else (checkpoint_dir(run_dir) / tag / "config.yaml").read_text()
 
 
-def saved_ep(run_dir: Path) -> int | None:
-    """The EP size the latest checkpoint was saved with (moeforge.json, else its config)."""
-    state = saved_state(run_dir)
+def saved_ep(run_dir: Path, tag: str | None = None) -> int | None:
+    """The EP size checkpoint ``tag`` was saved with (moeforge.json, else its config)."""
+    state = saved_state(run_dir, tag)
     if state is None:
         return None
     if "ep" in state:
         return int(state["ep"])
-    config = yaml.safe_load(saved_config_text(run_dir) or "") or {}
+    config = yaml.safe_load(saved_config_text(run_dir, tag) or "") or {}
     return int((config.get("parallel") or {}).get("ep", 1))
 
 
-def check_ep_change(run_dir: Path, ep: int) -> None:
-    """Raise a one-line UserError unless the latest checkpoint can be resumed at ``ep``."""
-    before = saved_ep(run_dir)
+def check_ep_change(run_dir: Path, ep: int, tag: str | None = None) -> None:
+    """Raise a one-line UserError unless checkpoint ``tag`` can be resumed at ``ep``."""
+    tag = _tag_or_latest(run_dir, tag)
+    before = saved_ep(run_dir, tag)
     if before is None or before == ep:
         return
-    directory = checkpoint_dir(run_dir) / str(latest_tag(run_dir))
-    if not (directory / PORTABLE_FILE).is_file():
+    directory = checkpoint_dir(run_dir) / str(tag)
+    engine_files = (saved_state(run_dir, tag) or {}).get("layout_free") == "engine"
+    if not engine_files and not (directory / PORTABLE_FILE).is_file():
         raise UserError(
             f"cannot resume {directory} at parallel.ep={ep}: it was saved at ep={before} without "
             f"{PORTABLE_FILE} (layout-free weights and Adam state); resume at parallel.ep={before}"
         )
 
 
-def load(engine: Any, run_dir: Path, *, ep: int | None = None) -> dict[str, Any]:
-    """Load the latest checkpoint into ``engine`` and this rank's RNG; returns moeforge's state.
+def _damaged_file(directory: Path) -> str | None:
+    """The first ``.pt`` file in ``directory`` whose zip directory cannot be read (cheap: the
+    central directory at the end of the file, not the data)."""
+    for path in sorted(directory.glob("*.pt")):
+        try:
+            with zipfile.ZipFile(path):
+                pass
+        except (zipfile.BadZipFile, OSError):
+            return path.name
+    return None
 
-    ``ep``: this run's EP size. When it differs from the saved one, module and optimizer
-    states (shaped by the layout) are not loaded from the engine's files: weights, Adam
-    moments and step come from ``portable.pt``, the rest (LR scheduler, step counters,
-    client state) from the engine's files.
+
+def _load_error(directory: Path, err: BaseException, name: str | None = None) -> UserError:
+    """A one-line error naming the file that failed to load and how to continue."""
+    name = name or _damaged_file(directory)
+    where = directory / name if name else directory
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    return UserError(
+        f"cannot load checkpoint {where}: {first}; it matches its manifest, so it was written "
+        f"damaged: delete {directory} to resume from the checkpoint before it"
+    )
+
+
+def load(
+    engine: Any, run_dir: Path, *, ep: int | None = None, tag: str | None = None
+) -> dict[str, Any]:
+    """Load checkpoint ``tag`` into ``engine`` and this rank's RNG; returns moeforge's state.
+
+    ``tag``: default the newest valid checkpoint (``resume_point``). ``ep``: this run's EP
+    size. When it differs from the saved one, module and optimizer states (shaped by the
+    layout) are not loaded from the engine's files: weights, Adam moments and step come from
+    the layout-free source, the rest (LR scheduler, step counters, client state) from the
+    engine's files.
     """
-    tag = latest_tag(run_dir)
+    if tag is None:
+        tag = resume_point(run_dir).tag
     if tag is None:
         raise FileNotFoundError(f"no complete checkpoint under {checkpoint_dir(run_dir)}")
     directory = checkpoint_dir(run_dir) / tag
-    before = saved_ep(run_dir)
-    if ep is not None and before != ep:
-        check_ep_change(run_dir, ep)
-        client_state = bridge.load_training_state(engine, str(checkpoint_dir(run_dir)), tag)
-        groups = _portable_groups(engine)
-        if groups is None:
-            raise UserError(
-                f"cannot resume {directory} at parallel.ep={ep}: the model has no experts"
+    before = saved_ep(run_dir, tag)
+    try:
+        if ep is not None and before != ep:
+            check_ep_change(run_dir, ep, tag)
+            client_state = bridge.load_training_state(engine, str(checkpoint_dir(run_dir)), tag)
+            _load_layout_free(engine, directory, ep)
+        else:
+            path, client_state = engine.load_checkpoint(
+                str(checkpoint_dir(run_dir)),
+                tag=tag,
+                load_module_strict=True,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=True,
             )
-        from parallel.expert_checkpoint import load_portable
-
-        load_portable(engine, engine.module, groups, directory / PORTABLE_FILE)
-    else:
-        path, client_state = engine.load_checkpoint(
-            str(checkpoint_dir(run_dir)),
-            tag=tag,
-            load_module_strict=True,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=True,
-        )
-        if path is None:
-            raise RuntimeError(
-                f"DeepSpeed could not load checkpoint {tag} from {checkpoint_dir(run_dir)}"
-            )
-        _load_experts(engine, directory)
+            if path is None:
+                raise RuntimeError(f"DeepSpeed found no checkpoint {tag}")
+            _load_experts(engine, directory)
+    except UserError:
+        raise
+    except (RuntimeError, OSError, EOFError, KeyError, ValueError) as err:
+        raise _load_error(directory, err) from err
     rng_file = directory / f"rng_rank{_rank()}.pt"
-    set_rng_state(torch.load(rng_file, weights_only=False))
+    try:
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    except (RuntimeError, OSError, EOFError, KeyError, ValueError) as err:
+        raise _load_error(directory, err, rng_file.name) from err
     return client_state["moeforge"]
 
 
-# --- Expert parallelism (issue 4): the engine's module state comes from rank 0 only, which at
-# ep > 1 holds just its own block of experts. The full, layout-independent weights and Adam
-# moments of every parameter go to PORTABLE_FILE (parallel/expert_checkpoint.py): at ep > 1
-# they overwrite what the engine loaded; at any ep they let a run continue at another ep.
-PORTABLE_FILE = "portable.pt"
+# --- Layout-free weights and Adam state ---------------------------------------------------
+# At ep > 1 the engine's module state comes from rank 0 only, which holds just its own block of
+# experts. The full, layout-independent weights and Adam moments of every parameter go to
+# PORTABLE_FILE (parallel/expert_checkpoint.py): at ep > 1 they overwrite what the engine
+# loaded; at any ep they let a run continue at another ep.
 
 
 def _portable_groups(engine: Any) -> Any:
@@ -250,12 +515,34 @@ def _portable_groups(engine: Any) -> Any:
     return ProcessGroups(layout=layout, mesh=None, rank=dist.get_rank())
 
 
-def _save_experts(engine: Any, directory: Path) -> None:
+def _layout_free_source(engine: Any) -> str | None:
+    """Where a checkpoint of ``engine`` keeps layout-free weights and Adam state: "engine"
+    when its own files already hold them, PORTABLE_FILE otherwise, None without experts."""
     groups = _portable_groups(engine)
-    if groups is not None:
-        from parallel.expert_checkpoint import save_portable
+    if groups is None:
+        return None
+    from parallel.expert_checkpoint import engine_files_are_layout_free
 
-        save_portable(engine, engine.module, groups, directory / PORTABLE_FILE)
+    return "engine" if engine_files_are_layout_free(engine, groups) else PORTABLE_FILE
+
+
+def _save_portable(engine: Any, directory: Path) -> None:
+    from parallel.expert_checkpoint import save_portable
+
+    save_portable(engine, engine.module, _portable_groups(engine), directory / PORTABLE_FILE)
+
+
+def _load_layout_free(engine: Any, directory: Path, ep: int) -> None:
+    """Weights and Adam state at another ep: from portable.pt, else the engine's files."""
+    groups = _portable_groups(engine)
+    if groups is None:
+        raise UserError(f"cannot resume {directory} at parallel.ep={ep}: the model has no experts")
+    from parallel.expert_checkpoint import load_engine_files, load_portable
+
+    if (directory / PORTABLE_FILE).is_file():
+        load_portable(engine, engine.module, groups, directory / PORTABLE_FILE)
+    else:
+        load_engine_files(engine, engine.module, groups, directory)
 
 
 def _load_experts(engine: Any, directory: Path) -> None:

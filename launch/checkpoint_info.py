@@ -1,11 +1,13 @@
-"""``moeforge checkpoint info RUN``: the step and parallel layout a run's checkpoint was saved with.
+"""``moeforge checkpoint info RUN``: verify a run's checkpoints and show the layout of the newest.
 
     moeforge checkpoint info runs/tiny-20260101-120000
 
-Reads the latest complete checkpoint of RUN (launch/checkpoint.py): its step and world size
-(moeforge.json), the parallel section of the resolved config saved beside it, and, for
-expert-parallel runs, the layout-free weights file (parallel/expert_checkpoint.py) that lets
-it load at another EP size.
+Checks every checkpoint of RUN against its manifest, sizes and checksums
+(launch/checkpoint_verify.py), and lists each as ``ok`` or ``damaged: <reason>``, with what is
+wrong with the ``latest`` pointer if anything. For the newest valid checkpoint (the one a
+resume would use) it shows its step and world size (moeforge.json), the parallel section of
+the resolved config saved beside it, and where its layout-free weights are (for an ep change:
+parallel/expert_checkpoint.py). Exit status 0 when a valid checkpoint exists, 1 when none is.
 """
 
 from __future__ import annotations
@@ -17,15 +19,12 @@ from pathlib import Path
 import yaml
 
 from launch import checkpoint
+from launch.checkpoint_verify import checkpoint_tags, find_resume_point, verify
 from launch.errors import UserError
 
 
-def describe(run_dir: Path) -> list[str]:
-    """Lines describing the latest checkpoint of ``run_dir``."""
-    tag = checkpoint.latest_tag(run_dir)
-    if tag is None:
-        raise UserError(f"no complete checkpoint under {checkpoint.checkpoint_dir(run_dir)}")
-    directory = checkpoint.checkpoint_dir(run_dir) / tag
+def _layout_lines(directory: Path) -> list[str]:
+    """Step, layout and layout-free weights of one valid checkpoint."""
     state = json.loads((directory / checkpoint.STATE_FILE).read_text())
     config = yaml.safe_load((directory / "config.yaml").read_text()) or {}
     parallel = config.get("parallel") or {}
@@ -43,16 +42,45 @@ def describe(run_dir: Path) -> list[str]:
         from parallel.expert_checkpoint import portable_info
 
         lines.append(f"experts: {portable_info(portable)}")
+    elif state.get("layout_free") == "engine":
+        lines.append(
+            "experts: full weights and Adam state in the engine's files (ep=1, ZeRO 0); loads "
+            "at any ep dividing the experts"
+        )
     elif ep > 1:
         lines.append("experts: no portable file; only rank 0's experts were saved")
     return lines
 
 
+def describe(run_dir: Path) -> list[str]:
+    """Lines describing ``run_dir``'s checkpoints (see ``verify_run``)."""
+    return verify_run(run_dir)[0]
+
+
+def verify_run(run_dir: Path) -> tuple[list[str], bool]:
+    """(lines describing ``run_dir``'s checkpoints, whether one of them is valid)."""
+    root = checkpoint.checkpoint_dir(run_dir)
+    tags = checkpoint_tags(root)
+    if not tags:
+        raise UserError(f"no complete checkpoint under {root}")
+    point = find_resume_point(root)
+    lines = [] if point.tag is None else _layout_lines(root / point.tag)
+    if point.tag is None:
+        lines.append(f"{root}: no valid checkpoint; a resume would refuse to continue")
+    if point.latest_problem:
+        lines.append(point.latest_problem)
+    for tag in reversed(tags):
+        reason = verify(root / tag, checksums=True)
+        lines.append(f"{tag}: {'ok' if reason is None else f'damaged: {reason}'}")
+    return lines, point.tag is not None
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="moeforge checkpoint info", description=__doc__.split("\n")[0]
+        prog="moeforge checkpoint info", description=__doc__.split("\n")[0], allow_abbrev=False
     )
     parser.add_argument("run", type=Path, help="run directory (holds checkpoints/)")
     args = parser.parse_args(argv)
-    print("\n".join(describe(args.run)))
-    return 0
+    lines, valid = verify_run(args.run)
+    print("\n".join(lines))
+    return 0 if valid else 1

@@ -1,9 +1,10 @@
 """The ``moeforge`` command.
 
-    moeforge train [CONFIG] [--set key=value ...] [--run-dir PATH] [--resume]
+    moeforge train [CONFIG] [--set key=value ...] [--run-dir PATH]
+                   [--resume | --fresh | --no-resume]
                    [--deepspeed-config FILE]        # no CONFIG: configs/tiny.yaml
     moeforge bench NAME [ARGS ...]                  # runs launch/bench_NAME.py:main(ARGS)
-    moeforge checkpoint info RUN                    # step and layout of RUN's latest checkpoint
+    moeforge checkpoint info RUN                    # verify RUN's checkpoints; layout of the newest
     moeforge plot-experts RUN [--out PNG]           # per-layer expert load over steps
 
 One process:   moeforge train
@@ -36,8 +37,18 @@ def _train_parser() -> argparse.ArgumentParser:
         help="override a config value by dotted key, e.g. --set moe.num_experts=16",
     )  # fmt: skip
     parser.add_argument("--run-dir", type=Path, help="where metrics and checkpoints go")
-    parser.add_argument(
-        "--resume", action="store_true", help="continue from the run dir's checkpoint"
+    # A run dir holding a previous run continues from its newest valid checkpoint by default
+    # (what a restarted torchrun worker relies on); these make the intent explicit.
+    restart = parser.add_mutually_exclusive_group()
+    restart.add_argument(
+        "--resume", action="store_true", help="require a checkpoint in the run dir to continue from"
+    )
+    restart.add_argument(
+        "--fresh", action="store_true",
+        help="remove the run dir's previous checkpoints and metrics and start over",
+    )  # fmt: skip
+    restart.add_argument(
+        "--no-resume", action="store_true", help="refuse a run dir that already holds a run"
     )
     parser.add_argument(
         "--deepspeed-config", help="DeepSpeed JSON whose keys override the generated ones"
@@ -62,7 +73,10 @@ def train_main(argv: list[str]) -> int:
     if run_dir is None:
         stem = Path(args.config).stem if args.config else "tiny"
         run_dir = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    train(config, run_dir, resume=args.resume, deepspeed_json=args.deepspeed_config)
+    train(
+        config, run_dir, resume=args.resume, fresh=args.fresh, no_resume=args.no_resume,
+        deepspeed_json=args.deepspeed_config,
+    )  # fmt: skip
     return 0
 
 

@@ -53,7 +53,7 @@ def read_loads(
 def main(argv: list[str]) -> int:
     """Draw the plot; returns the exit status."""
     parser = argparse.ArgumentParser(
-        prog="moeforge plot-experts", description=__doc__.split("\n")[0]
+        prog="moeforge plot-experts", description=__doc__.split("\n")[0], allow_abbrev=False
     )
     parser.add_argument("run", type=Path, help="run directory (holds metrics.jsonl)")
     parser.add_argument("--split", choices=("train", "eval"), default="train")

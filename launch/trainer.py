@@ -10,15 +10,19 @@ and router_entropy (means over MoE layers), lr and tokens_per_s (all ranks); eva
 records with val_loss (nats per token) and val_bpb (bits per byte of the targets' text),
 plus val_accuracy in classify mode (images: launch/images.py).
 Values are averaged over the micro steps of the step and over data-parallel ranks.
-Re-running a run directory that holds a checkpoint continues it exactly: same data order
-(the position is the step), same RNG states, same optimizer and schedule state. The same
-number of ranks may continue it at another ``parallel.ep`` (weights and Adam state from the
-checkpoint's layout-free portable.pt); other layout changes, the world size among them, are
+Re-running a run directory that holds a checkpoint continues it exactly from its newest
+valid checkpoint (a damaged newer one is named in one line and skipped): same data order
+(the position is the step), same RNG states, same optimizer and schedule state. A run
+directory with metrics or checkpoints but no valid checkpoint is refused unless ``fresh``
+(``--fresh``) starts it over; ``no_resume`` (``--no-resume``) refuses any previous run. The
+same number of ranks may continue it at another ``parallel.ep`` (weights and Adam state from
+the checkpoint's layout-free source); other layout changes, the world size among them, are
 refused.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -140,7 +144,12 @@ def evaluate(
 
 
 class MetricsWriter:
-    """Appends JSON records to RUN_DIR/metrics.jsonl (rank 0) and to DeepSpeed's monitors."""
+    """Appends JSON records to RUN_DIR/metrics.jsonl (rank 0) and to DeepSpeed's monitors.
+
+    On a resume, metrics.jsonl and the CSV monitor's files are cut back to the checkpoint's
+    step (the run that stopped may have logged past it), and each CSV file keeps its one
+    header; a new run starts them empty.
+    """
 
     def __init__(self, run_dir: Path, engine: Any, resume_step: int | None, enabled: bool) -> None:
         self.path = run_dir / "metrics.jsonl"
@@ -155,6 +164,8 @@ class MetricsWriter:
             self.path.write_text("".join(f"{line}\n" for line in kept))
         elif enabled:
             self.path.write_text("")
+        if enabled:
+            _cut_csv_monitor(engine, resume_step)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -168,17 +179,96 @@ class MetricsWriter:
             monitor.write_events(events)
 
 
+def _cut_csv_monitor(engine: Any, resume_step: int | None) -> None:
+    """Cut DeepSpeed's CSV monitor files back to ``resume_step`` (None: delete them).
+
+    The monitor writes a header into a file the first time *this process* writes to it, so a
+    resumed run would put a second header mid-file: files it keeps are marked as started.
+    moeforge's series count steps; DeepSpeed's own (``Train_Samples_*``) count samples, which
+    the loaded checkpoint restored as ``global_samples``.
+    """
+    monitor = getattr(getattr(engine, "monitor", None), "csv_monitor", None)
+    log_dir = getattr(monitor, "log_dir", None)
+    if monitor is None or not log_dir:
+        return
+    for path in sorted(Path(log_dir).glob("*.csv")):
+        if resume_step is None:
+            path.unlink()
+            continue
+        own = path.stem.startswith("Train_Samples")
+        limit = getattr(engine, "global_samples", None) if own else resume_step
+        if limit is None:
+            continue
+        with path.open(newline="") as stream:
+            rows = list(csv.reader(stream))
+        kept = rows[:1] + [r for r in rows[1:] if r and r[0] != "step" and float(r[0]) <= limit]
+        with path.open("w", newline="") as stream:
+            csv.writer(stream).writerows(kept)
+        if path.stem not in monitor.filenames:
+            monitor.filenames.append(path.stem)
+
+
 def _check_resume(
-    config: RunConfig, run_dir: Path, world_size: int, resume: bool
-) -> dict[str, Any] | None:
-    saved = checkpoint.saved_state(run_dir)
-    if saved is None:
-        if resume:
-            raise UserError(
-                f"--resume: {run_dir} has no complete checkpoint; drop --resume to start a new run"
-            )
+    config: RunConfig,
+    run_dir: Path,
+    world_size: int,
+    *,
+    resume: bool = False,
+    fresh: bool = False,
+    no_resume: bool = False,
+) -> tuple[str, dict[str, Any]] | None:
+    """The checkpoint to continue from (tag, moeforge's state), or None for a new run.
+
+    A run dir holding a previous run (metrics or checkpoints) continues from its newest valid
+    checkpoint, naming any damaged newer one; it is never silently started over: with no
+    valid checkpoint it is refused unless ``fresh``, which removes the old state first.
+    ``no_resume`` refuses a run dir that holds a previous run. A torchrun restart before the
+    run's first checkpoint starts over (the failed attempt left nothing to continue from).
+    """
+    log = get_logger()
+    found = checkpoint.survey(run_dir)
+    point, held = found.point, ", ".join(found.contents)
+    if fresh:
+        if found.contents:
+            log.warning("--fresh: starting %s over: removing %s", run_dir, held)
+            checkpoint.remove_run_state(run_dir)
         return None
-    changed = incompatible_fields(yaml.safe_load(checkpoint.saved_config_text(run_dir)), config)
+    if no_resume and found.contents:
+        raise UserError(
+            f"--no-resume: {run_dir} already holds a run ({held}); use a new --run-dir, or "
+            "--fresh to start over"
+        )
+    if point.tag is None:
+        if not found.contents:
+            if resume:
+                raise UserError(
+                    f"--resume: {run_dir} has no complete checkpoint; drop --resume to start "
+                    "a new run"
+                )
+            return None
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0) > 0
+        if restarted and found.num_checkpoints == 0:
+            log.warning(
+                "restarted before the first checkpoint: starting %s over (removing %s)",
+                run_dir, held,
+            )  # fmt: skip
+            checkpoint.remove_run_state(run_dir)
+            return None
+        problems = point.problems()
+        raise UserError(
+            f"{'--resume: ' if resume else ''}{run_dir} holds a previous run ({held}) but no "
+            f"valid checkpoint{f': {problems}' if problems else ''}; rerun with --fresh to "
+            "start over, or use a new --run-dir"
+        )
+    if point.problems():
+        log.warning(
+            "%s: %s; resuming from the newest valid checkpoint, %s (step %d)",
+            checkpoint.checkpoint_dir(run_dir), point.problems(), point.tag, point.step,
+        )  # fmt: skip
+    tag = point.tag
+    saved = checkpoint.saved_state(run_dir, tag)
+    saved_config = yaml.safe_load(checkpoint.saved_config_text(run_dir, tag))
+    changed = incompatible_fields(saved_config, config)
     if changed:
         raise UserError(
             f"cannot resume {run_dir}: {changed[0]} differs from its checkpoint; "
@@ -189,8 +279,15 @@ def _check_resume(
             f"cannot resume {run_dir}: it was written by {saved['world_size']} ranks, this run has "
             f"{world_size}; relaunch with {saved['world_size']} processes or use a new --run-dir"
         )
-    checkpoint.check_ep_change(run_dir, config.parallel.ep)  # another ep needs portable.pt
-    return saved
+    checkpoint.check_ep_change(run_dir, config.parallel.ep, tag)  # another ep: layout-free state
+    return tag, saved
+
+
+def _layout_free_name(run_dir: Path, tag: str) -> str:
+    """Where checkpoint ``tag`` keeps its layout-free weights: portable.pt or the engine's files."""
+    state = checkpoint.saved_state(run_dir, tag) or {}
+    engine_files = state.get("layout_free") == "engine"
+    return "the engine's files" if engine_files else checkpoint.PORTABLE_FILE
 
 
 def _build_data(config: RunConfig, run_dir: Path, rank: int) -> Data:
@@ -210,9 +307,15 @@ def train(
     run_dir: Path,
     *,
     resume: bool = False,
+    fresh: bool = False,
+    no_resume: bool = False,
     deepspeed_json: str | Path | None = None,
 ) -> TrainResult:
-    """Train ``config`` in ``run_dir`` (continuing from its checkpoint if it has one)."""
+    """Train ``config`` in ``run_dir`` (continuing from its newest valid checkpoint if any).
+
+    ``resume``: require a checkpoint to continue from; ``fresh``: remove a previous run's
+    checkpoints and metrics and start over; ``no_resume``: refuse a run dir holding a run.
+    """
     started = time.perf_counter()
     log = get_logger()
     launcher = discover_environment()
@@ -236,7 +339,9 @@ def train(
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    saved = _check_resume(config, run_dir, world, resume)
+    resumed = _check_resume(config, run_dir, world, resume=resume, fresh=fresh, no_resume=no_resume)
+    saved = None if resumed is None else resumed[1]
+
 
     torch.manual_seed(config.train.seed)
     data = _build_data(config, run_dir, rank)
@@ -273,16 +378,17 @@ def train(
         zero_stage=int(ds_config.get("zero_optimization", {}).get("stage", 0)),
     )
     start_step = 0
-    before = checkpoint.saved_ep(run_dir) if saved is not None else None
-    if saved is not None:
+    before = None if resumed is None else checkpoint.saved_ep(run_dir, resumed[0])
+    if resumed is not None:
         if before != config.parallel.ep:
             log.info(
                 "resuming a run saved at ep=%d at ep=%d (weights and Adam state from %s)",
-                before, config.parallel.ep, checkpoint.PORTABLE_FILE,
+                before, config.parallel.ep, _layout_free_name(run_dir, resumed[0]),
             )  # fmt: skip
-        start_step = checkpoint.load(engine, run_dir, ep=config.parallel.ep)["step"]
-    if rank == 0 and (saved is None or before != config.parallel.ep):
-        save_resolved(config, run_dir / "config.yaml")  # the run's layout from here on
+        loaded = checkpoint.load(engine, run_dir, ep=config.parallel.ep, tag=resumed[0])
+        start_step = loaded["step"]
+    if rank == 0:  # the run's config from here on: a resume may change values (steps, ep, ...)
+        save_resolved(config, run_dir / "config.yaml")
     config_yaml = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
     train_cfg, mode = config.train, config.model.mode

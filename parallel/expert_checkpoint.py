@@ -5,6 +5,8 @@ Shape letters: E experts, E_l = E / ep experts held by one EP rank.
     save_portable(engine, model, groups, path)      # every rank calls; rank 0 writes one file
     load_portable(engine, model, groups, path)      # any ep (and ZeRO 0, 1 or 2) that divides E
     portable_info(path)                             # the layout and step it was saved with
+    engine_files_are_layout_free(engine, groups)    # True: portable.pt would duplicate them
+    load_engine_files(engine, model, groups, dir)   # the same, from such a checkpoint's files
 
 A DeepSpeed checkpoint stores each rank's module and optimizer partitions, shaped by the
 layout: a run saved at ep=4 holds [E/4, ...] expert blocks and cannot be loaded strictly at
@@ -26,6 +28,11 @@ the moments. With classic bf16/fp16 at ZeRO 0, DeepSpeed's wrapper keeps separat
 masters, and the Adam state is keyed by them (``fp32_master_slots``, contract 8): masters
 and moments are read and written there, never from the rounded bf16 parameters.
 Parameters are visited in the same order on every rank, so the collectives match.
+
+At ep=1, tp=1, pp=1 and ZeRO 0 with fp32 parameters the engine's own files already hold all
+of this (the module's and the torch optimizer's state dicts, complete on rank 0), so the
+checkpoint writes no portable file and an ep change reads the engine's files
+(``load_engine_files``): the checkpoint is then the engine's files alone, not twice that.
 """
 
 from __future__ import annotations
@@ -173,6 +180,84 @@ def save_portable(engine: Any, model: nn.Module, groups: ProcessGroups, path: Pa
 def load_portable(engine: Any, model: nn.Module, groups: ProcessGroups, path: Path) -> dict:
     """Load what ``save_portable`` wrote into this layout; returns the saved metadata."""
     saved = torch.load(Path(path), map_location="cpu", weights_only=False)
+    _load_tensors(engine, model, groups, saved, Path(path))
+    return saved["meta"]
+
+
+def engine_files_are_layout_free(engine: Any, groups: ProcessGroups) -> bool:
+    """Whether the engine's own checkpoint files hold every full weight and Adam moment by
+    name, so that ``portable.pt`` would only duplicate them.
+
+    True at ep=1 (no expert blocks), tp=1, pp=1 and ZeRO 0 with the torch optimizer itself
+    (no DeepSpeed wrapper keeping separate fp32 masters, bridge contract 8): the engine then
+    saves the module's state dict and the optimizer's, both complete on rank 0.
+    """
+    layout = groups.layout
+    if (layout.ep, layout.tp, layout.pp) != (1, 1, 1):
+        return False
+    stage = int(getattr(engine, "zero_optimization_stage", lambda: 0)())
+    optimizer = getattr(engine, "optimizer", None)
+    if stage != 0 or optimizer is None or base_optimizer(engine) is not optimizer:
+        return False
+    if fp32_master_slots(engine):
+        return False
+    return all(p.dtype == torch.float32 for p in engine.module.parameters())
+
+
+ENGINE_MODEL_FILE = "mp_rank_00_model_states.pt"
+
+
+def load_engine_files(
+    engine: Any, model: nn.Module, groups: ProcessGroups, directory: Path
+) -> dict:
+    """Load weights, Adam moments and step from the engine's files of a checkpoint for which
+    ``engine_files_are_layout_free`` held, into this layout (any ep); returns the metadata.
+
+    The saved optimizer state is keyed by position in its parameter groups; this engine's
+    groups list the same parameters in the same order (the bridge builds them by name), so
+    positions map to names. Every moment's shape is checked against its name's full shape.
+    """
+    path = Path(directory) / ENGINE_MODEL_FILE
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    module, optim = saved["module"], saved.get("optimizer")
+    if not isinstance(optim, dict) or "param_groups" not in optim:
+        raise ValueError(f"checkpoint {path} holds no optimizer state dict")
+    names = {id(p): n for n, p in model.named_parameters()}
+    current = base_optimizer(engine).param_groups
+    sizes = [len(g["params"]) for g in optim["param_groups"]]
+    if sizes != [len(g["params"]) for g in current]:
+        raise ValueError(
+            f"checkpoint {path}: optimizer groups of {sizes} parameters do not fit this model's "
+            f"{[len(g['params']) for g in current]}"
+        )
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    step = 0.0
+    for saved_group, group in zip(optim["param_groups"], current):
+        for index, param in zip(saved_group["params"], group["params"]):
+            name = names[id(param)]
+            state = optim["state"].get(index, {})
+            weight = module[name].float()
+            entry = {"weight": weight}
+            for key in MOMENTS:
+                moment = state.get(key)
+                if moment is not None and moment.shape != weight.shape:
+                    raise ValueError(
+                        f"checkpoint {path}: {key} of {name} has shape {tuple(moment.shape)}, "
+                        f"the weight {tuple(weight.shape)}"
+                    )
+                entry[key] = torch.zeros_like(weight) if moment is None else moment.float()
+            if "step" in state:
+                step = float(state["step"])
+            tensors[name] = entry
+    meta = {"adam_step": step, "source": ENGINE_MODEL_FILE}
+    _load_tensors(engine, model, groups, {"meta": meta, "tensors": tensors}, path)
+    return meta
+
+
+def _load_tensors(
+    engine: Any, model: nn.Module, groups: ProcessGroups, saved: dict, path: Path
+) -> None:
+    """Write full weights and moments (experts sliced to this EP rank's block) and the step."""
     optimizer = base_optimizer(engine)
     _ensure_adam_state(optimizer)
     link_optimizer_state(engine)
@@ -205,7 +290,6 @@ def load_portable(engine: Any, model: nn.Module, groups: ProcessGroups, path: Pa
     for state in optimizer.state.values():
         if "step" in state:
             state["step"] = step.clone()
-    return saved["meta"]
 
 
 def portable_info(path: Path) -> str:

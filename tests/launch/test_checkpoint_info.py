@@ -1,10 +1,11 @@
-"""``moeforge checkpoint info`` on a synthetic checkpoint directory."""
+"""``moeforge checkpoint info`` on synthetic checkpoint directories (damage: test_checkpoint_damage)."""
 
 import json
 
 import pytest
 
 from launch.checkpoint_info import describe, main
+from launch.checkpoint_verify import describe_files, list_files, write_manifest
 from launch.errors import UserError
 
 
@@ -19,6 +20,7 @@ def write_checkpoint(run_dir, ep: int, portable: bool) -> None:
         meta = {"layout": {"dp": 4, "ep": ep, "tp": 1, "pp": 1}, "world_size": 4,
                 "zero_stage": 1, "adam_step": 12.0}  # fmt: skip
         (directory / "portable.json").write_text(json.dumps(meta))
+    write_manifest(directory, describe_files(directory, list_files(directory)))
     (run_dir / "checkpoints" / "latest").write_text("step00000012")
 
 
@@ -32,10 +34,11 @@ def test_info_names_step_layout_and_portable_experts(tmp_path, capsys):
         "precision bf16"
     )
     assert out[2].startswith("experts: saved with dp=4 x tp=1 x pp=1 (ep=2) on 4 ranks")
+    assert out[3] == "step00000012: ok"
 
 
 def test_info_warns_without_portable_file_and_fails_without_checkpoint(tmp_path):
     write_checkpoint(tmp_path / "a", ep=2, portable=False)
-    assert "only rank 0's experts" in describe(tmp_path / "a")[-1]
+    assert "only rank 0's experts" in describe(tmp_path / "a")[2]
     with pytest.raises(UserError, match="no complete checkpoint under"):
         describe(tmp_path / "b")
