@@ -32,7 +32,9 @@ from launch.errors import UserError
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="moeforge bench ep", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="moeforge bench ep", description=__doc__.split("\n")[0], allow_abbrev=False
+    )
     parser.add_argument("--tokens", type=int, default=2048, help="tokens per rank")
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--d-ff", type=int, default=1024)

@@ -259,7 +259,9 @@ def memory_table(args: argparse.Namespace) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="moeforge bench moe", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="moeforge bench moe", description=__doc__.splitlines()[0], allow_abbrev=False
+    )
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--d-model", type=int, default=512)
     p.add_argument("--d-ff", type=int, default=2048)

@@ -338,7 +338,8 @@ def _check_lengths(config: RunConfig) -> None:
         length = attention.get(choice.name).length_option
         value = choice.options.get(length) if length is not None else None
         if value is not None and isinstance(value, int) and value < data.seq_len:
-            where = f"attention.layers.{index}" if str(index) in config.attention.layers else "attention"
+            overridden = str(index) in config.attention.layers
+            where = f"attention.layers.{index}" if overridden else "attention"
             raise UserError(
                 f"{where}.options.{length} ({value}) is shorter than data.seq_len "
                 f"({data.seq_len}); raise it or leave it unset (then it is model.max_seq_len)"

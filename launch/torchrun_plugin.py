@@ -1,0 +1,176 @@
+"""torchrun integration: a moeforge user error ends a torchrun launch in its one line, status 2.
+
+    torchrun --nproc_per_node=2 -m launch.cli train --set moe.top_k=9; echo $?
+    moeforge: error: moe.top_k (9) must be at most moe.num_experts (8); lower moe.top_k ...
+    2
+
+Stock torchrun answers any worker that exits non-zero with a ChildFailedError traceback of
+about 35 lines and exit status 1, and retries it under ``--max-restarts``. torchrun's agent
+loads the entry points of the group ``torchrun.handlers`` when it starts (torch's
+``elastic/rendezvous/registry.py``), before it parses its arguments; moeforge registers
+``handler_generator`` there (pyproject.toml). In the agent of a moeforge launch, and nowhere
+else, it:
+
+* makes a directory for the launch and names it to the workers in ``MOEFORGE_USER_ERROR_DIR``;
+  a worker that meets a user error claims ``user-error`` in it (an exclusive create), and the
+  first one to claim it prints the line (``report_user_error``), so the line appears once,
+  whichever rank fails first and whichever ranks torchrun then stops;
+* when that file exists, does not restart the workers (the same config fails the same way),
+  drops the agent's log lines about the failure and the teardown signals, and, when every
+  failed worker exited with status 2 (or was stopped by torchrun's teardown), ends the agent
+  with status 2 and nothing more;
+* drops torchrun's OMP_NUM_THREADS banner (torchrun still sets one thread per worker).
+
+Everything else, a worker that crashes among them, falls through to torchrun untouched, and
+any problem installing these hooks leaves torchrun exactly as it was. The registered
+rendezvous backend "moeforge" is a placeholder that only explains itself if asked for.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+USER_ERROR_DIR_ENV = "MOEFORGE_USER_ERROR_DIR"
+CLAIM_FILE = "user-error"
+USER_ERROR_STATUS = 2
+# Exit codes of workers torchrun itself stops once another worker has failed.
+TEARDOWN_CODES = {-signal.SIGTERM, -signal.SIGKILL, -signal.SIGINT}
+_ELASTIC_PROCESS_LOGGER = "torch.distributed.elastic.multiprocessing.api"
+_RUN_LOGGER = "torch.distributed.run"
+
+
+def handler_generator() -> Callable[[Any], Any]:
+    """Entry point of the ``torchrun.handlers`` group: installs the hooks in the agent of a
+    moeforge launch and returns the creator torchrun registers as rendezvous "moeforge"."""
+    try:
+        if is_moeforge_agent(sys.argv):
+            install()
+    except Exception:  # noqa: BLE001 - the launcher must keep working whatever happens here
+        pass
+    return no_rendezvous
+
+
+def no_rendezvous(params: Any) -> Any:
+    """The rendezvous creator registered as "moeforge": there is no such backend."""
+    raise ValueError(
+        "'moeforge' is not a rendezvous backend (the name only registers moeforge's torchrun "
+        "hooks); use --rdzv-backend c10d or --standalone"
+    )
+
+
+def is_moeforge_agent(argv: list[str]) -> bool:
+    """Whether this process is torchrun's agent launching moeforge (``-m launch.cli``, the
+    ``moeforge`` script or launch/cli.py)."""
+    if not argv:
+        return False
+    program = argv[0].replace("\\", "/")
+    if Path(program).name != "torchrun" and not program.endswith("torch/distributed/run.py"):
+        return False
+    return any(
+        arg == "launch.cli" or Path(arg).name == "moeforge" or arg.endswith("launch/cli.py")
+        for arg in argv[1:]
+    )
+
+
+def report_user_error() -> bool | None:
+    """In a worker: whether this process prints the user error (the first worker to claim
+    it under this launch), or None when no moeforge agent is watching (decide by rank)."""
+    folder = os.environ.get(USER_ERROR_DIR_ENV)
+    if not folder:
+        return None
+    try:
+        os.close(os.open(Path(folder) / CLAIM_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    except OSError:
+        return None
+    return True
+
+
+def install() -> None:
+    """Set up the directory, the log filters, the restart guard and the exit hook."""
+    folder = Path(tempfile.mkdtemp(prefix="moeforge-torchrun-"))
+    os.environ[USER_ERROR_DIR_ENV] = str(folder)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    claimed = lambda: (folder / CLAIM_FILE).exists()
+    logging.getLogger(_RUN_LOGGER).addFilter(_DropRecords(lambda r: "OMP_NUM_THREADS" in r.msg))
+    logging.getLogger(_ELASTIC_PROCESS_LOGGER).addFilter(
+        _DropRecords(lambda r: claimed() and _is_failure_chatter(r))
+    )
+    _guard_restarts(claimed)
+    previous = sys.excepthook
+
+    def hook(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
+        try:
+            if claimed() and _only_user_errors(error):
+                shutil.rmtree(folder, ignore_errors=True)
+                logging.shutdown()
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(USER_ERROR_STATUS)
+        except Exception:  # noqa: BLE001 - fall back to the default report
+            pass
+        previous(kind, error, tb)
+
+    sys.excepthook = hook
+
+
+class _DropRecords(logging.Filter):
+    """A logging filter that drops the records ``drop`` selects (and never raises)."""
+
+    def __init__(self, drop: Callable[[logging.LogRecord], bool]) -> None:
+        super().__init__()
+        self.drop = drop
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            return not self.drop(record)
+        except Exception:  # noqa: BLE001 - a filter that fails must not hide the record
+            return True
+
+
+def _is_failure_chatter(record: logging.LogRecord) -> bool:
+    text = str(record.msg)
+    return text.startswith("failed (exitcode") or "closing signal" in text
+
+
+def _only_user_errors(error: BaseException) -> bool:
+    """Whether ``error`` is torchrun's ChildFailedError for workers that each exited with
+    the user-error status or were stopped by torchrun after another one had."""
+    failures = getattr(error, "failures", None)
+    if type(error).__name__ != "ChildFailedError" or not failures:
+        return False
+    codes = [failure.exitcode for failure in failures.values()]
+    return USER_ERROR_STATUS in codes and all(
+        code == USER_ERROR_STATUS or code in TEARDOWN_CODES for code in codes
+    )
+
+
+def _guard_restarts(claimed: Callable[[], bool]) -> None:
+    """Make the agent give up instead of restarting workers that stopped on a user error."""
+    try:
+        from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+    except Exception:  # noqa: BLE001 - without the guard a user error is merely retried
+        return
+    monitor = LocalElasticAgent._monitor_workers
+
+    def monitor_workers(self: Any, worker_group: Any) -> Any:
+        result = monitor(self, worker_group)
+        try:
+            if result.is_failed() and claimed():
+                self._remaining_restarts = 0
+        except Exception:  # noqa: BLE001 - keep torchrun's own decision
+            pass
+        return result
+
+    LocalElasticAgent._monitor_workers = monitor_workers
