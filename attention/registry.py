@@ -63,7 +63,10 @@ def parse_options(name: str, options: dict[str, Any] | AttentionOptions | None) 
     try:
         return cls.Options(**(dict(options or {})))
     except Exception as err:  # pydantic.ValidationError: re-raise as one readable line
-        raise ValueError(f"attention '{name}' options: {_first_line(err)}") from err
+        valid = ", ".join(sorted(cls.Options.model_fields))
+        raise ValueError(
+            f"attention '{name}' options: {_first_line(err)}; valid options: {valid}"
+        ) from err
 
 
 def _first_line(err: Exception) -> str:

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 import attention
+from launch.arguments import ArgumentParser
 
 D_MODEL, NUM_HEADS = 256, 4
 DEFAULT_LENGTHS = (1024, 2048, 4096, 8192)
@@ -375,7 +376,7 @@ def header(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="moeforge bench attention",
         description=__doc__.split("\n")[0],
         allow_abbrev=False,

@@ -16,7 +16,6 @@ is printed and written as markdown; a method that fails gets its one-line error 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shlex
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import attention
+from launch.arguments import ArgumentParser
 
 DEFAULT_OUT = Path("runs/attention_train")
 DEFAULT_MARKDOWN = Path("docs/attention_results.md")
@@ -276,7 +276,7 @@ def _without_notes(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Train every requested method, print and write the table; returns 0."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="moeforge bench attention_train",
         description=__doc__.splitlines()[0],
         allow_abbrev=False,

@@ -28,11 +28,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from launch.arguments import ArgumentParser
 from launch.errors import UserError
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="moeforge bench ep", description=__doc__.split("\n")[0], allow_abbrev=False
     )
     parser.add_argument("--tokens", type=int, default=2048, help="tokens per rank")

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from launch.arguments import ArgumentParser
 from launch.cpu_memory import retain_freed_memory
 from moe.experts import DenseFFN
 from moe.layer import MoELayer
@@ -259,7 +260,7 @@ def memory_table(args: argparse.Namespace) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="moeforge bench moe", description=__doc__.splitlines()[0], allow_abbrev=False
     )
     p.add_argument("--tokens", type=int, default=4096)

@@ -14,12 +14,12 @@ column: it does not move with other users' load.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
 
+from launch.arguments import ArgumentParser
 from launch.config import load_config
 from moe.transformer import Transformer, count_parameters
 
@@ -41,7 +41,7 @@ def _step(
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print the table; returns 0."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="moeforge bench train", description=__doc__.splitlines()[0], allow_abbrev=False
     )
     parser.add_argument("config", nargs="?", help="YAML config (default: configs/tiny.yaml)")

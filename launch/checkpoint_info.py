@@ -12,13 +12,13 @@ parallel/expert_checkpoint.py). Exit status 0 when a valid checkpoint exists, 1 
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import yaml
 
 from launch import checkpoint
+from launch.arguments import ArgumentParser
 from launch.checkpoint_verify import checkpoint_tags, find_resume_point, verify
 from launch.errors import UserError
 
@@ -76,7 +76,7 @@ def verify_run(run_dir: Path) -> tuple[list[str], bool]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="moeforge checkpoint info", description=__doc__.split("\n")[0], allow_abbrev=False
     )
     parser.add_argument("run", type=Path, help="run directory (holds checkpoints/)")

@@ -24,15 +24,14 @@ import sys
 import time
 from pathlib import Path
 
+from launch.arguments import ArgumentParser
 from launch.errors import UserError
 
 EXIT_USER_ERROR = 2
 
 
-def _train_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="moeforge train", description="Train an MoE transformer.", allow_abbrev=False
-    )
+def _train_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="moeforge train", description="Train an MoE transformer.")
     parser.add_argument("config", nargs="?", help="YAML config (default: configs/tiny.yaml)")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -136,14 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return commands[argv[0]](argv[1:])
     except UserError as err:
-        from launch.log import rank
-        from launch.torchrun_plugin import report_user_error
+        from launch.log import print_user_error
 
-        # Every rank finds the same problem; say it once. Under torchrun the first rank to
-        # fail says it (torchrun may stop rank 0 before it could); elsewhere rank 0 does.
-        first = report_user_error()
-        if first or (first is None and rank() == 0):
-            print(f"moeforge: error: {err}", file=sys.stderr)
+        print_user_error(str(err))  # once across ranks
         return EXIT_USER_ERROR
 
 

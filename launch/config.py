@@ -134,8 +134,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise UserError(
-            f"config file {path} is not valid YAML: {str(err).splitlines()[0]}"
+            f"config file {path} is not valid YAML ({problem}{where}); fix its syntax"
         ) from None
     if not isinstance(raw, dict):
         raise UserError(

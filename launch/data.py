@@ -213,8 +213,8 @@ def check_source(config: DataConfig) -> None:
     kinds = {LOCAL_SUFFIXES.get(p.suffix) for p in files}
     if len(kinds) != 1 or None in kinds:
         raise DataError(
-            f"data.path {local}: files must all be one of .txt, .jsonl/.json, .parquet "
-            f"(found {sorted(str(k) for k in kinds)})"
+            f"data.path {local}: files must all be one kind, .txt, .jsonl/.json or .parquet "
+            f"(found {', '.join(sorted({p.suffix or p.name for p in files}))}); keep one kind"
         )
     for file in files[:SNIFF_FILES]:
         if file.suffix == ".parquet":
@@ -302,7 +302,9 @@ def hub_cache_dirs(name: str) -> list[Path]:
     """Where Hugging Face keeps a hub dataset it has downloaded (hub files, prepared data),
     from the same environment variables ``huggingface_hub`` and ``datasets`` read."""
     home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")).expanduser()
-    hub = Path(os.environ.get("HF_HUB_CACHE", os.environ.get("HUGGINGFACE_HUB_CACHE", home / "hub")))
+    hub = Path(
+        os.environ.get("HF_HUB_CACHE", os.environ.get("HUGGINGFACE_HUB_CACHE", home / "hub"))
+    )
     prepared = Path(os.environ.get("HF_DATASETS_CACHE", home / "datasets"))
     return [hub / f"datasets--{name.replace('/', '--')}", prepared / name.replace("/", "___")]
 
@@ -378,9 +380,7 @@ def sequence_bound(config: DataConfig, mode: str) -> int | None:
     return tokens // window
 
 
-def check_batch_fits(
-    config: DataConfig, mode: str, micro_batch: int, dp_size: int
-) -> None:
+def check_batch_fits(config: DataConfig, mode: str, micro_batch: int, dp_size: int) -> None:
     """Refuse a micro batch the validation split can never fill, from the files' sizes."""
     bound = sequence_bound(config, mode)
     if bound is None:

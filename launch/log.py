@@ -31,6 +31,17 @@ def rank() -> int:
     return 0
 
 
+def print_user_error(message: str) -> None:
+    """Print ``moeforge: error: MESSAGE`` once across ranks: every rank meets the same bad
+    input. Under torchrun the first rank to fail prints it (torchrun may stop rank 0 before
+    it could; launch/torchrun_plugin.py); elsewhere rank 0 does."""
+    from launch.torchrun_plugin import report_user_error
+
+    first = report_user_error()
+    if first or (first is None and rank() == 0):
+        print(f"moeforge: error: {message}", file=sys.stderr)
+
+
 class _RankFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return rank() == 0 or bool(getattr(record, "all_ranks", False))

@@ -11,11 +11,11 @@ even bands), with the layer's imbalance (max / mean) on a second axis.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from pathlib import Path
 
+from launch.arguments import ArgumentParser
 from launch.errors import UserError
 
 LOAD_KEY = re.compile(r"^(?P<split>train|eval)/moe(?P<layer>\d+)/load_e(?P<expert>\d+)$")
@@ -52,7 +52,7 @@ def read_loads(
 
 def main(argv: list[str]) -> int:
     """Draw the plot; returns the exit status."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="moeforge plot-experts", description=__doc__.split("\n")[0], allow_abbrev=False
     )
     parser.add_argument("run", type=Path, help="run directory (holds metrics.jsonl)")

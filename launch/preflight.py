@@ -152,9 +152,10 @@ def check_memory(
     needed = per_rank * local_world_size
     if needed > available:
         params = sum(p.numel() for p in model.parameters())
+        count = f"{params / 1e9:,.1f}B" if params >= 1e9 else f"{params / 1e6:,.1f}M"
         ranks = f" x {local_world_size} processes" if local_world_size > 1 else ""
         raise UserError(
-            f"the model ({params / 1e6:,.1f}M parameters: model.d_model {config.model.d_model}, "
+            f"the model ({count} parameters: model.d_model {config.model.d_model}, "
             f"model.num_layers {config.model.num_layers}, model.d_ff {config.model.d_ff}) needs "
             f"about {per_rank / 2**30:,.1f} GiB{ranks} for weights, gradients and Adam state; "
             f"this host has {available / 2**30:,.1f} GiB available; make the model smaller or "

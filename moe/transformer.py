@@ -145,7 +145,7 @@ def check_attention(model: ModelConfig, attn: AttentionConfig) -> None:
     if model.d_model % model.num_heads != 0:
         raise ValueError(
             f"model.d_model ({model.d_model}) must be divisible by model.num_heads "
-            f"({model.num_heads})"
+            f"({model.num_heads}); change one of them"
         )
     for index in range(model.num_layers):
         choice = attn.for_layer(index)

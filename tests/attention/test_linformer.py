@@ -132,3 +132,20 @@ def test_flags_and_invalid_options() -> None:
         attention.build("linformer", d_model=D, num_heads=H, k=0)
     with pytest.raises(ValueError, match="share_kv"):
         attention.build("linformer", d_model=D, num_heads=H, share_layers=True, share_kv=False)
+
+
+def test_n_max_defaults_to_the_model_context_length() -> None:
+    from moe.transformer import AttentionConfig, ModelConfig, Transformer
+
+    shape = dict(mode="masked_lm", d_model=D, num_heads=H, num_layers=1, d_ff=16)
+    for options, n_max in (({"k": 4}, 48), ({"k": 4, "n_max": 64}, 64)):
+        model = Transformer(
+            ModelConfig(max_seq_len=48, **shape),
+            None,
+            AttentionConfig(name="linformer", options=options),
+            vocab_size=260,
+        )
+        key, value = model.blocks[0].attention.projections()
+        assert key.weight.shape == value.weight.shape == (4, n_max)
+    with pytest.raises(ValueError, match="linformer needs n_max"):
+        attention.build("linformer", d_model=D, num_heads=H, k=4)
