@@ -254,9 +254,7 @@ def save(
         state["layout_free"] = layout_free
     error: BaseException | None = None
     try:
-        engine.save_checkpoint(
-            str(root), tag=tmp.name, client_state={"moeforge": state}, save_latest=False
-        )
+        bridge.save_checkpoint(engine, str(root), tmp.name, {"moeforge": state})
         torch.save(rng_state(), tmp / f"rng_rank{_rank()}.pt")
         if layout_free == PORTABLE_FILE:
             _save_portable(engine, tmp)

@@ -47,6 +47,10 @@ tests/parallel/test_deepspeed_bridge.py so an upgrade that breaks one fails loud
    ZeRO 1/2 and the fp16/bf16 wrappers set it themselves (their overflow check skips the
    update); a plain torch optimizer at ZeRO 0 has none and would write NaN into the
    weights. ``guard_nonfinite_steps`` gives it one.
+10. Checkpoints with MoE layers and no ZeRO (``_save_moe_checkpoint``): the engine writes
+   the optimizer's state dict into ``expp_rank_<r>_mp_rank_00_optim_states.pt`` and again into
+   the model-states file (``_common_checkpoint_state``), while ``_load_checkpoint`` reads it
+   from the expp file only. ``save_checkpoint`` sets the model-states copy to None.
 
 Without CUDA, ``DS_ACCELERATOR=cpu`` is set before deepspeed is imported (gloo backend).
 """
@@ -402,6 +406,27 @@ def load_training_state(engine: Any, load_dir: str, tag: str) -> dict[str, Any]:
             )
         scheduler.step(scheduler.last_batch_iteration)
     return client_state
+
+
+def save_checkpoint(engine: Any, save_dir: str, tag: str, client_state: dict[str, Any]) -> None:
+    """``engine.save_checkpoint`` (moeforge moves ``latest`` itself), writing the optimizer
+    state once (contract 10): with MoE layers and no ZeRO the engine would write it twice."""
+    duplicate = getattr(engine, "has_moe_layers", False) and not engine.zero_optimization()
+    common = getattr(engine, "_common_checkpoint_state", None)
+    if not duplicate or common is None:
+        engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
+        return
+
+    def without_optimizer(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        state = common(*args, **kwargs)
+        state["optimizer"] = None  # the expp_rank_<r> file holds it and is what loads
+        return state
+
+    engine._common_checkpoint_state = without_optimizer
+    try:
+        engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
+    finally:
+        del engine._common_checkpoint_state
 
 
 def expert_data_parallel_group(ep_size: int) -> Any:

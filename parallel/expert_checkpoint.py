@@ -30,7 +30,7 @@ and moments are read and written there, never from the rounded bf16 parameters.
 Parameters are visited in the same order on every rank, so the collectives match.
 
 At ep=1, tp=1, pp=1 and ZeRO 0 with fp32 parameters the engine's own files already hold all
-of this (the module's and the torch optimizer's state dicts, complete on rank 0), so the
+of this (the module's and the torch optimizer's state dicts, complete, by rank 0), so the
 checkpoint writes no portable file and an ep change reads the engine's files
 (``load_engine_files``): the checkpoint is then the engine's files alone, not twice that.
 """
@@ -205,6 +205,7 @@ def engine_files_are_layout_free(engine: Any, groups: ProcessGroups) -> bool:
 
 
 ENGINE_MODEL_FILE = "mp_rank_00_model_states.pt"
+ENGINE_OPTIMIZER_FILE = "expp_rank_0_mp_rank_00_optim_states.pt"  # ep=1: one expert rank
 
 
 def load_engine_files(
@@ -220,6 +221,9 @@ def load_engine_files(
     path = Path(directory) / ENGINE_MODEL_FILE
     saved = torch.load(path, map_location="cpu", weights_only=False)
     module, optim = saved["module"], saved.get("optimizer")
+    if optim is None:  # with MoE layers the engine's optimizer file holds it (bridge contract 10)
+        path = Path(directory) / ENGINE_OPTIMIZER_FILE
+        optim = torch.load(path, map_location="cpu", weights_only=False).get("optimizer")
     if not isinstance(optim, dict) or "param_groups" not in optim:
         raise ValueError(f"checkpoint {path} holds no optimizer state dict")
     names = {id(p): n for n, p in model.named_parameters()}

@@ -1,4 +1,4 @@
-"""Checkpoint atomicity and pruning with a fake engine (no processes, no DeepSpeed)."""
+"""Checkpoint atomicity, manifests and pruning with a fake engine (no processes, no DeepSpeed)."""
 
 from __future__ import annotations
 
@@ -86,3 +86,12 @@ def test_rng_states_round_trip_through_a_checkpoint(tmp_path):
     checkpoint.load(FakeEngine(), tmp_path)
     got = (random.random(), np.random.rand(), torch.rand(3))
     assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
+
+
+def test_pruning_counts_only_checkpoints_that_pass_their_size_check(tmp_path):
+    save(tmp_path, 10)
+    save(tmp_path, 20)
+    root = checkpoint.checkpoint_dir(tmp_path)
+    (root / "step00000020" / "mp_rank_00_model_states.pt").write_text("")  # damaged
+    save(tmp_path, 30)  # keep_last=2: the new one and the newest valid older one
+    assert sorted(p.name for p in root.glob("step*")) == ["step00000010", "step00000030"]

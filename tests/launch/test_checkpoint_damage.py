@@ -178,7 +178,9 @@ def test_a_run_dir_without_a_valid_checkpoint_is_refused_until_fresh(straight, t
     with pytest.raises(UserError, match=r"^--no-resume: .* already holds a run"):
         run(tmp_path / "broken", no_resume=True)
     run(run_dir, fresh=True)
-    assert any(m.startswith(f"--fresh: starting {run_dir} over: removing metrics.jsonl") for m in messages)
+    assert any(
+        m.startswith(f"--fresh: starting {run_dir} over: removing metrics.jsonl") for m in messages
+    )
     got, want = losses(run_dir), losses(straight)
     assert sorted(got) == [1, 2, 3, 4, 5, 6]
     assert all(got[s] == pytest.approx(want[s], abs=ATOL) for s in got)
@@ -217,3 +219,44 @@ def test_cli_restart_flags_are_exclusive():
     with pytest.raises(SystemExit) as err:
         parser.parse_args(["--resume", "--fresh"])
     assert err.value.code == 2
+
+
+def two_rank_body(rank: int, world_size: int, root_name: str) -> dict:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    import torch.distributed as dist
+
+    from launch.log import get_logger
+
+    root = Path(root_name)
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    get_logger().addHandler(handler)
+    run(root / "straight")
+    if rank == 0:
+        cut_at_step4(root / "straight", root / "resumed")
+        (checkpoint.checkpoint_dir(root / "resumed") / "step00000004" / "rng_rank1.pt").unlink()
+    dist.barrier()
+    run(root / "resumed")
+    if rank != 0:
+        return {}
+    manifest = checkpoint.checkpoint_dir(root / "straight") / "step00000006" / "manifest.json"
+    return {
+        "straight": losses(root / "straight"),
+        "resumed": losses(root / "resumed"),
+        "messages": lines,
+        "files": sorted(json.loads(manifest.read_text())["files"]),
+    }
+
+
+@pytest.mark.slow
+def test_two_ranks_fall_back_from_a_deleted_rank_file(tmp_path):
+    from tests.dist import run_ranks
+
+    result = run_ranks(2, two_rank_body, tmp_path, str(tmp_path), timeout=300)[0]
+    assert {"rng_rank0.pt", "rng_rank1.pt", MODEL_FILE, "moeforge.json"} <= set(result["files"])
+    warnings = [m for m in result["messages"] if "resuming from the newest valid" in m]
+    assert len(warnings) == 1 and "step00000004 is damaged (rng_rank1.pt missing)" in warnings[0]
+    got, want = result["resumed"], result["straight"]
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]
+    assert all(got[s] == pytest.approx(want[s], abs=ATOL) for s in got), (got, want)
