@@ -320,3 +320,53 @@ def test_weight_free_load_skips_the_module_and_reapplies_the_learning_rate():
     assert fresh_optimizer.param_groups[0]["lr"] != expected  # loading alone leaves it stale
     fresh.step(fresh.last_batch_iteration)
     assert fresh_optimizer.param_groups[0]["lr"] == expected > 0
+
+
+def _single_optimizer_copy_body(rank: int, world_size: int, directory: str) -> dict:
+    """Train one step at ZeRO 0 with MoE layers, save through the bridge, load into a fresh
+    engine; report where the optimizer state is and whether the moments came back."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+
+    def build():
+        return bridge.initialize(
+            _tiny_model(), _ds_config(0, "fp32"), num_experts_per_layer=[4], zero_stage=0
+        )
+
+    engine = build()
+    tokens = torch.randint(0, 40, (2, 9))
+    out = engine(tokens[:, :-1], targets=tokens[:, 1:])
+    engine.backward(out.loss)
+    engine.step()
+    bridge.save_checkpoint(engine, directory, "t", {"note": 1})
+    model_states = torch.load(
+        os.path.join(directory, "t", "mp_rank_00_model_states.pt"), weights_only=False
+    )
+    expp = torch.load(
+        os.path.join(directory, "t", "expp_rank_0_mp_rank_00_optim_states.pt"), weights_only=False
+    )
+    fresh = build()
+    _, client_state = fresh.load_checkpoint(directory, tag="t")
+
+    def moments(e):
+        return [s["exp_avg"] for s in e.optimizer.state.values()]
+
+    return {
+        "model_states_optimizer": model_states["optimizer"],
+        "expp_has_state": bool(expp["optimizer"]["state"]),
+        "client_state": client_state["note"],
+        "moments_restored": all(torch.equal(a, b) for a, b in zip(moments(engine), moments(fresh)))
+        and len(moments(fresh)) == len(moments(engine)) > 0,
+    }
+
+
+@pytest.mark.slow
+def test_moe_checkpoint_at_zero0_holds_the_optimizer_state_once(tmp_path):
+    """Contract 10: the model-states copy of the optimizer state is dropped; the expp file's
+    copy is the one that loads, with every Adam moment."""
+    (r,) = run_ranks(1, _single_optimizer_copy_body, tmp_path, str(tmp_path / "ckpt"))
+    assert r["model_states_optimizer"] is None
+    assert r["expp_has_state"] and r["client_state"] == 1
+    assert r["moments_restored"], (
+        f"deepspeed {deepspeed.__version__} no longer restores the optimizer from the expp file "
+        "at ZeRO 0 with MoE layers: bridge.save_checkpoint (contract 10) must keep its copy"
+    )
