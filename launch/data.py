@@ -26,6 +26,7 @@ twice the micro batch. The data position is therefore the step number alone.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -194,6 +195,8 @@ def check_source(config: DataConfig) -> None:
     """Refuse in one line, before anything is loaded, a text source that cannot work: a
     missing path, a file that is not UTF-8 text (or not Parquet), a text field that the
     first record lacks, or a hub name that is neither cached nor reachable."""
+    if config.tokenizer == "bpe" and importlib.util.find_spec("tokenizers") is None:
+        raise DataError("data.tokenizer bpe needs the tokenizers package: pip install tokenizers")
     if config.path is None:
         return  # the embedded corpus, built from the standard library's sources
     local = Path(config.path).expanduser()
@@ -423,17 +426,23 @@ def load_records(config: DataConfig) -> tuple[list[str], list[int] | None]:
             )
         builder = kinds.pop()
         kwargs = {"sample_by": "document"} if builder == "text" else {}
+        # A bad file deep inside (past what check_source reads) is reported here in one
+        # line; the loader's own error log would only repeat it.
+        verbosity = datasets.logging.get_verbosity()
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)
         try:
             dataset = datasets.load_dataset(
                 builder, data_files=[str(p) for p in files], split="train", **kwargs
             )
-        except Exception as err:  # noqa: BLE001 - a bad file deep inside: name it, one line
+        except Exception as err:  # noqa: BLE001 - the readers' errors vary: name the path
             cause = err.__cause__ or err.__context__ or err
             raise DataError(
                 f"data.path {local} could not be read as {builder} ({type(cause).__name__}: "
                 f"{_first_line(cause)}); check that every file is UTF-8 text, JSON lines or "
                 "Parquet as its suffix says"
             ) from None
+        finally:
+            datasets.logging.set_verbosity(verbosity)
     elif _looks_local(path):
         raise DataError(
             f"data.path {path} does not exist; point it at a file or directory, or unset it for the embedded corpus"

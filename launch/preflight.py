@@ -179,4 +179,10 @@ def inert_option_warnings(config: RunConfig, model: nn.Module | None) -> list[st
                 "every block that moe.every gives an MoE FFN uses an attention method that "
                 "replaces the FFN: the model has no experts; change moe.every or attention"
             )
+    train = config.train
+    if train.stop_at is not None and train.stop_at >= train.steps:
+        lines.append(
+            f"train.stop_at ({train.stop_at}) is not before train.steps ({train.steps}): the "
+            f"run ends at step {train.steps} anyway; lower train.stop_at or remove it"
+        )
     return lines

@@ -19,7 +19,16 @@ import torch
 
 from launch import cli, preflight, trainer
 from launch.config import config_from_dict
-from launch.data import Data, DataError, Split, check_loaded_batches
+from launch.data import (
+    Data,
+    DataConfig,
+    DataError,
+    Split,
+    check_hub_name,
+    check_loaded_batches,
+    check_source,
+    load_records,
+)
 from launch.torchrun_plugin import (
     USER_ERROR_DIR_ENV,
     handler_generator,
@@ -285,6 +294,16 @@ def test_moe_every_beyond_the_layers_warns_once(bad_data, monkeypatch):
     assert len(warnings) == 1 and warnings[0].startswith("moe.every (10)")
 
 
+def test_stop_at_at_or_after_the_last_step_warns():
+    config = config_from_dict({"train": {"steps": 10, "stop_at": 12}})
+    assert preflight.inert_option_warnings(config, None) == [
+        "train.stop_at (12) is not before train.steps (10): the run ends at step 10 anyway; "
+        "lower train.stop_at or remove it"
+    ]
+    early = config_from_dict({"train": {"steps": 10, "stop_at": 5}})
+    assert preflight.inert_option_warnings(early, None) == []
+
+
 def _data(num_val: int) -> Data:
     tokens = torch.zeros(num_val, 9, dtype=torch.int64)
     return Data(train=Split(tokens), val=Split(tokens), tokenizer=None, num_documents=1)
@@ -299,6 +318,33 @@ def test_eval_batches_beyond_the_split_warn_and_a_micro_batch_too_big_is_refused
     )
     with pytest.raises(DataError, match=r"^train\.micro_batch \(64\) x 1 .*<= 40 or add data$"):
         check_loaded_batches(_data(40), micro_batch=64, num_eval_batches=1, dp_size=1)
+
+
+def test_a_bad_file_past_the_sniffed_head_is_one_line(tmp_path, capfd):
+    deep_text = tmp_path / "deep.txt"
+    deep_text.write_bytes(b"hello world\n" * 7000 + "caf\xe9".encode("latin-1"))
+    deep_json = tmp_path / "deep.jsonl"
+    deep_json.write_text('{"text": "fine"}\n' * 5000 + '{"text": broken\n')
+    for path, reader in ((deep_text, "text"), (deep_json, "json")):
+        config = DataConfig(path=str(path))
+        check_source(config)  # the first 64 KiB are fine
+        with pytest.raises(DataError, match=rf"^data\.path {path} could not be read as {reader}"):
+            load_records(config)
+    assert capfd.readouterr().err == ""  # the loader's own error log is not shown
+
+
+def test_a_cached_hub_dataset_loads_offline_when_the_hub_is_unreachable(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    for key in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_DATASETS_CACHE"):
+        monkeypatch.delenv(key, raising=False)
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(key, "")  # recorded, so that check_hub_name's setting is undone
+    monkeypatch.setattr("launch.data.hub_reachable", lambda: False)
+    with pytest.raises(DataError, match="cannot be reached"):
+        check_hub_name("owner/name")
+    (tmp_path / "hub" / "datasets--owner--name").mkdir(parents=True)
+    check_hub_name("owner/name")
+    assert os.environ["HF_HUB_OFFLINE"] == os.environ["HF_DATASETS_OFFLINE"] == "1"
 
 
 def test_unwritable_run_dir_for_real(tmp_path):
