@@ -219,17 +219,27 @@ def check_source(config: DataConfig) -> None:
             f"data.path {local}: files must all be one kind, .txt, .jsonl/.json or .parquet "
             f"(found {', '.join(sorted({p.suffix or p.name for p in files}))}); keep one kind"
         )
+    blank = True
     for file in files[:SNIFF_FILES]:
         if file.suffix == ".parquet":
             _check_parquet(file, config)
+            blank = False
         else:
-            _check_text(file, config)
+            blank = _check_text(file, config) and blank
+    if blank and len(files) <= SNIFF_FILES:
+        raise DataError(
+            f"data.path {config.path} is empty: no non-blank '{config.text_field}' values"
+        )
 
 
-def _check_text(file: Path, config: DataConfig) -> None:
+def _check_text(file: Path, config: DataConfig) -> bool:
+    """Refuse a text or JSON file that is binary, not UTF-8, or (JSON lines) whose first
+    record is not an object with the text field; returns whether the file is blank."""
     with file.open("rb") as handle:
         head = handle.read(SNIFF_BYTES)
         complete = len(head) < SNIFF_BYTES or not handle.read(1)
+    if complete and not head.strip():
+        return True
     if b"\x00" in head:
         raise DataError(
             f"data.path {file} is binary, not text (a NUL byte at offset {head.index(0)}; "
@@ -265,6 +275,7 @@ def _check_text(file: Path, config: DataConfig) -> None:
                     f"data.text_field '{config.text_field}' is not a key of {file}'s first "
                     f"record (keys: {', '.join(record) or 'none'}); set data.text_field"
                 )
+    return False
 
 
 def _check_parquet(file: Path, config: DataConfig) -> None:
@@ -388,9 +399,14 @@ def check_batch_fits(config: DataConfig, mode: str, micro_batch: int, dp_size: i
     bound = sequence_bound(config, mode)
     if bound is None:
         return
+    source = config.path or "the embedded corpus"
+    if bound < 2:  # a train and a validation sequence at the least (build_data's own rule)
+        raise DataError(
+            f"data.path {source} is too small for 2 sequences of data.seq_len={config.seq_len} "
+            f"(at most {bound} by its size); add text or lower data.seq_len"
+        )
     num_val = max(1, math.ceil(config.val_fraction * bound))
     if micro_batch * dp_size > num_val:
-        source = config.path or "the embedded corpus"
         raise DataError(
             f"train.micro_batch ({micro_batch}) x {dp_size} data-parallel rank(s) is more than "
             f"the validation split can hold: {source} makes at most {bound} sequences of "

@@ -90,6 +90,8 @@ CASES: list[tuple[list[str], str, str | None]] = [
     (["train", "--set", "data.path=DATA/garbage.parquet"], "data.path", None),
     (["train", "--set", "data.path=DATA/body.jsonl"], "data.text_field", None),
     (["train", "--set", "data.path=DATA/empty"], "data.path", None),
+    (["train", "--set", "data.path=DATA/blank.txt"], "data.path", None),
+    (["train", "--set", "data.path=DATA/tiny.txt"], "data.seq_len", None),
     (["train", "--set", "data.path=DATA/mixed"], "data.path", None),
     (["train", "--set", "data.path=mydata"], "data.path", "offline"),
     (["train", "--set", "data.path=mydata"], "data.path", "unreachable"),
@@ -159,6 +161,8 @@ def make_bad_data(root: Path) -> Path:
     line = '{"text": "document %d: the quick brown fox jumps over the lazy dog, again"}\n'
     (data / "small.jsonl").write_text("".join(line % i for i in range(400)))
     (data / "empty").mkdir()
+    (data / "blank.txt").write_text("\n \n")
+    (data / "tiny.txt").write_text("too short for one sequence\n")
     (data / "mixed").mkdir()
     (data / "mixed" / "a.txt").write_text("text\n")
     (data / "mixed" / "b.jsonl").write_text('{"text": "json"}\n')
