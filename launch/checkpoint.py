@@ -18,9 +18,10 @@ runs only after the new checkpoint is renamed into place and verified against it
 so it never leaves fewer than one verified checkpoint and never removes the one a run
 resumed from before a newer one exists.
 
-Resuming (``resume_point``): rank 0 finds the newest checkpoint that matches its manifest
-(sizes of every candidate, checksums of the one to load; launch/checkpoint_verify.py) and
-broadcasts its choice, so every rank loads the same one. A load error that verification did
+Resuming (``resume_point``): the newest checkpoint that matches its manifest (sizes of every
+candidate, checksums of the one to load; launch/checkpoint_verify.py). Rank 0 lists the
+candidates and checks sizes, every rank checksums a share of the files, and each step's
+answer is broadcast or gathered, so every rank loads the same checkpoint. A load error that verification did
 not catch names the file in one line.
 
 The data position is the step number (launch/data.py), stored with the world size that
@@ -28,7 +29,9 @@ produced it.
 
 Expert weights: the engine sees moeforge's MoE layers through parameter-free markers
 (parallel/deepspeed_bridge.py, contract 1), so it writes no per-expert files and the stacked
-expert weights stay in its module state with everything else (complete at ep=1). A run at
+expert weights stay in its module state with everything else (complete at ep=1). With MoE
+layers at ZeRO 0 the optimizer state is written once, in the engine's expp_rank file
+(parallel/deepspeed_bridge.py, contract 10). A run at
 ep > 1, under ZeRO 1/2 or with DeepSpeed's fp32 master copies also writes ``portable.pt``
 (parallel/expert_checkpoint.py): full weights, Adam moments and step, independent of the EP
 size. At ep=1 with ZeRO 0 and plain parameters the engine's own files already hold exactly
@@ -43,6 +46,7 @@ from __future__ import annotations
 
 import errno
 import json
+import pickle
 import random
 import shutil
 import zipfile
@@ -62,9 +66,12 @@ from launch.checkpoint_verify import (
     STATE_FILE,
     ResumePoint,
     checkpoint_tags,
+    checksum_mismatch,
     describe_files,
     find_resume_point,
     list_files,
+    read_manifest,
+    resume_candidates,
     step_of,
     verify,
     write_manifest,
@@ -221,8 +228,8 @@ def _fail_save(
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     _barrier()
-    previous = find_resume_point(root)
-    intact = f"step {previous.step} intact" if previous.tag else "no earlier checkpoint"
+    previous = latest_tag(root.parent)  # untouched by this save; verified when resumed
+    intact = f"step {step_of(previous)} intact" if previous else "no earlier checkpoint"
     raise NoSpaceLeft(
         f"no space left writing step {step}; {intact} (free space under {root} and rerun to "
         "continue)"
@@ -342,7 +349,8 @@ class RunSurvey:
     num_checkpoints: int
 
 
-def _survey_here(run_dir: Path) -> RunSurvey:
+def _contents(run_dir: Path) -> tuple[tuple[str, ...], int]:
+    """(what of a previous run ``run_dir`` holds, its number of checkpoint directories)."""
     run_dir = Path(run_dir)
     found = []
     metrics = run_dir / "metrics.jsonl"
@@ -357,19 +365,47 @@ def _survey_here(run_dir: Path) -> RunSurvey:
         found.append(f"{len(partial)} partial checkpoint{'s' if len(partial) != 1 else ''}")
     if not tags and not partial and (root / LATEST).exists():
         found.append(f"checkpoints/{LATEST}")
-    return RunSurvey(find_resume_point(root), tuple(found), len(tags))
+    return tuple(found), len(tags)
 
 
 def survey(run_dir: Path) -> RunSurvey:
-    """``run_dir``'s previous run and newest valid checkpoint: rank 0 looks (and verifies the
-    checkpoint to load, launch/checkpoint_verify.py); every rank gets the same answer."""
-    return _from_rank0(_survey_here(run_dir) if _rank() == 0 else None)
+    """``run_dir``'s previous run and newest valid checkpoint, the same on every rank
+    (collective: rank 0 looks, every rank checksums a share of the checkpoint to load)."""
+    contents, num_checkpoints = _from_rank0(_contents(run_dir) if _rank() == 0 else None)
+    return RunSurvey(resume_point(run_dir), contents, num_checkpoints)
+
+
+def _shared_checksums(directory: Path) -> str | None:
+    """Collective: every rank checksums a share of the manifest's files; the first mismatch."""
+    entries = _from_rank0(read_manifest(directory) if _rank() == 0 else None)
+    if isinstance(entries, str):
+        return entries
+    names = sorted(entries)[_rank() :: _world()]
+    reasons = [
+        r for r in _gather(checksum_mismatch(directory, {n: entries[n] for n in names})) if r
+    ]
+    return min(reasons) if reasons else None
 
 
 def resume_point(run_dir: Path) -> ResumePoint:
-    """The newest valid checkpoint of ``run_dir`` (rank 0 verifies; every rank gets its answer)."""
-    point = find_resume_point(checkpoint_dir(run_dir)) if _rank() == 0 else None
-    return _from_rank0(point)
+    """The newest valid checkpoint of ``run_dir``, the same on every rank (collective).
+
+    Rank 0 lists the candidates and checks their sizes; the checksums of the one to load are
+    shared out over the ranks, so verifying a large checkpoint takes 1/world of the time
+    one rank would need (and stays within the collectives' timeout).
+    """
+    if _world() == 1:
+        return find_resume_point(checkpoint_dir(run_dir))
+
+    def on_rank0(check: Any) -> Any:
+        return lambda path: _from_rank0(check(path) if _rank() == 0 else None)
+
+    return find_resume_point(
+        checkpoint_dir(run_dir),
+        listing=on_rank0(resume_candidates),
+        sizes=on_rank0(lambda d: verify(d, checksums=False)),
+        checksums=_shared_checksums,
+    )
 
 
 def remove_run_state(run_dir: Path) -> None:
@@ -423,6 +459,11 @@ def check_ep_change(run_dir: Path, ep: int, tag: str | None = None) -> None:
             f"cannot resume {directory} at parallel.ep={ep}: it was saved at ep={before} without "
             f"{PORTABLE_FILE} (layout-free weights and Adam state); resume at parallel.ep={before}"
         )
+
+
+# What torch.load and the engine raise on a damaged file: a broken zip archive, a truncated or
+# garbled pickle, missing keys or shapes that do not fit.
+_LOAD_ERRORS = (RuntimeError, OSError, EOFError, KeyError, ValueError, pickle.UnpicklingError)
 
 
 def _damaged_file(directory: Path) -> str | None:
@@ -483,12 +524,12 @@ def load(
             _load_experts(engine, directory)
     except UserError:
         raise
-    except (RuntimeError, OSError, EOFError, KeyError, ValueError) as err:
+    except _LOAD_ERRORS as err:
         raise _load_error(directory, err) from err
     rng_file = directory / f"rng_rank{_rank()}.pt"
     try:
         set_rng_state(torch.load(rng_file, weights_only=False))
-    except (RuntimeError, OSError, EOFError, KeyError, ValueError) as err:
+    except _LOAD_ERRORS as err:
         raise _load_error(directory, err, rng_file.name) from err
     return client_state["moeforge"]
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +84,19 @@ def _read_manifest(directory: Path) -> dict[str, dict] | str:
     return files if isinstance(files, dict) else f"{MANIFEST} unreadable"
 
 
+def read_manifest(directory: Path) -> dict[str, dict] | str:
+    """The manifest's file entries of ``directory``, or why they cannot be read."""
+    return _read_manifest(directory)
+
+
+def checksum_mismatch(directory: Path, entries: dict[str, dict]) -> str | None:
+    """The first of ``entries`` (name order) whose file's checksum differs, as a reason."""
+    for name, entry in sorted(entries.items()):
+        if file_digest(Path(directory) / name) != entry.get(HASH):
+            return f"{name} checksum mismatch (its contents changed after saving)"
+    return None
+
+
 def verify(directory: Path, *, checksums: bool) -> str | None:
     """None if ``directory`` matches its manifest, else the first problem found (one phrase).
 
@@ -103,11 +117,7 @@ def verify(directory: Path, *, checksums: bool) -> str | None:
         size = path.stat().st_size
         if size != entry.get("size"):
             return f"{name} has {size} bytes, its manifest says {entry.get('size')}"
-    if checksums:
-        for name, entry in sorted(files.items()):
-            if file_digest(directory / name) != entry.get(HASH):
-                return f"{name} checksum mismatch (its contents changed after saving)"
-    return None
+    return checksum_mismatch(directory, files) if checksums else None
 
 
 def step_of(tag: str) -> int | None:
@@ -161,20 +171,37 @@ def _latest_bound(root: Path, tags: list[str]) -> tuple[int | None, str | None]:
     return None, f"{LATEST} names '{shown}', which is not a checkpoint directory"
 
 
-def find_resume_point(root: Path) -> ResumePoint:
-    """The newest valid checkpoint under ``root`` (a run's ``checkpoints/``), newest first.
-
-    Sizes are checked for each candidate, checksums for the one that passes: that is the one
-    a resume loads (see the module docstring for the policy).
-    """
+def resume_candidates(root: Path) -> tuple[list[str], str | None]:
+    """(checkpoint tags a resume may use, newest first; what is wrong with ``latest``)."""
     root = Path(root)
     tags = checkpoint_tags(root)
     bound, latest_problem = _latest_bound(root, tags)
+    # Newer than ``latest``: written but never published (a crash between rename and pointer).
+    candidates = [t for t in reversed(tags) if bound is None or step_of(t) <= bound]
+    return candidates, latest_problem
+
+
+def find_resume_point(
+    root: Path,
+    *,
+    listing: Callable[[Path], tuple[list[str], str | None]] = resume_candidates,
+    sizes: Callable[[Path], str | None] | None = None,
+    checksums: Callable[[Path], str | None] | None = None,
+) -> ResumePoint:
+    """The newest valid checkpoint under ``root`` (a run's ``checkpoints/``), newest first.
+
+    Sizes are checked for each candidate, checksums for the one that passes: that is the one
+    a resume loads (see the module docstring for the policy). ``listing``, ``sizes`` and
+    ``checksums`` replace the candidate list and the two checks (launch/checkpoint.py makes
+    them collective: rank 0 lists and stats, every rank checksums a share of the files).
+    """
+    root = Path(root)
+    sizes = sizes or (lambda d: verify(d, checksums=False))
+    checksums = checksums or (lambda d: checksum_mismatch(d, read_manifest(d)))
+    candidates, latest_problem = listing(root)
     damaged: list[tuple[str, str]] = []
-    for tag in reversed(tags):
-        if bound is not None and step_of(tag) > bound:
-            continue  # written but never published: a crash came between rename and pointer
-        reason = verify(root / tag, checksums=False) or verify(root / tag, checksums=True)
+    for tag in candidates:
+        reason = sizes(root / tag) or checksums(root / tag)
         if reason is None:
             return ResumePoint(tag, step_of(tag), tuple(damaged), latest_problem)
         damaged.append((tag, reason))

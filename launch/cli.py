@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-import time
 from pathlib import Path
 
 from launch.arguments import ArgumentParser
@@ -63,6 +62,9 @@ def _train_parser() -> ArgumentParser:
 def train_main(argv: list[str]) -> int:
     """``moeforge train``: returns the exit status."""
     args = _train_parser().parse_args(argv)
+    from launch.peer_failure import report as report_peer_failure
+    from launch.peer_failure import stop_on_sigterm
+    from launch.run_dir import default_run_dir
     from launch.config import load_config
     from launch.cpu_memory import retain_freed_memory
     from launch.trainer import train
@@ -71,13 +73,21 @@ def train_main(argv: list[str]) -> int:
 
     config = load_config(args.config, args.overrides)
     run_dir = args.run_dir
-    if run_dir is None:
-        stem = Path(args.config).stem if args.config else "tiny"
-        run_dir = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    train(
-        config, run_dir, resume=args.resume, fresh=args.fresh, no_resume=args.no_resume,
-        deepspeed_json=args.deepspeed_config,
-    )  # fmt: skip
+    if run_dir is None:  # the same on every rank and after a torchrun restart
+        run_dir = default_run_dir(Path(args.config).stem if args.config else "tiny")
+    stop_on_sigterm()
+    try:
+        train(
+            config, run_dir, resume=args.resume, fresh=args.fresh, no_resume=args.no_resume,
+            deepspeed_json=args.deepspeed_config,
+        )  # fmt: skip
+    except UserError:
+        raise
+    except Exception as err:  # a peer died or froze: one line naming it, not a traceback
+        status = report_peer_failure(err)
+        if status is None:
+            raise
+        return status
     return 0
 
 

@@ -29,7 +29,9 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -54,12 +56,15 @@ from launch.launcher import discover_environment
 from launch.log import get_logger, quiet_deepspeed
 from launch.preflight import preflight
 from moe.expert_parallel import apply_expert_parallel
+from launch.peer_failure import first_line
 from moe.telemetry import RoutingTelemetry
 from moe.transformer import IGNORE_INDEX, Transformer, count_parameters, is_moe_block
 from parallel import deepspeed_bridge as bridge
 
 
 @dataclass(frozen=True)
+from parallel.collectives import CollectiveError
+from parallel.rendezvous import bound_group_timeouts
 class TrainResult:
     """What a finished (or stopped) run reports."""
 
@@ -97,10 +102,32 @@ def _device(engine: Any) -> torch.device:
     return next(engine.module.parameters()).device
 
 
-def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+def _collective(operation: str, purpose: str, run: Callable[[], Any]) -> Any:
+    """Run a collective over the world group; a failure (a peer died, froze past
+    parallel.timeout_s, or the group broke) is re-raised as one line naming what was being
+    done, over which group and ranks, on which rank."""
+    try:
+        return run()
+    except RuntimeError as err:  # DistBackendError and gloo's errors are RuntimeErrors
+        world = dist.get_world_size()
+        raise CollectiveError(
+            f"{operation} of {purpose} over the world group (ranks 0-{world - 1}) failed on "
+            f"rank {dist.get_rank()}: {first_line(err)}"
+        ) from err
+
+
+def _barrier(purpose: str) -> None:
+    """``dist.barrier`` named for errors; ``purpose`` says what the ranks wait for."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        _collective("barrier", purpose, dist.barrier)
+
+
+def _all_reduce_sum(
+    values: list[float], device: torch.device, purpose: str = "the step's metrics"
+) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor)
+        _collective("all_reduce", purpose, lambda: dist.all_reduce(tensor))
     return tensor.tolist()
 
 
@@ -135,7 +162,9 @@ def evaluate(
             else:
                 correct += (logits.argmax(dim=-1) == flat)[valid].sum().item()
     engine.train()
-    sums = _all_reduce_sum([nats, count, num_bytes, correct], _device(engine))
+    sums = _all_reduce_sum(
+        [nats, count, num_bytes, correct], _device(engine), "the evaluation's sums"
+    )
     nats, count, num_bytes, correct = sums
     loss = nats / max(count, 1.0)
     bpb = nats / math.log(2) / num_bytes if num_bytes else float("nan")
@@ -297,8 +326,7 @@ def _build_data(config: RunConfig, run_dir: Path, rank: int) -> Data:
     data = build_data(config.data, config.model.mode, run_dir) if rank == 0 else None
     if rank == 0:
         data.tokenizer.save(run_dir)
-    if dist.is_initialized():
-        dist.barrier()
+    _barrier("rank 0's data preparation (corpus cache, tokenizer)")
     return data if data is not None else build_data(config.data, config.model.mode, run_dir)
 
 
@@ -333,12 +361,12 @@ def train(
     backend = config.parallel.backend
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    bridge.init_distributed(backend)
+    bridge.init_distributed(backend, timeout_s=config.parallel.timeout_s)
     quiet_deepspeed()
     world, rank = dist.get_world_size(), dist.get_rank()
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
+    _barrier("the run directory")
     resumed = _check_resume(config, run_dir, world, resume=resume, fresh=fresh, no_resume=no_resume)
     saved = None if resumed is None else resumed[1]
 
@@ -406,6 +434,9 @@ def train(
         config.moe.num_experts if config.moe else 0, counts["total"] / 1e6, counts["active"] / 1e6,
         len(data.train), len(data.val), config.data.seq_len, run_dir,
         f" | resuming at step {start_step}" if saved is not None else "",
+    # DeepSpeed's groups and the expert-parallel mesh were made without a timeout (torch's
+    # default is 30 minutes); the engine's gradient reduction runs over them.
+    bound_group_timeouts(timedelta(seconds=config.parallel.timeout_s))
     )  # fmt: skip
 
     telemetry = RoutingTelemetry(len(experts), config.moe.num_experts) if experts else None

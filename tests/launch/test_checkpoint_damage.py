@@ -8,8 +8,9 @@ at its own size, ``latest`` naming a missing directory); each re-run, plain (no
 as the uninterrupted run for steps 3 to 6 (atol 1e-6; same weights, Adam state, data position
 and RNG). A run dir with metrics and only damaged checkpoints is refused in one line and
 left as it was; ``fresh`` starts it over. A mocked ENOSPC while writing step 4 is one line
-naming steps 4 and 2, leaves step 2 valid and no ``.tmp-step*``. ``checkpoint info`` lists
-the damage.
+naming steps 4 and 2, leaves step 2 valid and no ``.tmp-step*``. A file damaged before its
+manifest was written fails to load in one line naming it. ``checkpoint info`` lists the
+damage. Two ranks (slow): a deleted ``rng_rank1.pt`` falls back to step 2 with equal losses.
 """
 
 from __future__ import annotations
@@ -27,7 +28,13 @@ import torch
 
 from launch import checkpoint
 from launch.checkpoint_info import verify_run
-from launch.checkpoint_verify import find_resume_point, verify
+from launch.checkpoint_verify import (
+    describe_files,
+    find_resume_point,
+    list_files,
+    verify,
+    write_manifest,
+)
 from launch.errors import UserError
 
 OVERRIDES = [
@@ -184,6 +191,19 @@ def test_a_run_dir_without_a_valid_checkpoint_is_refused_until_fresh(straight, t
     got, want = losses(run_dir), losses(straight)
     assert sorted(got) == [1, 2, 3, 4, 5, 6]
     assert all(got[s] == pytest.approx(want[s], abs=ATOL) for s in got)
+
+
+def test_a_load_error_the_manifest_cannot_see_names_the_file(straight, tmp_path):
+    run_dir = cut_at_step4(straight, tmp_path / "written_damaged")
+    directory = checkpoint.checkpoint_dir(run_dir) / "step00000004"
+    (directory / MODEL_FILE).write_bytes(os.urandom(2048))  # damaged before the manifest
+    write_manifest(directory, describe_files(directory, list_files(directory)))
+    with pytest.raises(UserError) as err:
+        run(run_dir)
+    message = str(err.value)
+    assert message.startswith(f"cannot load checkpoint {directory / MODEL_FILE}: ")
+    assert "\n" not in message and message.endswith(f"delete {directory} to resume from the "
+                                                    "checkpoint before it")  # fmt: skip
 
 
 def test_full_disk_while_saving_is_one_line_and_leaves_the_previous_checkpoint(
