@@ -62,11 +62,11 @@ def _train_parser() -> ArgumentParser:
 def train_main(argv: list[str]) -> int:
     """``moeforge train``: returns the exit status."""
     args = _train_parser().parse_args(argv)
+    from launch.config import load_config
+    from launch.cpu_memory import retain_freed_memory
     from launch.peer_failure import report as report_peer_failure
     from launch.peer_failure import stop_on_sigterm
     from launch.run_dir import default_run_dir
-    from launch.config import load_config
-    from launch.cpu_memory import retain_freed_memory
     from launch.trainer import train
 
     retain_freed_memory()  # CPU runs: no page faults for tensors freed and reallocated each step

@@ -29,6 +29,7 @@ from launch.errors import UserError
 from moe.config import MoEConfig
 from moe.transformer import AttentionConfig, ModelConfig, check_attention
 from parallel.deepspeed_bridge import check_zero_stage
+from parallel.rendezvous import DEFAULT_TIMEOUT_SECONDS
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 
@@ -43,6 +44,12 @@ class ParallelConfig(BaseModel):
     pp: int = Field(default=1, ge=1)
     zero_stage: int = Field(default=0, ge=0, le=3)
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    timeout_s: float = Field(
+        default=DEFAULT_TIMEOUT_SECONDS,
+        gt=0.0,
+        description="seconds any rank waits for a peer (rendezvous, every collective, the "
+        "engine's gradient reduction) before the run ends naming the unresponsive rank",
+    )
 
 
 class OptimizerConfig(BaseModel):
@@ -427,13 +434,15 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 # Fields a resume may change: a run saved at one EP size continues at another from the
 # layout-free weights and Adam state (launch/checkpoint.py, parallel/expert_checkpoint.py).
-RESUMABLE_CHANGES = ("parallel.ep",)
+# parallel.timeout_s only bounds waits: a restart may change it freely.
+RESUMABLE_CHANGES = ("parallel.ep", "parallel.timeout_s")
 
 
 def incompatible_fields(saved: dict[str, Any], current: RunConfig) -> list[str]:
     """Dotted fields whose change breaks resuming (shapes, data order, layout, precision).
 
-    ``RESUMABLE_CHANGES`` (parallel.ep) are not reported; parallel.zero_stage still is.
+    ``RESUMABLE_CHANGES`` (parallel.ep, parallel.timeout_s) are not reported;
+    parallel.zero_stage still is.
     """
     now = current.model_dump(mode="json")
     fixed = ("model", "moe", "attention", "data", "parallel", "precision")

@@ -28,10 +28,10 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,17 +54,17 @@ from launch.errors import UserError
 from launch.images import build_image_data, shift_images
 from launch.launcher import discover_environment
 from launch.log import get_logger, quiet_deepspeed
+from launch.peer_failure import first_line
 from launch.preflight import preflight
 from moe.expert_parallel import apply_expert_parallel
-from launch.peer_failure import first_line
 from moe.telemetry import RoutingTelemetry
 from moe.transformer import IGNORE_INDEX, Transformer, count_parameters, is_moe_block
 from parallel import deepspeed_bridge as bridge
+from parallel.collectives import CollectiveError
+from parallel.rendezvous import bound_group_timeouts
 
 
 @dataclass(frozen=True)
-from parallel.collectives import CollectiveError
-from parallel.rendezvous import bound_group_timeouts
 class TrainResult:
     """What a finished (or stopped) run reports."""
 
@@ -405,6 +405,9 @@ def train(
         weight_decay=config.optimizer.weight_decay,
         zero_stage=int(ds_config.get("zero_optimization", {}).get("stage", 0)),
     )
+    # DeepSpeed's groups and the expert-parallel mesh were made without a timeout (torch's
+    # default is 30 minutes); the engine's gradient reduction runs over them.
+    bound_group_timeouts(timedelta(seconds=config.parallel.timeout_s))
     start_step = 0
     before = None if resumed is None else checkpoint.saved_ep(run_dir, resumed[0])
     if resumed is not None:
@@ -434,9 +437,6 @@ def train(
         config.moe.num_experts if config.moe else 0, counts["total"] / 1e6, counts["active"] / 1e6,
         len(data.train), len(data.val), config.data.seq_len, run_dir,
         f" | resuming at step {start_step}" if saved is not None else "",
-    # DeepSpeed's groups and the expert-parallel mesh were made without a timeout (torch's
-    # default is 30 minutes); the engine's gradient reduction runs over them.
-    bound_group_timeouts(timedelta(seconds=config.parallel.timeout_s))
     )  # fmt: skip
 
     telemetry = RoutingTelemetry(len(experts), config.moe.num_experts) if experts else None

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -226,12 +227,29 @@ def fused_adam() -> Callable[..., torch.optim.Optimizer] | None:
     return lambda groups, **kw: FusedAdam(groups, adam_w_mode=True, **kw)
 
 
-def init_distributed(backend: str | None = None) -> None:
-    """Initialise torch.distributed through deepspeed from the environment (RANK, ...)."""
+def init_distributed(backend: str | None = None, timeout_s: float | None = None) -> None:
+    """Join the default process group from the environment (RANK, WORLD_SIZE, MASTER_ADDR,
+    MASTER_PORT), bounded by ``timeout_s`` (default ``rendezvous.DEFAULT_TIMEOUT_SECONDS``),
+    then hand it to DeepSpeed; start the heartbeat.
+
+    The group is made here, not by ``deepspeed.init_distributed``, because torchrun restarts
+    need a fresh key prefix in the agent's store (parallel/rendezvous.py); DeepSpeed adopts a
+    group that exists. Groups made later (DeepSpeed's, the expert-parallel mesh) get the same
+    timeout from ``rendezvous.bound_group_timeouts`` once the engine is built.
+    """
+    import torch.distributed as dist
+
+    from parallel import heartbeat, rendezvous
+
     deepspeed = import_deepspeed()
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    timeout = timedelta(seconds=timeout_s or rendezvous.DEFAULT_TIMEOUT_SECONDS)
+    if not dist.is_initialized():
+        place = rendezvous.join(backend, timeout)
+        if dist.get_world_size() > 1:
+            heartbeat.start(place, dist.get_rank(), dist.get_world_size())
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
 
 
 def initialize(

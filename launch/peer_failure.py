@@ -1,0 +1,120 @@
+"""Turn the failure of a multi-rank run into one line that names the rank that is gone.
+
+    stop_on_sigterm()                      # the launcher's SIGTERM becomes an exception
+    try:
+        train(...)
+    except Exception as err:
+        line = explain(err)                # "rank 1 stopped responding ...; rank 0 was in ..."
+
+Bounds, for a run of several processes:
+- a killed or crashed peer: gloo (and NCCL) fail the survivors' next collective as soon as
+  the connection closes, which is at once for a survivor waiting in one and within one step
+  otherwise; naming the peer from its heartbeat then takes at most
+  ``parallel.heartbeat.STALE_AFTER_SECONDS`` (5 s). Under torchrun the agent also stops the
+  survivors within about a second, with SIGTERM, which ``stop_on_sigterm`` turns into this
+  same report.
+- a frozen peer (SIGSTOP, a hung device): the survivors' collective gives up after
+  ``parallel.timeout_s``, then the same 5 s. torchrun stops a frozen worker only after its
+  own 30 s grace (SIGTERM waits until the process runs again, SIGKILL follows).
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import sys
+from types import FrameType
+
+import torch.distributed as dist
+
+from parallel import heartbeat
+from parallel.collectives import CollectiveError
+
+EXIT_PEER_LOST = 4
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+class Terminated(Exception):
+    """The launcher asked this process to stop (SIGTERM)."""
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise Terminated("stopped by SIGTERM from the launcher")
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM raise ``Terminated`` in the main thread, so the report can be written."""
+    signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def first_line(err: BaseException) -> str:
+    """The error's first line without gloo's source location and its generic advice."""
+    text = next((line for line in str(err).splitlines() if line.strip()), "").strip()
+    text = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", text)
+    text = text.split(" This is typically caused by")[0]
+    return text or type(err).__name__
+
+
+# What gloo, NCCL and c10d say when a peer is gone or a wait ran out; other errors (a bug, a
+# diverged loss, a bad value) fail every rank alike, and a peer that exits with the same
+# error must not be blamed for it.
+COMMUNICATION_FAILURE = re.compile(
+    r"gloo|nccl|c10d|ProcessGroup|Connection (reset|closed|refused)|Broken pipe|[Tt]imed out"
+)
+
+
+def is_communication_failure(err: BaseException) -> bool:
+    """Whether ``err`` (or an error it was raised from) is a collective or store failure."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, (CollectiveError, Terminated, dist.DistError)):
+            return True
+        if isinstance(seen, RuntimeError) and COMMUNICATION_FAILURE.search(str(seen)):
+            return True
+        seen = seen.__cause__
+    return False
+
+
+def explain(err: BaseException) -> str | None:
+    """One line naming the peers that stopped beating and what this rank was doing, or None
+    when ``err`` is not a communication failure or no better than its traceback."""
+    if not is_communication_failure(err):
+        return None
+    beat = heartbeat.running()
+    dead: list[int] = []
+    if beat is not None:
+        # The launcher's SIGTERM (it stops the survivors of a dead worker) must not cut the
+        # check short; its SIGKILL, seconds later, still can. Python runs handlers in the
+        # main thread whichever thread the signal reaches, so the handler is swapped, not
+        # the signal mask.
+        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            dead = beat.unresponsive()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    if dead:
+        return (
+            f"{heartbeat.describe(dead)} stopped responding (no heartbeat for "
+            f"{beat.stale_after:.0f} s: killed, crashed or frozen); rank {beat.rank} "
+            f"stopped: {first_line(err)}"
+        )
+    if isinstance(err, CollectiveError):
+        return first_line(err)
+    return None
+
+
+def report(err: BaseException) -> int | None:
+    """Print ``explain(err)`` as ``moeforge: error: ...`` and return the exit status, or None
+    when there is nothing better to say than the traceback.
+
+    A SIGTERM with every peer alive is the launcher ending the run for a reason it reports
+    itself (another rank's failure, already named by that rank): this rank exits quietly.
+    """
+    line = explain(err)
+    beat = heartbeat.running()
+    if beat is not None and (line is not None or isinstance(err, Terminated)):
+        beat.leave()
+    if line is None:
+        return EXIT_TERMINATED if isinstance(err, Terminated) else None
+    print(f"moeforge: error: {line}", file=sys.stderr, flush=True)
+    return EXIT_PEER_LOST
