@@ -2,6 +2,8 @@
 #   make train   set up .venv on first use, then train configs/tiny.yaml on the built-in corpus
 #   make test    set up .venv on first use, then run the whole test suite
 # Torch: when the venv has no torch yet, TORCH_SPEC is installed first (the CPU wheel here).
+# The mpi extra (mpich's wheel brings mpirun/mpiexec into the venv, and mpi4py) comes second,
+# so that a platform without an mpich wheel still gets a working setup, minus the mpirun test.
 # To reuse an existing CUDA torch: make VENV_FLAGS=--system-site-packages train
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -22,6 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV_FLAGS) $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
 	$(PIP) install -e ".[dev]"
+	$(PIP) install -e ".[dev,mpi]" || echo "warning: the mpi extra (mpich, mpi4py) did not install; the mpirun test will be skipped" >&2
 	touch $@
 
 train: setup

@@ -7,6 +7,13 @@ The same entry point runs under:
     mpirun -n 2 moeforge train                                  # OMPI_/PMI_ variables; mpi4py
     moeforge train                                              # one process
 
+Many nodes (docs/multinode.md has the full command lines and what restarts do):
+
+    torchrun --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d \
+        --rdzv-endpoint=NODE1:29400 --rdzv-id=JOB --max-restarts=3 -m launch.cli train ...
+    deepspeed --hostfile=hostfile --master_addr=NODE1 launch/cli.py train ...
+    mpirun -n 16 -ppn 8 -hosts node1,node2 -genv MOEFORGE_HOST_ADDR NODE1 moeforge train ...
+
 Under mpirun, mpi4py gives rank and world size, and rank 0's address and a free port are
 broadcast to every rank as the rendezvous (MASTER_ADDR / MASTER_PORT), so torch.distributed
 then initialises from the environment like under torchrun.
