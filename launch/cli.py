@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def train_main(argv: list[str]) -> int:
     run_dir = args.run_dir
     if run_dir is None:  # the same on every rank and after a torchrun restart
         run_dir = default_run_dir(Path(args.config).stem if args.config else "tiny")
-    stop_on_sigterm()
+    previous_sigterm = stop_on_sigterm()
     try:
         train(
             config, run_dir, resume=args.resume, fresh=args.fresh, no_resume=args.no_resume,
@@ -88,6 +89,8 @@ def train_main(argv: list[str]) -> int:
         if status is None:
             raise
         return status
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
     return 0
 
 

@@ -24,6 +24,7 @@ import re
 import signal
 import sys
 from types import FrameType
+from typing import Any
 
 import torch.distributed as dist
 
@@ -42,9 +43,10 @@ def _raise_terminated(signum: int, frame: FrameType | None) -> None:
     raise Terminated("stopped by SIGTERM from the launcher")
 
 
-def stop_on_sigterm() -> None:
-    """Make SIGTERM raise ``Terminated`` in the main thread, so the report can be written."""
-    signal.signal(signal.SIGTERM, _raise_terminated)
+def stop_on_sigterm() -> Any:
+    """Make SIGTERM raise ``Terminated`` in the main thread, so the report can be written;
+    returns the handler it replaces (to restore when the work is done)."""
+    return signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 def first_line(err: BaseException) -> str:
