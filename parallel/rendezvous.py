@@ -34,6 +34,8 @@ from datetime import timedelta
 import torch.distributed as dist
 from torch.distributed import distributed_c10d
 
+from parallel.collectives import CollectiveError
+
 PREFIX = "moeforge/rendezvous"
 # How long any rank waits for a peer (rendezvous, every collective) before the run ends with an
 # error: parallel.timeout_s. Long enough for the longest legitimate wait at a collective (rank 0
@@ -81,6 +83,7 @@ def _generation(store: dist.Store, rank: int, world_size: int, timeout: timedelt
         return generation
     generation = store.add(f"{PREFIX}/generation", 1)
     waiting = set(range(1, world_size))
+    answered: dict[int, str] = {}  # the nonce last answered per rank: each is answered once
     deadline = time.monotonic() + timeout.total_seconds()
     while waiting:
         for peer in sorted(waiting):
@@ -88,9 +91,11 @@ def _generation(store: dist.Store, rank: int, world_size: int, timeout: timedelt
                 waiting.discard(peer)
             elif store.check([f"{PREFIX}/hello/{peer}"]):
                 nonce = store.get(f"{PREFIX}/hello/{peer}").decode()
-                store.set(f"{PREFIX}/answer/{nonce}", str(generation))
+                if answered.get(peer) != nonce:
+                    store.set(f"{PREFIX}/answer/{nonce}", str(generation))
+                    answered[peer] = nonce
         if waiting and time.monotonic() > deadline:
-            raise TimeoutError(
+            raise CollectiveError(
                 f"rendezvous: ranks {sorted(waiting)} did not join within "
                 f"{timeout.total_seconds():.0f}s (parallel.timeout_s)"
             )
