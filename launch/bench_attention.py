@@ -5,7 +5,7 @@
     python -m launch.bench_attention --methods full,bigbird,linformer --markdown docs/attention_bench.md
     python -m launch.bench_attention --causal                 # causal-capable methods only
 
-Setting (issue 5): d_model 256, 4 heads, batch 1, one x [1, n, 256] with requires_grad, loss
+Setting: d_model 256, 4 heads, batch 1, one x [1, n, 256] with requires_grad, loss
 y.sum(). Each registered method (``attention.available()``) and, where installed, the same
 method from the packages people use (Hugging Face BigBird, performer-pytorch, linformer,
 FLASH-pytorch, long-short-transformer) run in the same process; the methods are interleaved

@@ -1,6 +1,6 @@
 """Benchmark: forward + backward of one MoE layer at ep=1 and ep=2 against DeepSpeed's at ep=2.
 
-    torchrun --nproc_per_node=2 -m launch.cli bench ep                 # the issue's setting
+    torchrun --nproc_per_node=2 -m launch.cli bench ep                 # the reference setting
     torchrun --nproc_per_node=2 -m launch.cli bench ep --tokens 512 --repeats 5
     moeforge bench ep --help
 

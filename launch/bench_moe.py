@@ -25,6 +25,7 @@ from torch import nn
 
 from launch.arguments import ArgumentParser
 from launch.cpu_memory import retain_freed_memory
+from launch.precision import native_bf16
 from moe.experts import DenseFFN
 from moe.layer import MoELayer
 
@@ -267,7 +268,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--d-model", type=int, default=512)
     p.add_argument("--d-ff", type=int, default=2048)
     p.add_argument("--experts", type=int, nargs="+", default=[8, 64])
-    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
+    p.add_argument(
+        "--dtypes", nargs="+", default=None, choices=sorted(DTYPES),
+        help="default: fp32, and bf16 where this device has native bf16 (else it is emulated, "
+        "far slower than fp32, and left out)",
+    )  # fmt: skip
     p.add_argument("--capacity-factor", type=float, default=1.25)
     p.add_argument(
         "--expert-layout", default="auto", choices=["auto", "grouped", "buffer"],
@@ -287,6 +292,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    native = native_bf16(torch.device("cpu"))
+    if args.dtypes is None:
+        args.dtypes = ["fp32", "bf16"] if native else ["fp32"]
+        if not native:
+            print("bf16 rows skipped: this CPU has no native bf16 (--dtypes fp32 bf16 to force)")
     retained = False if args.no_retain_memory else retain_freed_memory(force=True)
     print(
         f"MoE layer fwd+bwd, {args.tokens} tokens, d={args.d_model}, ff={args.d_ff}, "
@@ -299,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     for experts in args.experts:
         for dtype in args.dtypes:
             med = bench_point(experts, dtype, args)
-            rows.append((experts, dtype, med))
+            label = dtype if dtype != "bf16" or native else "bf16 (emulated)"
+            rows.append((experts, label, med))
             print(
                 f"  E={experts} {dtype}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in med.items()),
                 flush=True,

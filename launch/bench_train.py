@@ -1,6 +1,6 @@
 """`moeforge bench train`: training throughput of the tiny MoE model vs its dense twin.
 
-    moeforge bench train                       # configs/tiny.yaml, bf16 autocast, 20 steps each
+    moeforge bench train                       # configs/tiny.yaml, its precision (auto), 20 steps each
     moeforge bench train --steps 40 --precision fp32 --set model.d_model=256
 
 The dense twin is the same model with every FFN dense and of the same active size (top-1
@@ -21,6 +21,7 @@ import torch
 
 from launch.arguments import ArgumentParser
 from launch.config import load_config
+from launch.precision import native_bf16, resolve_precision
 from moe.transformer import Transformer, count_parameters
 
 
@@ -58,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(args.config, args.overrides)
     if config.moe is None:
         raise SystemExit("moeforge bench train needs an MoE config (moe.num_experts)")
-    bf16 = (args.precision or ("fp32" if config.precision == "fp32" else "bf16")) == "bf16"
+    chosen = resolve_precision(args.precision or config.precision)
+    bf16 = chosen.bf16
+    if bf16 and not native_bf16(torch.device("cuda" if torch.cuda.is_available() else "cpu")):
+        print("precision bf16 on a device without native bf16: the bf16 row is emulated")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(config.train.seed)
     vocab = config.model.vocab_size or 260

@@ -25,9 +25,7 @@ import sys
 from pathlib import Path
 
 from launch.arguments import ArgumentParser
-from launch.errors import UserError
-
-EXIT_USER_ERROR = 2
+from launch.errors import EXIT_DIVERGED, EXIT_USER_ERROR, TrainingDiverged, UserError
 
 
 def _train_parser() -> ArgumentParser:
@@ -152,6 +150,12 @@ def main(argv: list[str] | None = None) -> int:
 
         print_user_error(str(err))  # once across ranks
         return EXIT_USER_ERROR
+    except TrainingDiverged as err:
+        from launch.log import rank
+
+        if rank() == 0:  # every rank stops at the same step
+            print(f"moeforge: error: {err}", file=sys.stderr)
+        return EXIT_DIVERGED
 
 
 if __name__ == "__main__":

@@ -47,6 +47,8 @@ class ParallelConfig(BaseModel):
     timeout_s: float = Field(
         default=DEFAULT_TIMEOUT_SECONDS,
         gt=0.0,
+        le=1e9,  # about 30 years: beyond it the process group's timedelta overflows
+        allow_inf_nan=False,
         description="seconds any rank waits for a peer (rendezvous, every collective, the "
         "engine's gradient reduction) before the run ends naming the unresponsive rank",
     )
@@ -90,7 +92,7 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     steps: int = Field(default=1000, ge=1)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, description="numpy's generators take no negative seed")
     micro_batch: int = Field(default=16, ge=1, description="sequences per rank per micro step")
     grad_accum: int = Field(default=1, ge=1)
     eval_every: int = Field(default=200, ge=0, description="0: only at the end")
@@ -99,6 +101,11 @@ class TrainConfig(BaseModel):
     mlm_probability: float = Field(default=0.15, gt=0.0, lt=1.0)
     stop_at: int | None = Field(
         default=None, ge=1, description="stop (with a checkpoint) after this step; resume later"
+    )
+    skip_nonfinite: int = Field(
+        default=0,
+        ge=0,
+        description="steps with a non-finite loss or gradient to skip before stopping the run",
     )
 
 
@@ -124,7 +131,11 @@ class RunConfig(BaseModel):
     data: DataConfig = Field(default_factory=DataConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
-    precision: Literal["bf16", "bf16-params", "fp32"] = "bf16"
+    precision: Literal["auto", "bf16", "bf16-params", "fp32"] = Field(
+        default="auto",
+        description="auto: bf16 autocast where the device has native bf16, else fp32 "
+        "(launch/precision.py)",
+    )
     train: TrainConfig = Field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
@@ -259,7 +270,7 @@ def validate(config: RunConfig, world_size: int) -> int:
         )
     dp = world_size // (par.tp * par.pp)
     if config.moe is not None:
-        _check_moe(config.moe)
+        _check_moe(config.moe, tokens_per_micro_batch(config))
         if config.moe.num_experts % par.ep != 0:
             raise UserError(
                 f"moe.num_experts ({config.moe.num_experts}) must be divisible by parallel.ep "
@@ -315,12 +326,44 @@ def validate(config: RunConfig, world_size: int) -> int:
     return dp
 
 
-def _check_moe(moe: MoEConfig) -> None:
-    """What the MoE layer would refuse when the model is built, said with its config keys."""
+def tokens_per_micro_batch(config: RunConfig) -> int:
+    """Tokens one rank routes per micro step: sequences x their length (patches for images)."""
+    image = config.model.image
+    if config.model.input == "patches" and image is not None:
+        length = image.num_patches() + (config.model.pooling == "cls")
+    else:
+        length = config.data.seq_len
+    return config.train.micro_batch * length
+
+
+def _check_moe(moe: MoEConfig, tokens: int) -> None:
+    """What the MoE layer would refuse when the model is built, or could only pad, said with
+    its config keys. ``tokens``: what one rank routes per micro step."""
     if moe.top_k > moe.num_experts:
         raise UserError(
             f"moe.top_k ({moe.top_k}) must be at most moe.num_experts ({moe.num_experts}); "
             "lower moe.top_k or add experts"
+        )
+    # At a factor of num_experts every expert can take every token; more only pads buffers.
+    for name in ("capacity_factor", "eval_capacity_factor"):
+        value = getattr(moe, name)
+        if value is not None and value > moe.num_experts:
+            raise UserError(
+                f"moe.{name} ({value}) is above moe.num_experts ({moe.num_experts}), where "
+                f"every expert already fits every token; use at most {moe.num_experts} (0 or "
+                "null: dropless)"
+            )
+    if moe.min_capacity > tokens * moe.top_k:
+        raise UserError(
+            f"moe.min_capacity ({moe.min_capacity}) is more than the {tokens * moe.top_k} token "
+            f"choices of a micro batch (train.micro_batch x sequence length x moe.top_k); use "
+            f"at most {tokens * moe.top_k}"
+        )
+    if moe.simulate_ep > tokens:
+        raise UserError(
+            f"moe.simulate_ep ({moe.simulate_ep}) is more than the {tokens} tokens of a micro "
+            f"batch (train.micro_batch x sequence length), so virtual ranks would route "
+            f"nothing; use at most {tokens}"
         )
     if moe.router == "expert_choice":
         for name in ("capacity_factor", "eval_capacity_factor"):
@@ -369,9 +412,21 @@ def save_resolved(config: RunConfig, path: Path) -> None:
 
 
 def deepspeed_config(
-    config: RunConfig, run_dir: Path, user_json: str | Path | None = None
+    config: RunConfig,
+    run_dir: Path,
+    user_json: str | Path | None = None,
+    *,
+    precision: str | None = None,
 ) -> dict[str, Any]:
-    """The DeepSpeed JSON derived from ``config``; keys of ``user_json`` override (deep merge)."""
+    """The DeepSpeed JSON derived from ``config``; keys of ``user_json`` override (deep merge).
+
+    ``precision``: the resolved precision (``launch.precision.resolve_precision``); by
+    default ``config.precision``, with ``auto`` resolved for this process's device.
+    """
+    if precision is None:
+        from launch.precision import resolve_precision
+
+        precision = resolve_precision(config.precision).name
     train, opt, sched = config.train, config.optimizer, config.schedule
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": train.micro_batch,
@@ -401,9 +456,9 @@ def deepspeed_config(
             },
         },
     }
-    if config.precision == "bf16":
+    if precision == "bf16":
         ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
-    elif config.precision == "bf16-params":
+    elif precision == "bf16-params":
         ds["bf16"] = {"enabled": True}
     monitor_dir = str(run_dir / "monitor")
     if config.logging.tensorboard:

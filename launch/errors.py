@@ -1,9 +1,18 @@
-"""The user-error type: a problem the user caused and can fix.
+"""The error types ``moeforge`` reports in one line instead of a traceback.
 
-Its message is one line naming the field, the value and the fix; ``moeforge`` prints it
-without a traceback and exits with status 2 (launch/cli.py).
+``UserError``: a problem the user caused and can fix; its message names the field, the
+value and the fix; the CLI exits with status 2. ``TrainingDiverged``: the loss or the
+gradient went non-finite; the run stops before writing a checkpoint from that state and
+the CLI exits with status 3 (launch/cli.py).
 """
+
+EXIT_USER_ERROR = 2
+EXIT_DIVERGED = 3
 
 
 class UserError(Exception):
     """A config, data or command-line problem the user can fix; the message is one line."""
+
+
+class TrainingDiverged(Exception):
+    """A non-finite loss or gradient stopped the run; the message names the step."""

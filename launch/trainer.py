@@ -23,6 +23,7 @@ refused.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import os
@@ -50,11 +51,13 @@ from launch.data import (
     eval_batches,
     mask_for_mlm,
 )
-from launch.errors import UserError
+from launch.divergence import DivergenceWatch, first_nonfinite_module, parameters_finite
+from launch.errors import TrainingDiverged, UserError
 from launch.images import build_image_data, shift_images
 from launch.launcher import discover_environment
 from launch.log import get_logger, quiet_deepspeed
 from launch.peer_failure import first_line
+from launch.precision import emulated_bf16_warning, resolve_precision
 from launch.preflight import preflight
 from moe.expert_parallel import apply_expert_parallel
 from moe.telemetry import RoutingTelemetry
@@ -131,6 +134,24 @@ def _all_reduce_sum(
     return tensor.tolist()
 
 
+def _first_nonfinite(
+    engine: Any,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor | None,
+    device: torch.device,
+) -> str | None:
+    """Re-run one micro batch with a finiteness hook on every module; the first that broke."""
+    return first_nonfinite_module(
+        engine.module,
+        lambda: engine(
+            inputs.to(device),
+            targets=targets.to(device),
+            padding_mask=None if mask is None else mask.to(device),
+        ),
+    )
+
+
 def evaluate(
     engine: Any,
     batches: list[Split],
@@ -138,16 +159,21 @@ def evaluate(
     data: Data,
     seed: int,
     telemetry: RoutingTelemetry | None = None,
+    mlm_probability: float = 0.15,
 ) -> tuple[float, float, float | None]:
     """(validation loss in nats per target, bits per byte, accuracy or None unless classify)
-    over every rank's fixed batches; routing statistics go to ``telemetry`` as split eval."""
+    over every rank's fixed batches; routing statistics go to ``telemetry`` as split eval.
+
+    Masked-LM batches are masked with ``mlm_probability``, the rate the run trains with, so
+    validation measures the task being trained.
+    """
     engine.eval()
     token_bytes = None if data.tokenizer is None else torch.as_tensor(data.tokenizer.token_bytes)
     generator = torch.Generator().manual_seed(seed + 7919)
     nats = count = num_bytes = correct = 0.0
     with torch.no_grad():
         for batch in batches:
-            inputs, targets, mask = make_inputs(batch, mode, data, 0.15, generator)
+            inputs, targets, mask = make_inputs(batch, mode, data, mlm_probability, generator)
             device = _device(engine)
             out = engine(inputs.to(device), padding_mask=None if mask is None else mask.to(device))
             if telemetry is not None:
@@ -370,7 +396,6 @@ def train(
     resumed = _check_resume(config, run_dir, world, resume=resume, fresh=fresh, no_resume=no_resume)
     saved = None if resumed is None else resumed[1]
 
-
     torch.manual_seed(config.train.seed)
     data = _build_data(config, run_dir, rank)
     clamped = check_loaded_batches(data, config.train.micro_batch, config.train.eval_batches, dp)
@@ -393,10 +418,14 @@ def train(
         if is_moe_block(i, config.moe) and model.blocks[i].ffn is not None
     ]
     counts = count_parameters(model)
-    # Expert parallelism (issue 4): keep this EP rank's experts, all-to-all dispatch.
+    # Expert parallelism: keep this EP rank's experts, all-to-all dispatch.
     num_experts = config.moe.num_experts if config.moe else None
     apply_expert_parallel(model, num_experts, config.parallel.ep, log=log)
-    ds_config = deepspeed_config(config, run_dir, deepspeed_json)
+    precision = resolve_precision(config.precision)
+    warning = emulated_bf16_warning(precision)
+    if warning is not None:
+        log.warning(warning)
+    ds_config = deepspeed_config(config, run_dir, deepspeed_json, precision=precision.name)
     engine = bridge.initialize(
         model,
         ds_config,
@@ -428,14 +457,14 @@ def train(
         "world size %d | backend %s | launcher %s | layout dp=%d x tp=%d x pp=%d, ep=%d | "
         "precision %s | ZeRO %d",
         world, backend, launcher, dp, config.parallel.tp, config.parallel.pp,
-        config.parallel.ep, config.precision, config.parallel.zero_stage,
+        config.parallel.ep, precision.describe(), config.parallel.zero_stage,
     )  # fmt: skip
     log.info(
         "model %s: %d layers, d=%d, %d MoE layers x %d experts | params %.2fM total, %.2fM active "
-        "| data %d train / %d val sequences of %d tokens | run dir %s%s",
+        "| data %d train / %d val %s | run dir %s%s",
         mode, config.model.num_layers, config.model.d_model, len(experts),
         config.moe.num_experts if config.moe else 0, counts["total"] / 1e6, counts["active"] / 1e6,
-        len(data.train), len(data.val), config.data.seq_len, run_dir,
+        len(data.train), len(data.val), _example_words(config), run_dir,
         f" | resuming at step {start_step}" if saved is not None else "",
     )  # fmt: skip
 
@@ -464,8 +493,11 @@ def train(
     last_loss = last_val = last_bpb = last_rate = last_accuracy = None
     augment_shift = config.data.augment_shift if config.model.input == "patches" else 0
     patch_tokens = config.model.image.num_patches() if config.model.image is not None else 0
+    watch = DivergenceWatch(train_cfg.skip_nonfinite)
     for step in range(start_step, end_step):
         notify_step(engine.module, step)
+        step_values: list[list[float]] = []  # per micro step: the totals' seven entries
+        step_tokens = 0
         for accum_index in range(train_cfg.grad_accum):
             # MLM masking draws from its own generator so the global RNG stream (dropout,
             # router jitter) is the same whatever the mode; a pure function of the position.
@@ -490,37 +522,45 @@ def train(
             dropped = sum(r.dropped_fraction.item() for r in routing) / max(len(routing), 1)
             entropy = sum(r.router_entropy.item() for r in routing) / max(len(routing), 1)
             parts = (out.loss, out.ce_loss, out.aux_loss, out.z_loss)
-            for i, value in enumerate([p.item() for p in parts] + [dropped, entropy, 1.0]):
-                totals[i] += value
+            step_values.append([p.item() for p in parts] + [dropped, entropy, 1.0])
             # Images count their patch tokens (N per image), not pixels.
-            tokens_since += (
+            step_tokens += (
                 inputs.shape[0] * patch_tokens if patch_tokens else inputs.numel()
             ) * dp
         done = step + 1
+        applied = engine.was_step_applied() if hasattr(engine, "was_step_applied") else True
+        diagnose = functools.partial(_first_nonfinite, engine, inputs, targets, mask, device)
+        if watch.after_step(done, applied, [v[0] for v in step_values], diagnose, log):
+            for values in step_values:  # a skipped step's (non-finite) values are not logged
+                for i, value in enumerate(values):
+                    totals[i] += value
+            tokens_since += step_tokens
         if done % train_cfg.log_every == 0 or done == end_step:
             sums = _all_reduce_sum(totals, device)
-            loss, ce, aux, z, dropped, entropy = (v / sums[-1] for v in sums[:-1])
-            elapsed = time.perf_counter() - window_start
-            last_rate = tokens_since / max(elapsed, 1e-9)
-            last_loss = loss
-            lr = engine.get_lr()[0] if hasattr(engine, "get_lr") else float("nan")
-            record = {
-                "step": done, "loss": loss, "ce_loss": ce, "aux_loss": aux, "z_loss": z,
-                "dropped_fraction": dropped, "router_entropy": entropy, "lr": lr,
-                "tokens_per_s": last_rate,
-            }  # fmt: skip
-            if telemetry is not None:  # per layer and expert: load, imbalance, drops, capacity use
-                record.update(telemetry.summary(split="train"))
-                telemetry.reset("train")
-            metrics.write(record)
-            if progress is not None:
-                progress.set_postfix(
-                    loss=f"{ce:.3f}",
-                    aux=f"{aux:.3f}",
-                    drop=f"{dropped:.1%}",
-                    tok_s=f"{last_rate:,.0f}",
-                    refresh=sys.stderr.isatty(),  # redirected logs: tqdm's own interval only
-                )
+            if sums[-1] > 0:  # a window whose every step was skipped logs nothing
+                loss, ce, aux, z, dropped, entropy = (v / sums[-1] for v in sums[:-1])
+                watch.check_logged_loss(done, loss)
+                elapsed = time.perf_counter() - window_start
+                last_rate = tokens_since / max(elapsed, 1e-9)
+                last_loss = loss
+                lr = engine.get_lr()[0] if hasattr(engine, "get_lr") else float("nan")
+                record = {
+                    "step": done, "loss": loss, "ce_loss": ce, "aux_loss": aux, "z_loss": z,
+                    "dropped_fraction": dropped, "router_entropy": entropy, "lr": lr,
+                    "tokens_per_s": last_rate,
+                }  # fmt: skip
+                if telemetry is not None:  # per layer and expert: load, imbalance, drops, capacity use
+                    record.update(telemetry.summary(split="train"))
+                    telemetry.reset("train")
+                metrics.write(record)
+                if progress is not None:
+                    progress.set_postfix(
+                        loss=f"{ce:.3f}",
+                        aux=f"{aux:.3f}",
+                        drop=f"{dropped:.1%}",
+                        tok_s=f"{last_rate:,.0f}",
+                        refresh=sys.stderr.isatty(),  # redirected logs: tqdm's own interval only
+                    )
             totals = [0.0] * 7
             tokens_since, window_start = 0, time.perf_counter()
         if progress is not None:
@@ -528,8 +568,9 @@ def train(
         is_last = done == train_cfg.steps
         if is_last or (train_cfg.eval_every and done % train_cfg.eval_every == 0):
             last_val, last_bpb, last_accuracy = evaluate(
-                engine, val_batches, mode, data, train_cfg.seed, telemetry
-            )
+                engine, val_batches, mode, data, train_cfg.seed, telemetry,
+                mlm_probability=train_cfg.mlm_probability,
+            )  # fmt: skip
             record = {"step": done, "val_loss": last_val, "val_bpb": last_bpb}
             if telemetry is not None:
                 record.update(telemetry.summary(split="eval"))
@@ -538,14 +579,25 @@ def train(
                 record["val_accuracy"] = last_accuracy
             metrics.write(record)
             if progress is not None:
-                accuracy = "" if last_accuracy is None else f", val_accuracy {last_accuracy:.2%}"
                 progress.write(
-                    f"[moeforge] step {done}: val_loss {last_val:.4f}, val_bpb {last_bpb:.4f}"
-                    f"{accuracy}"
+                    f"[moeforge] step {done}: "
+                    + eval_words(mode, last_val, last_bpb, last_accuracy)
                 )
             window_start = time.perf_counter()  # evaluation time is not training throughput
         every = config.checkpoint.every
         if done == end_step or (every and done % every == 0):
+            # The guard keeps non-finite updates out of the weights; this is the last line
+            # of defence for the newest checkpoint (experts differ by rank: all must agree).
+            broken = _all_reduce_sum(
+                [0.0 if parameters_finite(engine.module) else 1.0],
+                device,
+                "the weights' finiteness",
+            )
+            if broken[0]:
+                raise TrainingDiverged(
+                    f"training diverged at step {done}: a weight is not finite; the checkpoint "
+                    "of this step was not written; lower optimizer.lr"
+                )
             checkpoint.save(
                 engine, run_dir, done, world_size=world, config_yaml=config_yaml,
                 keep_last=config.checkpoint.keep_last, extra={"ep": config.parallel.ep},
@@ -564,11 +616,26 @@ def train(
         val_accuracy=last_accuracy,
     )
     if rank == 0:
-        print_summary(result, counts)
+        print_summary(result, counts, mode)
     return result
 
 
-def print_summary(result: TrainResult, counts: dict[str, int]) -> None:
+def _example_words(config: RunConfig) -> str:
+    """What one training example is, in the mode's own words."""
+    image = config.model.image
+    if config.model.input == "patches" and image is not None:
+        return f"images ({image.num_patches()} patches each)"
+    return f"sequences of {config.data.seq_len} tokens"
+
+
+def eval_words(mode: str, loss: float, bpb: float, accuracy: float | None) -> str:
+    """An evaluation in words: loss and bits per byte for text, loss and accuracy to classify."""
+    if mode == "classify":
+        return f"val_loss {loss:.4f}" + ("" if accuracy is None else f", val_accuracy {accuracy:.2%}")
+    return f"val_loss {loss:.4f}, val_bpb {bpb:.4f}"
+
+
+def print_summary(result: TrainResult, counts: dict[str, int], mode: str = "causal_lm") -> None:
     """A rich table of the run's final numbers (rank 0)."""
     from rich.console import Console
     from rich.table import Table
@@ -581,11 +648,15 @@ def print_summary(result: TrainResult, counts: dict[str, int]) -> None:
     table.add_column("value", justify="right")
     table.add_row("steps", str(result.step))
     table.add_row("train loss (last log)", fmt(result.loss, ".4f"))
-    table.add_row("val loss (nats/token)", fmt(result.val_loss, ".4f"))
-    table.add_row("val bits per byte", fmt(result.val_bpb, ".4f"))
+    if mode == "classify":
+        table.add_row("val loss (nats/example)", fmt(result.val_loss, ".4f"))
+    else:
+        table.add_row("val loss (nats/token)", fmt(result.val_loss, ".4f"))
+        table.add_row("val bits per byte", fmt(result.val_bpb, ".4f"))
     if result.val_accuracy is not None:
         table.add_row("val accuracy", fmt(result.val_accuracy, ".2%"))
-    table.add_row("tokens/s (last log)", fmt(result.tokens_per_s, ",.0f"))
+    words = "patch tokens/s" if mode == "classify" else "tokens/s"  # images count patches
+    table.add_row(f"{words} (last log)", fmt(result.tokens_per_s, ",.0f"))
     table.add_row(
         "params total / active", f"{counts['total'] / 1e6:.2f}M / {counts['active'] / 1e6:.2f}M"
     )

@@ -58,8 +58,8 @@ _INPUTS: dict[str, InputFactory] = {}
 def register_input(name: str) -> Callable[[InputFactory], InputFactory]:
     """Register an input embedding factory ``(d_model, vocab_size, max_seq_len) -> module``.
 
-    The module maps the model input (token ids [B, n] for "tokens"; a later issue adds
-    "patches": images -> [B, N, D]) to hidden states [B, n, D]. ``model.input`` picks one.
+    The module maps the model input (token ids [B, n] for "tokens";
+    images -> [B, N, D] for "patches") to hidden states [B, n, D]. ``model.input`` picks one.
     """
 
     def decorator(factory: InputFactory) -> InputFactory:

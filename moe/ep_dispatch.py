@@ -178,7 +178,7 @@ class AllToAllDispatcher(LocalDispatcher):
             )
         routing = router(tokens)
         if dropless or not self.fixed_buffers:
-            # The split sizes, exchanged before any row moves (issue 4, dropless path).
+            # The split sizes go first: the receiver sizes its buffer from them (dropless).
             counts = all_gather_tensor(routing.tokens_per_expert, self.group, self.timeout)
             routing = dataclasses.replace(routing, group_tokens_per_expert=counts)
         return routing

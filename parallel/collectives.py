@@ -7,7 +7,7 @@ Shape letters: R rows (tokens or buffer slots) sent or received, d width.
 
 Every collective here waits with ``timeout`` (``COLLECTIVE_TIMEOUT`` by default) and, when it
 fails or times out, raises ``CollectiveError`` naming the operation, the group and its global
-ranks, so that a mismatch shows up as a message instead of a hang (issue 4, "No hangs").
+ranks, so that a mismatch shows up as a message instead of a hang.
 Only collectives gloo supports on CPU are used (``all_to_all_single`` with explicit splits,
 ``all_gather``), so the same code runs under NCCL on GPUs.
 """

@@ -8,11 +8,11 @@
 Convention (DESIGN.md "Parallel layout"): world = dp x tp x pp. Expert parallelism splits the
 data-parallel ranks: ``ep`` divides ``dp`` and ``num_experts``; each expert lives on one rank
 of every EP group and is replicated over the dp / ep ranks of its expert-data-parallel (EDP)
-group, over which its gradients are averaged. An issue's "dp=2 x ep=2" on 4 ranks is
+group, over which its gradients are averaged. A layout written "dp=2 x ep=2" on 4 ranks is
 ``ParallelLayout(dp=4, ep=2)``: EP groups {0, 1} and {2, 3}, EDP groups {0, 2} and {1, 3}.
 EP groups are blocks of consecutive ranks, as DeepSpeed's
 ``groups._create_expert_and_data_parallel`` builds them by default, so moeforge's groups and
-the engine's agree. tp and pp are reserved (must be 1 until their issues land).
+the engine's agree. tp and pp are reserved: they must be 1 until tensor and pipeline parallelism are built.
 
 Validation is arithmetic only, done before any collective, so a wrong layout fails on every
 rank with the same message and nothing hangs.

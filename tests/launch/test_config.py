@@ -31,7 +31,7 @@ def test_default_config_loads_and_is_the_tiny_one():
     config = load_config()
     assert DEFAULT_CONFIG.name == "tiny.yaml"
     assert config.moe.num_experts == 8 and config.moe.every == 2 and config.model.num_layers == 4
-    assert config.precision == "bf16" and validate(config, world_size=1) == 1
+    assert config.precision == "auto" and validate(config, world_size=1) == 1
 
 
 def test_unknown_key_names_dotted_path_and_closest_name(tmp_path):
@@ -59,7 +59,8 @@ def test_wrong_type_names_expected_and_given():
     ):
         config_from_dict({"moe": {"num_experts": 0}})
     with pytest.raises(
-        UserError, match=r"^config key 'precision': Input should be 'bf16', 'bf16-params' or 'fp32'"
+        UserError,
+        match=r"^config key 'precision': Input should be 'auto', 'bf16', 'bf16-params' or 'fp32'",
     ):
         config_from_dict({"precision": "fp8"})
 

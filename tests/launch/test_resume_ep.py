@@ -1,4 +1,4 @@
-"""``moeforge train`` resumes a run at another EP size (issue 4), through ``train()``.
+"""``moeforge train`` resumes a run at another EP size, through ``train()``.
 
 One spawn of 4 gloo ranks (dp=4 throughout, so per-rank capacity, data order and RNG streams
 do not depend on ep): an uninterrupted run of 5 steps at ep=4 checkpoints every 2 steps;

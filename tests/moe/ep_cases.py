@@ -1,6 +1,6 @@
 """Shared cases for expert-parallel tests: one rank's run and the one-process reference.
 
-Conventions (the "matching semantics" of issue 4): rank r of a run with N data-parallel ranks
+Conventions (how a distributed run matches one process): rank r of a run with N data-parallel ranks
 holds rows ``x[offset_r : offset_r + T_r]`` and computes
     loss_r = (sum(out_r * upstream_r) + AUX * aux_r + Z * z_r) / N,
 so that the run's loss is the mean over ranks. Gradients are compared summed over the ranks

@@ -1,4 +1,4 @@
-"""The transformer and its model hooks (issue 3 model, issue 5 §2), with fake attention classes.
+"""The transformer and its model hooks (per-layer attention, shared state), with fake attention classes.
 
 Shape letters: B batch, n sequence length, D model width, V vocabulary.
 """

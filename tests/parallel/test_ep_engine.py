@@ -1,12 +1,12 @@
 """DP x EP training through the DeepSpeed engine equals one simulated process (gloo, 4 ranks).
 
-Layout dp=4 with ep=2 (the issue's "dp=2 x ep=2"): EP groups {0, 1}, {2, 3}; each expert is
+Layout dp=4 with ep=2 (written "dp=2 x ep=2"): EP groups {0, 1}, {2, 3}; each expert is
 replicated on an expert-data-parallel group ({0, 2} or {1, 3}). A tiny model (linear ->
 MoE layer, MSE + aux + z losses) trains 10 AdamW steps through ``bridge.initialize`` with
 ZeRO 0, 1 and 2 in one spawn. Checks, per stage:
 * each step's loss, averaged over ranks, equals one process running the same global batch
   with ``SimulatedDispatcher(4 virtual ranks, EP groups of 2)`` and torch's AdamW
-  (atol 2e-5: fp32 rounding through 10 Adam steps), and equals the issue's wording too: one
+  (atol 2e-5: fp32 rounding through 10 Adam steps), and equals the one-process simulation too: one
   process with ``simulate_ep=2`` accumulating gradients over two micro-batches, each the
   rows of one EP group (ranks {0, 1}, then {2, 3});
 * afterwards each expert's replicas are bitwise identical across its EDP group, differ from

@@ -44,7 +44,7 @@ def test_groups_partition_ranks(world, ep):
 
 
 def test_dp2_x_ep2_on_four_ranks():
-    layout = ParallelLayout.from_world(4, ep=2)  # the "dp=2 x ep=2"
+    layout = ParallelLayout.from_world(4, ep=2)  # written "dp=2 x ep=2"
     assert (layout.dp, layout.ep, layout.edp) == (4, 2, 2)
     assert layout.ep_group_ranks() == [[0, 1], [2, 3]]
     assert layout.edp_group_ranks() == [[0, 2], [1, 3]]
