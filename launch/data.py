@@ -65,7 +65,7 @@ class DataConfig(BaseModel):
     bpe_vocab_size: int = Field(default=4096, ge=300)
     seq_len: int = Field(default=128, ge=2)
     val_fraction: float = Field(default=0.05, gt=0.0, lt=0.5)
-    split_seed: int = 1234
+    split_seed: int = Field(default=1234, ge=0, description="numpy takes no negative seed")
     corpus_max_bytes: int = Field(default=12_000_000, ge=10_000)
     augment_shift: int = Field(
         default=0, ge=0, le=8, description="images: random shift of up to this many pixels"

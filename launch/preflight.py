@@ -44,6 +44,8 @@ def preflight(
     log: logging.Logger | None = None,
 ) -> int:
     """Run every static check in the order a user would fix them; returns the dp degree."""
+    # An absurd size first: the checks below walk every layer, and would take that long.
+    check_memory(config, None, dp=1, local_world_size=local_world_size)
     dp = validate(config, world_size)
     check_run_dir(Path(run_dir))
     check_backend(config.parallel.backend)
@@ -109,16 +111,35 @@ def build_on_meta(config: RunConfig) -> nn.Module | None:
         return None
 
 
-def training_bytes(config: RunConfig, model: nn.Module, *, dp: int) -> int:
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(non-expert, expert) parameter counts of a built (or meta) model."""
+    dense = expert = 0
+    for name, param in model.named_parameters():
+        if ".experts." in name:
+            expert += param.numel()
+        else:
+            dense += param.numel()
+    return dense, expert
+
+
+def parameter_lower_bound(config: RunConfig) -> int:
+    """At least this many parameters, found in constant time before anything is built: each
+    block maps d_model to d_model at least once (attention's projections, or the unit that
+    replaces attention and FFN), and token inputs have an embedding of at least bytes."""
+    width = config.model.d_model
+    count = config.model.num_layers * width * width
+    if config.model.input == "tokens":
+        count += (config.model.vocab_size or ByteTokenizer().vocab_size) * width
+    return count
+
+
+def training_bytes(config: RunConfig, dense: float, expert: float, *, dp: int) -> int:
     """Bytes one rank holds for weights, gradients and Adam state (activations excluded).
 
     Expert parameters are split over ``parallel.ep`` ranks; ZeRO 1 partitions Adam's state
     and ZeRO 2 also the gradients over the data-parallel ranks.
     """
-    ep = config.parallel.ep
-    count = 0.0
-    for name, param in model.named_parameters():
-        count += param.numel() / ep if ".experts." in name else param.numel()
+    count = dense + expert / config.parallel.ep
     per = BF16_PARAMS_STATE_BYTES if config.precision == "bf16-params" else STATE_BYTES
     zero = config.parallel.zero_stage
     adam = per["adam"] / (dp if zero >= 1 else 1)
@@ -138,28 +159,33 @@ def available_memory() -> int | None:
 def check_memory(
     config: RunConfig, model: nn.Module | None, *, dp: int, local_world_size: int
 ) -> None:
-    """Refuse a model whose training state alone exceeds this host's available memory.
+    """Refuse a model whose training state alone exceeds this host's available memory:
+    counted on ``model`` (built on meta), or without it from ``parameter_lower_bound``.
 
     Only on CPU, where parameters live in host memory; on GPUs the engine reports its own
     out-of-memory error with the device's numbers.
     """
-    if model is None or torch.cuda.is_available():
+    if torch.cuda.is_available():
         return
     available = available_memory()
     if available is None:
         return
-    per_rank = training_bytes(config, model, dp=dp)
+    if model is None:
+        dense, expert, about = parameter_lower_bound(config), 0, "at least"
+    else:
+        (dense, expert), about = parameter_counts(model), "about"
+    per_rank = training_bytes(config, dense, expert, dp=dp)
     needed = per_rank * local_world_size
     if needed > available:
-        params = sum(p.numel() for p in model.parameters())
+        params = dense + expert
         count = f"{params / 1e9:,.1f}B" if params >= 1e9 else f"{params / 1e6:,.1f}M"
         ranks = f" x {local_world_size} processes" if local_world_size > 1 else ""
         raise UserError(
-            f"the model ({count} parameters: model.d_model {config.model.d_model}, "
+            f"the model ({about} {count} parameters: model.d_model {config.model.d_model}, "
             f"model.num_layers {config.model.num_layers}, model.d_ff {config.model.d_ff}) needs "
-            f"about {per_rank / 2**30:,.1f} GiB{ranks} for weights, gradients and Adam state; "
-            f"this host has {available / 2**30:,.1f} GiB available; make the model smaller or "
-            "spread it over more hosts (parallel.ep, parallel.zero_stage)"
+            f"{about} {per_rank / 2**30:,.1f} GiB{ranks} for weights, gradients and Adam "
+            f"state; this host has {available / 2**30:,.1f} GiB available; make the model "
+            "smaller or spread it over more hosts (parallel.ep, parallel.zero_stage)"
         )
 
 

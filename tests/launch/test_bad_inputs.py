@@ -56,12 +56,17 @@ CASES: list[tuple[list[str], str, str | None]] = [
     (["train", "--set", "moe.activation=tanh"], "moe.activation", None),
     (["train", "--set", "moe.min_capacity=-1"], "moe.min_capacity", None),
     (["train", "--set", "moe.num_expert=4"], "moe.num_experts", None),
+    (["train", "--set", "moe.capacity_factor=9"], "moe.capacity_factor", None),
+    (["train", "--set", "moe.min_capacity=100000"], "moe.min_capacity", None),
+    (["train", "--set", "moe.simulate_ep=100000"], "moe.simulate_ep", None),
     (["train", "--set", "parallel.ep=3"], "parallel.ep", None),
     (["train", "--set", "parallel.ep=2"], "parallel.ep", None),
     (["train", "--set", "parallel.tp=2"], "parallel.tp", None),
     (["train", "--set", "parallel.zero_stage=3"], "parallel.zero_stage", None),
     (["train", "--set", "parallel.zero_stage=4"], "parallel.zero_stage", None),
     (["train", "--set", "parallel.backend=mpi"], "parallel.backend", None),
+    (["train", "--set", "parallel.backend=nccl"], "parallel.backend", "cpu"),
+    (["train", "--set", "parallel.timeout_s=.inf"], "parallel.timeout_s", None),
     (["train", "--set", "model.d_model=130"], "model.d_model", None),
     (["train", "--set", "model.num_heads=0"], "model.num_heads", None),
     (["train", "--set", "model.mode=generate"], "model.mode", None),
@@ -75,6 +80,7 @@ CASES: list[tuple[list[str], str, str | None]] = [
         "model.d_model",
         "memory",
     ),
+    (["train", "--set", "model.num_layers=1000000000000"], "model.num_layers", "memory"),
     (["train", "--set", "data.seq_len=300"], "data.seq_len", None),
     (["train", "--set", "data.seq_len=1"], "data.seq_len", None),
     (["train", "--set", "data.val_fraction=0.6"], "data.val_fraction", None),
@@ -102,6 +108,8 @@ CASES: list[tuple[list[str], str, str | None]] = [
     (["train", "--set", "schedule.min_lr_ratio=2"], "schedule.min_lr_ratio", None),
     (["train", "--set", "train.steps=0"], "train.steps", None),
     (["train", "--set", "train.steps=abc"], "train.steps", None),
+    (["train", "--set", "train.seed=-1"], "train.seed", None),
+    (["train", "--set", "data.split_seed=-1"], "data.split_seed", None),
     (["train", "--set", "train.micro_batch=0"], "train.micro_batch", None),
     (
         ["train", "--set", "data.path=DATA/small.jsonl", "--set", "train.micro_batch=64"],
@@ -204,6 +212,8 @@ def apply_setup(setup: str | None, data: Path, monkeypatch) -> None:
     elif setup == "memory":  # the same answer on every host: 16 GiB available
         monkeypatch.setattr(preflight, "available_memory", lambda: 16 * 2**30)
         monkeypatch.setattr(preflight.torch.cuda, "is_available", lambda: False)
+    elif setup == "cpu":  # the same answer on a machine with GPUs
+        monkeypatch.setattr(preflight.torch.cuda, "is_available", lambda: False)
     elif setup == "unwritable":  # root may write anywhere: deny the folder by hand
         real = os.access
         locked = str(data / "locked")
@@ -251,6 +261,7 @@ def table_rows(data: Path, monkeypatch, capsys) -> list[str]:
             "offline": " (HF_HUB_OFFLINE=1)",
             "unreachable": " (no network)",
             "memory": " (16 GiB free)",
+            "cpu": " (no GPU)",
             "unwritable": " (DATA/locked read-only)",
         }.get(case[2] or "", "")
         message = lines[0].removeprefix("moeforge: error: ").replace("|", "\\|")
