@@ -119,7 +119,7 @@ CASES: list[tuple[list[str], str, str | None]] = [
     (["train", "--set", "train.mlm_probability=1"], "train.mlm_probability", None),
     (["train", "--set", "checkpoint.keep_last=0"], "checkpoint.keep_last", None),
     (["train", "--set", "precision=fp8"], "precision", None),
-    (["train", "--set", "attention.name=nope"], "attention", None),
+    (["train", "--set", "attention.name=nope"], "attention", "builtin"),
     (["train", "--set", "attention.name=linformer"], "attention.name", None),
     (
         ["train", "--set", "model.mode=masked_lm", "--set", "attention.name=linformer"]
@@ -212,6 +212,11 @@ def apply_setup(setup: str | None, data: Path, monkeypatch) -> None:
     elif setup == "memory":  # the same answer on every host: 16 GiB available
         monkeypatch.setattr(preflight, "available_memory", lambda: 16 * 2**30)
         monkeypatch.setattr(preflight.torch.cuda, "is_available", lambda: False)
+    elif setup == "builtin":  # the list of methods without those other tests register
+        import attention.registry as registry
+
+        builtin = {k: v for k, v in registry._REGISTRY.items() if not k.startswith("test_")}
+        monkeypatch.setattr(registry, "_REGISTRY", builtin)
     elif setup == "cpu":  # the same answer on a machine with GPUs
         monkeypatch.setattr(preflight.torch.cuda, "is_available", lambda: False)
     elif setup == "unwritable":  # root may write anywhere: deny the folder by hand
@@ -262,6 +267,7 @@ def table_rows(data: Path, monkeypatch, capsys) -> list[str]:
             "unreachable": " (no network)",
             "memory": " (16 GiB free)",
             "cpu": " (no GPU)",
+            "builtin": "",
             "unwritable": " (DATA/locked read-only)",
         }.get(case[2] or "", "")
         message = lines[0].removeprefix("moeforge: error: ").replace("|", "\\|")
