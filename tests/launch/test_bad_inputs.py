@@ -72,7 +72,7 @@ CASES: list[tuple[list[str], str, str | None]] = [
     (["train", "--set", "model.mode=generate"], "model.mode", None),
     (["train", "--set", "model.dropout=1.0"], "model.dropout", None),
     (["train", "--set", "model.vocab_size=100"], "model.vocab_size", None),
-    (["train", "--set", "model.input=pixels"], "model.input", None),
+    (["train", "--set", "model.input=pixels"], "model.input", "builtin"),
     (["train", "--set", "model.input=patches"], "model.image", None),
     (["train", "--set", "model.norm_eps=0"], "model.norm_eps", None),
     (
@@ -212,11 +212,14 @@ def apply_setup(setup: str | None, data: Path, monkeypatch) -> None:
     elif setup == "memory":  # the same answer on every host: 16 GiB available
         monkeypatch.setattr(preflight, "available_memory", lambda: 16 * 2**30)
         monkeypatch.setattr(preflight.torch.cuda, "is_available", lambda: False)
-    elif setup == "builtin":  # the list of methods without those other tests register
+    elif setup == "builtin":  # the lists of methods and inputs without those tests register
         import attention.registry as registry
+        import moe.blocks as blocks
 
-        builtin = {k: v for k, v in registry._REGISTRY.items() if not k.startswith("test_")}
-        monkeypatch.setattr(registry, "_REGISTRY", builtin)
+        for module, name in ((registry, "_REGISTRY"), (blocks, "_INPUTS")):
+            found = getattr(module, name)
+            builtin = {k: v for k, v in found.items() if not k.startswith("test_")}
+            monkeypatch.setattr(module, name, builtin)
     elif setup == "cpu":  # the same answer on a machine with GPUs
         monkeypatch.setattr(preflight.torch.cuda, "is_available", lambda: False)
     elif setup == "unwritable":  # root may write anywhere: deny the folder by hand
