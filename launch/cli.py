@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import signal
 import sys
 from pathlib import Path
 
@@ -64,7 +63,7 @@ def train_main(argv: list[str]) -> int:
     from launch.config import load_config
     from launch.cpu_memory import retain_freed_memory
     from launch.peer_failure import report as report_peer_failure
-    from launch.peer_failure import stop_on_sigterm
+    from launch.peer_failure import restore_sigterm, stop_on_sigterm
     from launch.run_dir import default_run_dir
     from launch.trainer import train
 
@@ -88,7 +87,7 @@ def train_main(argv: list[str]) -> int:
             raise
         return status
     finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
+        restore_sigterm(previous_sigterm)
     return 0
 
 

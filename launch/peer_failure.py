@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 import signal
 import sys
+import threading
 from types import FrameType
 from typing import Any
 
@@ -45,8 +46,18 @@ def _raise_terminated(signum: int, frame: FrameType | None) -> None:
 
 def stop_on_sigterm() -> Any:
     """Make SIGTERM raise ``Terminated`` in the main thread, so the report can be written;
-    returns the handler it replaces (to restore when the work is done)."""
-    return signal.signal(signal.SIGTERM, _raise_terminated)
+    returns the handler it replaces, for ``restore_sigterm`` (None off the main thread,
+    where handlers cannot be set: nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    return signal.SIG_DFL if previous is None else previous
+
+
+def restore_sigterm(previous: Any) -> None:
+    """Put back the handler ``stop_on_sigterm`` replaced."""
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def first_line(err: BaseException) -> str:
