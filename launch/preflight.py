@@ -4,13 +4,14 @@
 
 Everything a config can get wrong that is knowable without a process group is found here,
 so that a bad value costs seconds and prints one line (a ``UserError``) instead of a
-traceback after the data load: the cross-section checks (``launch.config.validate``), the
-run directory (a file, under a file, not writable), the process-group backend, the data
-source (``launch.data.check_source``: a missing path, binary or non-UTF-8 text, a hub name
-that is neither cached nor reachable; a micro batch larger than the data could ever fill), the model itself (built on the meta device, so every
-constructor check runs without allocating a byte), the memory that training needs on this
-host, and the DeepSpeed JSON a user passes. Options that would silently do nothing get one
-warning line each.
+traceback after the data load: a model too large for this host (first from a constant-time
+lower bound, later counted on the model), the cross-section checks
+(``launch.config.validate``), the run directory (a file, under a file, not writable), the
+process-group backend, the DeepSpeed JSON a user passes, the data source
+(``launch.data.check_source``: a missing path, binary or non-UTF-8 text, a hub name that is
+neither cached nor reachable; a micro batch larger than the data could ever fill) and the
+model itself (built on the meta device, so every constructor check runs without allocating
+a byte). Options that would silently do nothing get one warning line each.
 """
 
 from __future__ import annotations
