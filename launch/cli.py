@@ -13,7 +13,9 @@ DeepSpeed:     deepspeed --num_gpus 2 launch/cli.py train      (--num_gpus count
 MPI:           mpirun -n 2 moeforge train
 
 A user error (unknown config key, bad value, missing data, incompatible resume) prints one
-line naming the field and the fix and exits with status 2, without a traceback.
+line naming the field and the fix and exits with status 2, without a traceback; under
+torchrun that line is all the user sees and torchrun exits 2 (launch/torchrun_plugin.py).
+docs/bad_inputs.md lists the bad inputs and their lines.
 """
 
 from __future__ import annotations
