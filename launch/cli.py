@@ -152,10 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         print_user_error(str(err))  # once across ranks
         return EXIT_USER_ERROR
     except TrainingDiverged as err:
-        from launch.log import rank
+        from launch.log import print_user_error
 
-        if rank() == 0:  # every rank stops at the same step
-            print(f"moeforge: error: {err}", file=sys.stderr)
+        print_user_error(str(err))  # every rank stops at the same step; said once
         return EXIT_DIVERGED
 
 

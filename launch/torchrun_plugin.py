@@ -18,7 +18,7 @@ else, it:
 * when that file exists, does not restart the workers (the same config fails the same way),
   drops the agent's log lines about the failure and the teardown signals, and, when every
   failed worker exited with status 2 (or was stopped by torchrun's teardown), ends the agent
-  with status 2 and nothing more;
+  with that status (2, or 3 for a diverged run) and nothing more;
 * drops torchrun's OMP_NUM_THREADS banner (torchrun still sets one thread per worker).
 
 Everything else, a worker that crashes among them, falls through to torchrun untouched, and
@@ -43,6 +43,9 @@ from typing import Any
 USER_ERROR_DIR_ENV = "MOEFORGE_USER_ERROR_DIR"
 CLAIM_FILE = "user-error"
 USER_ERROR_STATUS = 2
+# Statuses that restarting cannot change: a user error (2) and a diverged run (3) meet the
+# same config and the same checkpoint again (launch/errors.py).
+FINAL_STATUSES = (USER_ERROR_STATUS, 3)
 # Exit codes of workers torchrun itself stops once another worker has failed.
 TEARDOWN_CODES = {-signal.SIGTERM, -signal.SIGKILL, -signal.SIGINT}
 _ELASTIC_PROCESS_LOGGER = "torch.distributed.elastic.multiprocessing.api"
@@ -112,12 +115,13 @@ def install() -> None:
 
     def hook(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
         try:
-            if claimed() and _only_user_errors(error):
+            status = _final_status(error) if claimed() else None
+            if status is not None:
                 shutil.rmtree(folder, ignore_errors=True)
                 logging.shutdown()
                 sys.stdout.flush()
                 sys.stderr.flush()
-                os._exit(USER_ERROR_STATUS)
+                os._exit(status)
         except Exception:  # noqa: BLE001 - fall back to the default report
             pass
         previous(kind, error, tb)
@@ -144,16 +148,18 @@ def _is_failure_chatter(record: logging.LogRecord) -> bool:
     return text.startswith("failed (exitcode") or "closing signal" in text
 
 
-def _only_user_errors(error: BaseException) -> bool:
-    """Whether ``error`` is torchrun's ChildFailedError for workers that each exited with
-    the user-error status or were stopped by torchrun after another one had."""
+def _final_status(error: BaseException) -> int | None:
+    """The status the agent exits with when ``error`` is torchrun's ChildFailedError for
+    workers that each exited with one final status (a user error, a diverged run) or were
+    stopped by torchrun after another one had; None for anything else."""
     failures = getattr(error, "failures", None)
     if type(error).__name__ != "ChildFailedError" or not failures:
-        return False
+        return None
     codes = [failure.exitcode for failure in failures.values()]
-    return USER_ERROR_STATUS in codes and all(
-        code == USER_ERROR_STATUS or code in TEARDOWN_CODES for code in codes
-    )
+    final = {code for code in codes if code in FINAL_STATUSES}
+    if len(final) == 1 and all(code in final or code in TEARDOWN_CODES for code in codes):
+        return final.pop()
+    return None
 
 
 def _guard_restarts(claimed: Callable[[], bool]) -> None:

@@ -171,3 +171,26 @@ def test_skip_nonfinite_skips_that_many_steps_before_stopping(healthy_run, tmp_p
     skipped = [line for line in done.stderr.splitlines() if "update skipped" in line]
     assert len(skipped) == 2 and "(2 of train.skip_nonfinite=2)" in skipped[1]
     assert newest_weights_are_finite(run_dir)
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_diverged_run_is_one_line_status_3_and_not_restarted(
+    healthy_run, tmp_path
+):
+    from launch.launcher import free_port
+
+    config, _ = healthy_run
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        f"--master_port={free_port()}", "--max-restarts=1", "-m", "launch.cli", "train",
+        str(config), "--run-dir", str(tmp_path / "run"), "--set=optimizer.lr=1e6",
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == EXIT_DIVERGED, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("moeforge: error")]
+    assert len(errors) == 1 and "training diverged at step" in errors[0], done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr
+    assert done.stderr.count("world size 2") == 1  # started once: a diverged run is final
