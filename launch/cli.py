@@ -83,7 +83,7 @@ def train_main(argv: list[str]) -> int:
         )  # fmt: skip
     except UserError:
         raise
-    except Exception as err:  # a peer died or froze: one line naming it, not a traceback
+    except BaseException as err:  # a peer died or froze (or SIGTERM): one line naming it
         status = report_peer_failure(err)
         if status is None:
             raise

@@ -3,8 +3,8 @@
     stop_on_sigterm()                      # the launcher's SIGTERM becomes an exception
     try:
         train(...)
-    except Exception as err:
-        line = explain(err)                # "rank 1 stopped responding ...; rank 0 was in ..."
+    except BaseException as err:           # Terminated is one
+        line = explain(err)                # "rank 1 stopped responding ...; rank 0 stopped: ..."
 
 Bounds, for a run of several processes:
 - a killed or crashed peer: gloo (and NCCL) fail the survivors' next collective as soon as
@@ -20,6 +20,7 @@ Bounds, for a run of several processes:
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import sys
@@ -33,11 +34,11 @@ from parallel import heartbeat
 from parallel.collectives import CollectiveError
 
 EXIT_PEER_LOST = 4
-EXIT_TERMINATED = 128 + signal.SIGTERM
 
 
-class Terminated(Exception):
-    """The launcher asked this process to stop (SIGTERM)."""
+class Terminated(BaseException):
+    """The launcher asked this process to stop (SIGTERM). A BaseException, like
+    KeyboardInterrupt, so that code catching Exception does not swallow it."""
 
 
 def _raise_terminated(signum: int, frame: FrameType | None) -> None:
@@ -121,13 +122,18 @@ def report(err: BaseException) -> int | None:
     when there is nothing better to say than the traceback.
 
     A SIGTERM with every peer alive is the launcher ending the run for a reason it reports
-    itself (another rank's failure, already named by that rank): this rank exits quietly.
+    itself (another rank's failure, already named by that rank): this rank then dies of the
+    signal as it would have without the handler, the status launchers expect of the workers
+    they stop.
     """
     line = explain(err)
     beat = heartbeat.running()
     if beat is not None and (line is not None or isinstance(err, Terminated)):
         beat.leave()
     if line is None:
-        return EXIT_TERMINATED if isinstance(err, Terminated) else None
+        if isinstance(err, Terminated):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return None
     print(f"moeforge: error: {line}", file=sys.stderr, flush=True)
     return EXIT_PEER_LOST
