@@ -10,8 +10,10 @@ resume). Under torchrun every worker of one launch, restarted or not, sees the s
 first process to get here picks the timestamped name and leaves it in a pointer file,
 ``runs/.torchelastic-<run id>``, created exclusively; every other process, and every
 restarted one, reads it back. Across nodes this needs ``runs/`` on a shared file system, as
-the checkpoints themselves do. Other launchers without ``--run-dir`` get the timestamp
-alone: pass ``--run-dir`` to mpirun and deepspeed-launcher runs with several processes.
+the checkpoints themselves do. Other launchers (mpirun, the deepspeed launcher) have no
+run id: each rank takes the timestamp, and the trainer then uses rank 0's name on every
+rank (it broadcasts it once the process group exists); they have no restarts of their own,
+so re-running such a run needs its ``--run-dir``.
 """
 
 from __future__ import annotations

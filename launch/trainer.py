@@ -390,6 +390,12 @@ def train(
     bridge.init_distributed(backend, timeout_s=config.parallel.timeout_s)
     quiet_deepspeed()
     world, rank = dist.get_world_size(), dist.get_rank()
+    if world > 1:
+        # Launchers without a shared run id (mpirun, the deepspeed launcher) leave each rank
+        # its own clock-based default name; every rank writes where rank 0 does.
+        shared = [str(run_dir)]
+        dist.broadcast_object_list(shared, src=0)
+        run_dir = Path(shared[0])
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
     _barrier("the run directory")
