@@ -191,6 +191,23 @@ def local_files(local: Path) -> list[Path]:
     return [local]
 
 
+def files_of_one_kind(local: Path) -> tuple[list[Path], str]:
+    """``data.path``'s files and their one loader (text, json or parquet), else a DataError:
+    one dataset is built by one loader, so mixed kinds cannot load together."""
+    files = local_files(local)
+    if not files:
+        raise DataError(
+            f"data.path {local} holds no .txt/.jsonl/.json/.parquet files; add some or fix the path"
+        )
+    kinds = {LOCAL_SUFFIXES.get(p.suffix) for p in files}
+    if len(kinds) != 1 or None in kinds:
+        raise DataError(
+            f"data.path {local}: files must all be one kind, .txt, .jsonl/.json or .parquet "
+            f"(found {', '.join(sorted({p.suffix or p.name for p in files}))}); keep one kind"
+        )
+    return files, kinds.pop()
+
+
 def check_source(config: DataConfig) -> None:
     """Refuse in one line, before anything is loaded, a text source that cannot work: a
     missing path, a file that is not UTF-8 text (or not Parquet), a text field that the
@@ -208,17 +225,7 @@ def check_source(config: DataConfig) -> None:
             )
         check_hub_name(config.path)
         return
-    files = local_files(local)
-    if not files:
-        raise DataError(
-            f"data.path {local} holds no .txt/.jsonl/.json/.parquet files; add some or fix the path"
-        )
-    kinds = {LOCAL_SUFFIXES.get(p.suffix) for p in files}
-    if len(kinds) != 1 or None in kinds:
-        raise DataError(
-            f"data.path {local}: files must all be one kind, .txt, .jsonl/.json or .parquet "
-            f"(found {', '.join(sorted({p.suffix or p.name for p in files}))}); keep one kind"
-        )
+    files, _ = files_of_one_kind(local)
     blank = True
     for file in files[:SNIFF_FILES]:
         if file.suffix == ".parquet":
@@ -425,22 +432,7 @@ def load_records(config: DataConfig) -> tuple[list[str], list[int] | None]:
 
     datasets.disable_progress_bars()
     if local.exists():
-        files = (
-            sorted(p for p in local.rglob("*") if p.suffix in LOCAL_SUFFIXES)
-            if local.is_dir()
-            else [local]
-        )
-        if not files:
-            raise DataError(
-                f"data.path {local} holds no .txt/.jsonl/.json/.parquet files; add some or fix the path"
-            )
-        kinds = {LOCAL_SUFFIXES.get(p.suffix) for p in files}
-        if len(kinds) != 1 or None in kinds:
-            raise DataError(
-                f"data.path {local}: files must all be one of .txt, .jsonl/.json, .parquet "
-                f"(found {sorted(str(k) for k in kinds)})"
-            )
-        builder = kinds.pop()
+        files, builder = files_of_one_kind(local)
         kwargs = {"sample_by": "document"} if builder == "text" else {}
         # A bad file deep inside (past what check_source reads) is reported here in one
         # line; the loader's own error log would only repeat it.
