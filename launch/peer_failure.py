@@ -135,5 +135,8 @@ def report(err: BaseException) -> int | None:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
         return None
+    from launch.torchrun_plugin import note_peer_lost
+
+    note_peer_lost()
     print(f"moeforge: error: {line}", file=sys.stderr, flush=True)
     return EXIT_PEER_LOST

@@ -19,6 +19,8 @@ else, it:
   drops the agent's log lines about the failure and the teardown signals, and, when every
   failed worker exited with status 2 (or was stopped by torchrun's teardown), ends the agent
   with that status (2, or 3 for a diverged run) and nothing more;
+* when a survivor has named a dead or frozen peer in its own line (status 4), and torchrun
+  has no restart left, ends the agent with status 4 and without its failure report;
 * drops torchrun's OMP_NUM_THREADS banner (torchrun still sets one thread per worker).
 
 Everything else, a worker that crashes among them, falls through to torchrun untouched, and
@@ -42,6 +44,9 @@ from typing import Any
 
 USER_ERROR_DIR_ENV = "MOEFORGE_USER_ERROR_DIR"
 CLAIM_FILE = "user-error"
+# Left by a survivor that named a dead or frozen peer in its own line (launch/peer_failure.py).
+PEER_LOST_FILE = "peer-lost"
+PEER_LOST_STATUS = 4
 USER_ERROR_STATUS = 2
 # Statuses that restarting cannot change: a user error (2) and a diverged run (3) meet the
 # same config and the same checkpoint again (launch/errors.py).
@@ -100,22 +105,39 @@ def report_user_error() -> bool | None:
     return True
 
 
+def note_peer_lost() -> None:
+    """In a worker: tell the agent that this worker's line already names the lost peer, so
+    torchrun's own failure report after the last restart would only repeat it."""
+    folder = os.environ.get(USER_ERROR_DIR_ENV)
+    if folder:
+        try:
+            (Path(folder) / PEER_LOST_FILE).touch()
+        except OSError:
+            pass
+
+
 def install() -> None:
     """Set up the directory, the log filters, the restart guard and the exit hook."""
     folder = Path(tempfile.mkdtemp(prefix="moeforge-torchrun-"))
     os.environ[USER_ERROR_DIR_ENV] = str(folder)
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     claimed = lambda: (folder / CLAIM_FILE).exists()
+    peer_lost = lambda: (folder / PEER_LOST_FILE).exists()
     logging.getLogger(_RUN_LOGGER).addFilter(_DropRecords(lambda r: "OMP_NUM_THREADS" in r.msg))
     logging.getLogger(_ELASTIC_PROCESS_LOGGER).addFilter(
-        _DropRecords(lambda r: claimed() and _is_failure_chatter(r))
+        _DropRecords(lambda r: (claimed() or peer_lost()) and _is_failure_chatter(r))
     )
     _guard_restarts(claimed)
     previous = sys.excepthook
 
     def hook(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
         try:
-            status = _final_status(error) if claimed() else None
+            if claimed():
+                status = _final_status(error, FINAL_STATUSES)
+            elif peer_lost():  # restarts (if any) are spent; the survivor's line said it all
+                status = _final_status(error, (PEER_LOST_STATUS,))
+            else:
+                status = None
             if status is not None:
                 shutil.rmtree(folder, ignore_errors=True)
                 logging.shutdown()
@@ -148,15 +170,16 @@ def _is_failure_chatter(record: logging.LogRecord) -> bool:
     return text.startswith("failed (exitcode") or "closing signal" in text
 
 
-def _final_status(error: BaseException) -> int | None:
+def _final_status(error: BaseException, statuses: tuple[int, ...]) -> int | None:
     """The status the agent exits with when ``error`` is torchrun's ChildFailedError for
-    workers that each exited with one final status (a user error, a diverged run) or were
-    stopped by torchrun after another one had; None for anything else."""
+    workers that each exited with one of ``statuses`` (a user error, a diverged run, a lost
+    peer) or died of a signal (stopped by torchrun after another had, or the killed peer
+    itself); None for anything else."""
     failures = getattr(error, "failures", None)
     if type(error).__name__ != "ChildFailedError" or not failures:
         return None
     codes = [failure.exitcode for failure in failures.values()]
-    final = {code for code in codes if code in FINAL_STATUSES}
+    final = {code for code in codes if code in statuses}
     if len(final) == 1 and all(code in final or code in TEARDOWN_CODES for code in codes):
         return final.pop()
     return None
