@@ -426,7 +426,10 @@ def train(
     counts = count_parameters(model)
     # Expert parallelism: keep this EP rank's experts, all-to-all dispatch.
     num_experts = config.moe.num_experts if config.moe else None
-    apply_expert_parallel(model, num_experts, config.parallel.ep, log=log)
+    apply_expert_parallel(
+        model, num_experts, config.parallel.ep, log=log,
+        timeout=timedelta(seconds=config.parallel.timeout_s),
+    )  # fmt: skip
     precision = resolve_precision(config.precision)
     warning = emulated_bf16_warning(precision)
     if warning is not None:

@@ -4,7 +4,7 @@ Shape letters: E experts, E_l = E / ep local experts, d width, f expert hidden w
 
     model = Transformer(...)                       # every rank builds all E experts (same seed)
     groups = ParallelLayout.from_world(world, ep=2).build(num_experts=E)
-    shard_experts(model, groups.ep_group)          # keep experts [ep_rank*E_l, (ep_rank+1)*E_l)
+    shard_experts(model, groups.ep_group, timeout=timeout)          # keep experts [ep_rank*E_l, (ep_rank+1)*E_l)
     full = gather_expert_weights(model, groups.ep_group)   # [E, ...] per name, for checkpoints
 
 Because every rank builds the full model from the same seed before sharding, the global
@@ -14,6 +14,7 @@ same weights as one process with ``simulate_ep=N`` (``moe/simulate.py``).
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from torch import nn
 from moe.ep_dispatch import AllToAllDispatcher
 from moe.layer import MoELayer
 from moe.simulate import SimulatedDispatcher
-from parallel.collectives import all_gather_tensor
+from parallel.collectives import COLLECTIVE_TIMEOUT, all_gather_tensor
 
 EXPERT_WEIGHTS = ("w1", "w2", "w3")
 
@@ -35,10 +36,18 @@ def moe_layers(model: nn.Module) -> list[tuple[str, MoELayer]]:
     ]
 
 
-def shard_experts(model: nn.Module, ep_group: Any, *, equal_tokens: bool = False) -> int:
+def shard_experts(
+    model: nn.Module,
+    ep_group: Any,
+    *,
+    equal_tokens: bool = False,
+    timeout: timedelta = COLLECTIVE_TIMEOUT,
+) -> int:
     """Keep this EP rank's block of experts in every MoE layer and exchange tokens all-to-all.
 
-    Call before the optimizer (or DeepSpeed engine) is built. Returns the number of layers.
+    ``timeout``: how long each exchange waits for the other EP ranks (the run's
+    ``parallel.timeout_s``). Call before the optimizer (or DeepSpeed engine) is built.
+    Returns the number of layers.
     """
     ep_size, ep_rank = dist.get_world_size(ep_group), dist.get_rank(ep_group)
     layers = moe_layers(model)
@@ -58,6 +67,7 @@ def shard_experts(model: nn.Module, ep_group: Any, *, equal_tokens: bool = False
             capacity_scope=layer.capacity_scope,
             fixed_buffers=layer.expert_layout == "buffer",
             equal_tokens=equal_tokens,
+            timeout=timeout,
         )
         local = dispatcher.num_local_experts
         offset = ep_rank * local
@@ -114,10 +124,16 @@ def local_expert_block(full: torch.Tensor, ep_size: int, ep_rank: int) -> torch.
 
 
 def apply_expert_parallel(
-    model: nn.Module, num_experts: int | None, ep: int, *, log: Any = None
+    model: nn.Module,
+    num_experts: int | None,
+    ep: int,
+    *,
+    log: Any = None,
+    timeout: timedelta = COLLECTIVE_TIMEOUT,
 ) -> Any:
     """The trainer's hook: for ep > 1 build the layout's groups once (rank 0 logs the report)
     and shard every MoE layer; returns the ``ProcessGroups`` (None when ep == 1).
+    ``timeout`` bounds every token exchange (the run's ``parallel.timeout_s``).
 
     Call after the model is built on every rank from the same seed, before the engine.
     """
@@ -128,7 +144,7 @@ def apply_expert_parallel(
     groups = ParallelLayout.from_world(dist.get_world_size(), ep=ep).build(num_experts)
     if log is not None and dist.get_rank() == 0:
         log.info(groups.report(num_experts))
-    shard_experts(model, groups.ep_group)
+    shard_experts(model, groups.ep_group, timeout=timeout)
     # launch/checkpoint.py reads this to save the experts of every EP rank (rank 0's module
     # state alone holds only its own block).
     model.expert_parallel_groups = groups
