@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import torch
 
-from launch import trainer
+from launch import metrics, trainer
 from launch.config import config_from_dict
 
 
@@ -40,20 +40,20 @@ def test_masked_lm_evaluation_uses_the_configured_masking_probability(monkeypatc
 
 
 def test_classification_reports_accuracy_not_bits_per_byte():
-    words = trainer.eval_words("classify", 0.5, float("nan"), 0.75)
+    words = metrics.eval_words("classify", 0.5, float("nan"), 0.75)
     assert words == "val_loss 0.5000, val_accuracy 75.00%" and "bpb" not in words
-    assert trainer.eval_words("causal_lm", 2.0, 2.9, None) == "val_loss 2.0000, val_bpb 2.9000"
+    assert metrics.eval_words("causal_lm", 2.0, 2.9, None) == "val_loss 2.0000, val_bpb 2.9000"
 
 
 def test_images_are_described_as_images_in_the_startup_line():
     from launch.config import load_config
 
     vit = load_config(trainer.Path(__file__).resolve().parents[2] / "configs" / "vit_digits.yaml")
-    assert trainer._example_words(vit).startswith("images (") and "patches each" in (
-        trainer._example_words(vit)
+    assert metrics.example_words(vit).startswith("images (") and "patches each" in (
+        metrics.example_words(vit)
     )
     text = config_from_dict({})
-    assert trainer._example_words(text) == f"sequences of {text.data.seq_len} tokens"
+    assert metrics.example_words(text) == f"sequences of {text.data.seq_len} tokens"
 
 
 def test_classification_summary_has_no_bits_per_byte(capsys):
@@ -61,6 +61,6 @@ def test_classification_summary_has_no_bits_per_byte(capsys):
         run_dir=trainer.Path("runs/x"), step=10, loss=0.3, val_loss=0.2, val_bpb=float("nan"),
         tokens_per_s=100.0, seconds=1.0, val_accuracy=0.99,
     )  # fmt: skip
-    trainer.print_summary(result, {"total": 10, "active": 5}, mode="classify")
+    metrics.print_summary(result, {"total": 10, "active": 5}, mode="classify")
     out = capsys.readouterr().out
     assert "val accuracy" in out and "bits per byte" not in out and "nan" not in out
