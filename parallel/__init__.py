@@ -1,5 +1,6 @@
-"""Parallel building blocks: layout and process groups, autograd-aware collectives, and the
-one bridge module to DeepSpeed (tensor-parallel layers and pipeline stages come later);
+"""Parallel building blocks: layout and process groups, autograd-aware collectives,
+tensor-parallel linears (``tensor_parallel``), and the one bridge module to DeepSpeed
+(pipeline stages come later);
 ``rendezvous`` joins the default group (a fresh key prefix per torchrun restart, one timeout
 for every group) and ``heartbeat`` names the rank that died or froze when a collective fails.
 
@@ -11,5 +12,6 @@ imported here, so ``import parallel`` does not pull in deepspeed.
 """
 
 from parallel.layout import ParallelLayout, ProcessGroups
+from parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-__all__ = ["ParallelLayout", "ProcessGroups"]
+__all__ = ["ColumnParallelLinear", "ParallelLayout", "ProcessGroups", "RowParallelLinear"]
