@@ -127,40 +127,41 @@ class _ScatterToRegion(torch.autograd.Function):
         return _all_gather_last_dim(grad, ctx.group, ctx.timeout), None, None
 
 
+def _apply(
+    function: type[torch.autograd.Function], x: torch.Tensor, group: Any, timeout: timedelta
+) -> torch.Tensor:
+    """``function`` over the group; the identity (the same tensor) without tensor parallelism."""
+    if group_size_and_rank(group)[0] == 1:
+        return x
+    return function.apply(x, group, timeout)
+
+
 def copy_to_region(
     x: torch.Tensor, group: Any, timeout: timedelta = COLLECTIVE_TIMEOUT
 ) -> torch.Tensor:
     """Enter a TP region with a replicated x [...]: forward identity, backward sums the grads."""
-    if group_size_and_rank(group)[0] == 1:
-        return x
-    return _CopyToRegion.apply(x, group, timeout)
+    return _apply(_CopyToRegion, x, group, timeout)
 
 
 def reduce_from_region(
     x: torch.Tensor, group: Any, timeout: timedelta = COLLECTIVE_TIMEOUT
 ) -> torch.Tensor:
     """Leave a TP region with partial sums x [...]: forward sums over the group, backward identity."""
-    if group_size_and_rank(group)[0] == 1:
-        return x
-    return _ReduceFromRegion.apply(x, group, timeout)
+    return _apply(_ReduceFromRegion, x, group, timeout)
 
 
 def gather_from_region(
     x: torch.Tensor, group: Any, timeout: timedelta = COLLECTIVE_TIMEOUT
 ) -> torch.Tensor:
     """[..., d / tp] -> [..., d] by all-gather in group-rank order; backward keeps own slice."""
-    if group_size_and_rank(group)[0] == 1:
-        return x
-    return _GatherFromRegion.apply(x, group, timeout)
+    return _apply(_GatherFromRegion, x, group, timeout)
 
 
 def scatter_to_region(
     x: torch.Tensor, group: Any, timeout: timedelta = COLLECTIVE_TIMEOUT
 ) -> torch.Tensor:
     """[..., d] -> this rank's [..., d / tp]; backward all-gathers the grads along the last dim."""
-    if group_size_and_rank(group)[0] == 1:
-        return x
-    return _ScatterToRegion.apply(x, group, timeout)
+    return _apply(_ScatterToRegion, x, group, timeout)
 
 
 def mark_tensor_parallel(param: nn.Parameter, partition_dim: int) -> None:
