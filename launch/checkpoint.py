@@ -81,9 +81,9 @@ from parallel import deepspeed_bridge as bridge
 
 __all__ = [
     "LATEST", "MANIFEST", "PORTABLE_FILE", "STATE_FILE", "CheckpointConfig", "NoSpaceLeft",
-    "ResumePoint", "RunSurvey", "check_ep_change", "checkpoint_dir", "latest_tag", "load",
-    "prune", "remove_run_state", "resume_point", "save", "saved_config_text", "saved_ep",
-    "saved_state", "survey", "tag_for",
+    "ResumePoint", "RunSurvey", "check_ep_change", "checkpoint_dir", "latest_tag",
+    "layout_free_in_engine_files", "load", "prune", "remove_run_state", "resume_point", "save",
+    "saved_config_text", "saved_ep", "saved_state", "survey", "tag_for",
 ]  # fmt: skip
 
 PORTABLE_FILE = "portable.pt"
@@ -446,6 +446,12 @@ def saved_ep(run_dir: Path, tag: str | None = None) -> int | None:
     return int((config.get("parallel") or {}).get("ep", 1))
 
 
+def layout_free_in_engine_files(state: dict[str, Any]) -> bool:
+    """Whether a checkpoint's moeforge state (moeforge.json) says its engine files, rather
+    than ``portable.pt``, hold the layout-free weights and Adam state."""
+    return state.get("layout_free") == "engine"
+
+
 def check_ep_change(run_dir: Path, ep: int, tag: str | None = None) -> None:
     """Raise a one-line UserError unless checkpoint ``tag`` can be resumed at ``ep``."""
     tag = _tag_or_latest(run_dir, tag)
@@ -453,7 +459,7 @@ def check_ep_change(run_dir: Path, ep: int, tag: str | None = None) -> None:
     if before is None or before == ep:
         return
     directory = checkpoint_dir(run_dir) / str(tag)
-    engine_files = (saved_state(run_dir, tag) or {}).get("layout_free") == "engine"
+    engine_files = layout_free_in_engine_files(saved_state(run_dir, tag) or {})
     if not engine_files and not (directory / PORTABLE_FILE).is_file():
         raise UserError(
             f"cannot resume {directory} at parallel.ep={ep}: it was saved at ep={before} without "

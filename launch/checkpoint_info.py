@@ -42,7 +42,7 @@ def _layout_lines(directory: Path) -> list[str]:
         from parallel.expert_checkpoint import portable_info
 
         lines.append(f"experts: {portable_info(portable)}")
-    elif state.get("layout_free") == "engine":
+    elif checkpoint.layout_free_in_engine_files(state):
         lines.append(
             "experts: full weights and Adam state in the engine's files (ep=1, ZeRO 0); loads "
             "at any ep dividing the experts"

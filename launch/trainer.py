@@ -274,11 +274,10 @@ def _check_resume(
     return tag, saved
 
 
-def _layout_free_name(run_dir: Path, tag: str) -> str:
-    """Where checkpoint ``tag`` keeps its layout-free weights: portable.pt or the engine's files."""
-    state = checkpoint.saved_state(run_dir, tag) or {}
-    engine_files = state.get("layout_free") == "engine"
-    return "the engine's files" if engine_files else checkpoint.PORTABLE_FILE
+def _layout_free_name(saved: dict[str, Any]) -> str:
+    """Where a checkpoint (its moeforge state ``saved``) keeps its layout-free weights."""
+    in_engine = checkpoint.layout_free_in_engine_files(saved)
+    return "the engine's files" if in_engine else checkpoint.PORTABLE_FILE
 
 
 def _build_data(config: RunConfig, run_dir: Path, rank: int) -> Data:
@@ -388,7 +387,7 @@ def train(
         if before != config.parallel.ep:
             log.info(
                 "resuming a run saved at ep=%d at ep=%d (weights and Adam state from %s)",
-                before, config.parallel.ep, _layout_free_name(run_dir, resumed[0]),
+                before, config.parallel.ep, _layout_free_name(saved),
             )  # fmt: skip
         loaded = checkpoint.load(engine, run_dir, ep=config.parallel.ep, tag=resumed[0])
         start_step = loaded["step"]

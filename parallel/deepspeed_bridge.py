@@ -299,36 +299,36 @@ def guard_nonfinite_steps(optimizer: torch.optim.Optimizer) -> None:
     """Make ``optimizer.step()`` skip an update whose gradients are not all finite (contract 9).
 
     Sets ``optimizer.overflow`` as DeepSpeed's own wrappers do, so the engine counts the step
-    as skipped and leaves the schedule where it was. Ranks whose gradients differ (experts
-    under expert parallelism) agree through one all-reduce of the flag, so replicas never
-    drift apart by one rank skipping alone. ``optimizer.nonfinite_parameter`` is the first
-    parameter whose gradient was not finite, for the trainer's message.
+    as skipped and leaves the schedule where it was. Gradients averaged over the whole world
+    are the same on every rank, so each rank decides alike on its own; when some are reduced
+    over a smaller group only (experts under expert parallelism: ``allreduce = False``;
+    tensor-parallel shards), the ranks agree through one all-reduce of the flag per step, so
+    replicas never drift apart by one rank skipping alone. ``optimizer.nonfinite_parameter``
+    is the first parameter whose gradient was not finite, for the trainer's message.
     """
     step = optimizer.step
+    every = [p for group in optimizer.param_groups for p in group["params"]]
+    agree = any(
+        getattr(p, "allreduce", True) is False or getattr(p, "tensor_model_parallel", False)
+        for p in every
+    )
 
     def guarded_step(*args: Any, **kwargs: Any) -> Any:
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        finite = torch.ones((), dtype=torch.float32)
-        first = None
-        if grads:
-            norms = torch._foreach_norm(grads)
-            flags = torch.stack([torch.isfinite(n) for n in norms])
-            finite = flags.all().float().cpu()
-            if not bool(finite):
-                index = int((~flags).nonzero()[0])
-                first = [p for g in optimizer.param_groups for p in g["params"]
-                         if p.grad is not None][index]  # fmt: skip
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            device = grads[0].device if grads else torch.device("cpu")
-            flag = finite.to(device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-            finite = flag.cpu()
+        params = [p for p in every if p.grad is not None]
+        flags = torch.ones(1, dtype=torch.bool)
+        if params:
+            flags = torch.isfinite(torch.stack(torch._foreach_norm([p.grad for p in params])))
+        here = flags.all()
+        finite = here.float()
+        if agree and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
         optimizer.overflow = not bool(finite)
-        optimizer.nonfinite_parameter = first
+        optimizer.nonfinite_parameter = None
+        if not bool(here):
+            optimizer.nonfinite_parameter = params[int((~flags).nonzero()[0])]
         if optimizer.overflow:
-            for group in optimizer.param_groups:
-                for param in group["params"]:
-                    param.grad = None
+            for param in every:
+                param.grad = None
             return None
         return step(*args, **kwargs)
 
