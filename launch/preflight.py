@@ -27,7 +27,7 @@ from launch.config import RunConfig, deepspeed_config, validate
 from launch.data import ByteTokenizer, check_batch_fits, check_source
 from launch.errors import UserError
 from launch.images import check_image_source
-from moe.transformer import Transformer, is_moe_block
+from moe.transformer import Transformer, count_parameters, is_moe_block
 
 # Bytes of training state per parameter: fp32 weight (4), its gradient (4) and Adam's two
 # moments (8). Classic bf16 stores a 2-byte weight and gradient plus a 4-byte fp32 master.
@@ -112,17 +112,6 @@ def build_on_meta(config: RunConfig) -> nn.Module | None:
         return None
 
 
-def parameter_counts(model: nn.Module) -> tuple[int, int]:
-    """(non-expert, expert) parameter counts of a built (or meta) model."""
-    dense = expert = 0
-    for name, param in model.named_parameters():
-        if ".experts." in name:
-            expert += param.numel()
-        else:
-            dense += param.numel()
-    return dense, expert
-
-
 def parameter_lower_bound(config: RunConfig) -> int:
     """At least this many parameters, found in constant time before anything is built: each
     block maps d_model to d_model at least once (attention's projections, or the unit that
@@ -174,7 +163,8 @@ def check_memory(
     if model is None:
         dense, expert, about = parameter_lower_bound(config), 0, "at least"
     else:
-        (dense, expert), about = parameter_counts(model), "about"
+        counts, about = count_parameters(model), "about"
+        dense, expert = counts["total"] - counts["expert"], counts["expert"]
     per_rank = training_bytes(config, dense, expert, dp=dp)
     needed = per_rank * local_world_size
     if needed > available:
