@@ -76,7 +76,7 @@ from launch.checkpoint_verify import (
     verify,
     write_manifest,
 )
-from launch.errors import UserError
+from launch.errors import UserError, first_line
 from parallel import deepspeed_bridge as bridge
 
 __all__ = [
@@ -488,7 +488,7 @@ def _load_error(directory: Path, err: BaseException, name: str | None = None) ->
     """A one-line error naming the file that failed to load and how to continue."""
     name = name or _damaged_file(directory)
     where = directory / name if name else directory
-    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    first = first_line(err)[:200]
     return UserError(
         f"cannot load checkpoint {where}: {first}; it matches its manifest, so it was written "
         f"damaged: delete {directory} to resume from the checkpoint before it"

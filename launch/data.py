@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from launch.errors import UserError
+from launch.errors import UserError, first_line
 
 CACHE_DIR = Path(os.environ.get("MOEFORGE_CACHE", Path.home() / ".cache" / "moeforge"))
 LOCAL_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -305,18 +305,13 @@ def _check_parquet(file: Path, config: DataConfig) -> None:
         return
     except Exception as err:  # noqa: BLE001 - pyarrow's errors vary; report one line
         raise DataError(
-            f"data.path {file} is a damaged Parquet file ({_first_line(err)}); fix or replace it"
+            f"data.path {file} is a damaged Parquet file ({first_line(err)}); fix or replace it"
         ) from None
     if config.text_field not in columns:
         raise DataError(
             f"data.text_field '{config.text_field}' is not a column of {file} "
             f"(columns: {', '.join(columns)}); set data.text_field"
         )
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def hub_cache_dirs(name: str) -> list[Path]:
@@ -446,7 +441,7 @@ def load_records(config: DataConfig) -> tuple[list[str], list[int] | None]:
             cause = err.__cause__ or err.__context__ or err
             raise DataError(
                 f"data.path {local} could not be read as {builder} ({type(cause).__name__}: "
-                f"{_first_line(cause)}); check that every file is UTF-8 text, JSON lines or "
+                f"{first_line(cause)}); check that every file is UTF-8 text, JSON lines or "
                 "Parquet as its suffix says"
             ) from None
         finally:

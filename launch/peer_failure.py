@@ -30,6 +30,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from launch.errors import first_line
 from parallel import heartbeat
 from parallel.collectives import CollectiveError
 
@@ -59,14 +60,6 @@ def restore_sigterm(previous: Any) -> None:
     """Put back the handler ``stop_on_sigterm`` replaced."""
     if previous is not None:
         signal.signal(signal.SIGTERM, previous)
-
-
-def first_line(err: BaseException) -> str:
-    """The error's first line without gloo's source location and its generic advice."""
-    text = next((line for line in str(err).splitlines() if line.strip()), "").strip()
-    text = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", text)
-    text = text.split(" This is typically caused by")[0]
-    return text or type(err).__name__
 
 
 # What gloo, NCCL and c10d say when a peer is gone or a wait ran out; other errors (a bug, a

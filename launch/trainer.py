@@ -52,12 +52,11 @@ from launch.data import (
     mask_for_mlm,
 )
 from launch.divergence import DivergenceWatch, first_nonfinite_module, parameters_finite
-from launch.errors import TrainingDiverged, UserError
+from launch.errors import TrainingDiverged, UserError, first_line
 from launch.images import build_image_data, shift_images
 from launch.launcher import discover_environment
 from launch.log import get_logger, quiet_deepspeed
 from launch.metrics import MetricsWriter, eval_words, example_words, print_summary
-from launch.peer_failure import first_line
 from launch.precision import emulated_bf16_warning, resolve_precision
 from launch.preflight import preflight
 from moe.expert_parallel import apply_expert_parallel
