@@ -193,7 +193,24 @@ def _full_linear(in_features: int, out_features: int, bias: bool, init_from: Any
     return init_from
 
 
-class ColumnParallelLinear(nn.Module):
+class _ShardedLinear(nn.Module):
+    """What the column and row layers share: being cut from a full ``nn.Linear``."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group: Any, **options: Any) -> _ShardedLinear:
+        """This rank's shard of ``linear`` (same in/out features and bias); ``options`` are
+        the layer's own keywords (``gather_output``, ``input_is_parallel``, ``timeout``)."""
+        return cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            group,
+            init_from=linear,
+            **options,
+        )
+
+
+class ColumnParallelLinear(_ShardedLinear):
     """y = x W^T + b with W's output features (and b) split over the TP group.
 
     Args:
@@ -234,21 +251,6 @@ class ColumnParallelLinear(nn.Module):
             self.bias = nn.Parameter(full.bias.detach()[rows].clone())
             mark_tensor_parallel(self.bias, partition_dim=0)
 
-    @classmethod
-    def from_linear(
-        cls, linear: nn.Linear, group: Any, gather_output: bool = False, **kwargs: Any
-    ) -> ColumnParallelLinear:
-        """This rank's shard of ``linear`` (same in/out features and bias)."""
-        return cls(
-            linear.in_features,
-            linear.out_features,
-            linear.bias is not None,
-            group,
-            gather_output=gather_output,
-            init_from=linear,
-            **kwargs,
-        )
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., d_in] -> [..., d_out / tp], or [..., d_out] with ``gather_output``."""
         y = F.linear(copy_to_region(x, self.group, self.timeout), self.weight, self.bias)
@@ -261,7 +263,7 @@ class ColumnParallelLinear(nn.Module):
         )
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_ShardedLinear):
     """y = x W^T + b with W's input features split over the TP group; b added once.
 
     Args:
@@ -301,21 +303,6 @@ class RowParallelLinear(nn.Module):
         self.bias: nn.Parameter | None = None
         if bias:
             self.bias = nn.Parameter(full.bias.detach().clone())
-
-    @classmethod
-    def from_linear(
-        cls, linear: nn.Linear, group: Any, input_is_parallel: bool = True, **kwargs: Any
-    ) -> RowParallelLinear:
-        """This rank's shard of ``linear`` (same in/out features and bias)."""
-        return cls(
-            linear.in_features,
-            linear.out_features,
-            linear.bias is not None,
-            group,
-            input_is_parallel=input_is_parallel,
-            init_from=linear,
-            **kwargs,
-        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., d_in / tp] (or [..., d_in] unless ``input_is_parallel``) -> [..., d_out]."""
