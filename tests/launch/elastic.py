@@ -12,12 +12,13 @@ import os
 import signal
 import subprocess
 import sys
-import sysconfig
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import psutil
+
+from tests.launch.corpus import write_corpus
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 24
@@ -37,10 +38,7 @@ logging: {progress: false, tensorboard: false, csv: false}
 
 def write_config(root: Path) -> Path:
     """A tiny fp32 config (dropout and jitter on: the restart must restore the RNG too)."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    corpus = root / "corpus.jsonl"
-    files = sorted(stdlib.glob("*.py"))[:12]
-    corpus.write_text("".join(json.dumps({"text": f.read_text()}) + "\n" for f in files))
+    corpus = write_corpus(root)
     path = root / "tiny.yaml"
     path.write_text(TINY_FP32.replace("CORPUS", str(corpus)).replace("STEPS", str(STEPS)))
     return path

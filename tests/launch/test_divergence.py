@@ -14,7 +14,6 @@ import logging
 import os
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,7 @@ from launch import checkpoint
 from launch.divergence import DivergenceWatch, first_nonfinite_module, parameters_finite
 from launch.errors import EXIT_DIVERGED, TrainingDiverged
 from parallel.deepspeed_bridge import guard_nonfinite_steps
+from tests.launch.corpus import write_corpus
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -108,9 +108,7 @@ logging: {progress: false, tensorboard: false, csv: false}
 def healthy_run(tmp_path_factory) -> tuple[Path, Path]:
     """A config and a run directory holding a healthy checkpoint at step 4."""
     root = tmp_path_factory.mktemp("diverge")
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:12]
-    corpus = root / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": f.read_text()}) + "\n" for f in files))
+    corpus = write_corpus(root)
     config = root / "tiny.yaml"
     config.write_text(TINY.replace("CORPUS", str(corpus)))
     run_dir = root / "healthy"

@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ import torch
 
 from launch import checkpoint
 from launch.launcher import free_port
+from tests.launch.corpus import write_corpus
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -45,10 +45,7 @@ EXACT_DP = [
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("train")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(stdlib.glob("*.py"))[:12]
-    corpus = root / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": f.read_text()}) + "\n" for f in files))
+    corpus = write_corpus(root)
     path = root / "tiny.yaml"
     path.write_text(TINY.replace("CORPUS", str(corpus)))
     return path
