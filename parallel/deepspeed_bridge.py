@@ -51,6 +51,14 @@ tests/parallel/test_deepspeed_bridge.py so an upgrade that breaks one fails loud
    the optimizer's state dict into ``expp_rank_<r>_mp_rank_00_optim_states.pt`` and again into
    the model-states file (``_common_checkpoint_state``), while ``_load_checkpoint`` reads it
    from the expp file only. ``save_checkpoint`` sets the model-states copy to None.
+11. Partitioned masters (ZeRO 1/2, ``runtime/zero/stage_1_and_2.py`` with
+   ``utils/mixed_precision_linkage.py``): each model parameter gets ``_hp_mapping`` and the
+   methods ``get_full_hp_param(key)`` / ``set_full_hp_param(value, key)``, which assemble /
+   scatter the full fp32 master (key None) or optimizer state ``key`` (``"exp_avg"``...)
+   over the parameter's data-parallel group, collectively. The engine's torch optimizer is
+   ``engine.optimizer`` itself (ZeRO 0, fp32) or the ``.optimizer`` of DeepSpeed's wrapper.
+   Callers outside this module use ``has_partitioned_master``, ``read_partitioned_master``,
+   ``write_partitioned_master`` and ``base_optimizer`` instead of these names.
 
 Without CUDA, ``DS_ACCELERATOR=cpu`` is set before deepspeed is imported (gloo backend).
 """
@@ -387,6 +395,32 @@ def _check_master(master_size: int, expected: int) -> None:
             f"deepspeed's fp32 master holds {master_size} values for parameters of {expected}: "
             "contract 8 (parallel/deepspeed_bridge.py) no longer holds"
         )
+
+
+def has_partitioned_master(param: nn.Parameter) -> bool:
+    """Whether ZeRO keeps ``param``'s fp32 master (and moments) partitioned (contract 11)."""
+    return hasattr(param, "_hp_mapping")
+
+
+def read_partitioned_master(param: nn.Parameter, key: str | None) -> torch.Tensor:
+    """The full fp32 master of ``param`` (key None) or its optimizer state ``key``.
+
+    Collective over the parameter's data-parallel group (contract 11): every rank holding a
+    partition of it must call this, in the same parameter order.
+    """
+    return param.get_full_hp_param(key)
+
+
+def write_partitioned_master(param: nn.Parameter, value: torch.Tensor, key: str | None) -> None:
+    """Scatter ``value`` (the full tensor) into ``param``'s fp32 master partition (key None)
+    or into its optimizer state ``key`` (contract 11). Leaves ``param`` itself untouched."""
+    param.set_full_hp_param(value, key)
+
+
+def base_optimizer(engine: Any) -> torch.optim.Optimizer:
+    """The torch optimizer doing the update (inside DeepSpeed's ZeRO or fp16 wrapper, if any)."""
+    optimizer = engine.optimizer
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def _skip_module_state(src: dict[str, Any], dst: nn.Module) -> None:

@@ -87,6 +87,24 @@ def test_zero3_with_experts_is_refused_with_a_fix():
     )
 
 
+def test_base_optimizer_and_partitioned_master_without_zero():
+    """Contract 11 outside ZeRO: no partitioned master; the base optimizer is the engine's
+    own or the one inside a wrapper."""
+    param = torch.nn.Parameter(torch.zeros(2))
+    assert not bridge.has_partitioned_master(param)
+    adamw = torch.optim.AdamW([param])
+
+    class Engine:
+        optimizer = adamw
+
+    class Wrapper:
+        optimizer = adamw
+
+    assert bridge.base_optimizer(Engine()) is adamw
+    Engine.optimizer = Wrapper()
+    assert bridge.base_optimizer(Engine()) is adamw
+
+
 # Real engines ------------------------------------------------------------------------------
 
 
@@ -258,13 +276,23 @@ def _relink_body(rank: int, world_size: int) -> dict:
         except ValueError as err:
             unlinked_error = str(err)
         bridge.link_optimizer_state(engine)
-        base = engine.optimizer.optimizer
+        base = bridge.base_optimizer(engine)  # contract 11
+        assert base is engine.optimizer.optimizer and isinstance(base, torch.optim.AdamW)
+        assert bridge.has_partitioned_master(second)
+        # A write of the master lands in the base optimizer's fp32 partition and reads back.
+        target = torch.arange(second.numel(), dtype=torch.float32).view(second.shape)
+        bridge.write_partitioned_master(second, target, None)
+        written = bridge.read_partitioned_master(second, None)
         flat = base.param_groups[1]["params"][0]  # group 1's fp32 partition (one rank: all of it)
         results[stage] = {
             "first_ok": first_ok,
             "unlinked_error": unlinked_error,
+            "master_written": torch.equal(written, target),
+            "master_in_base": torch.equal(
+                base.param_groups[1]["params"][0][: second.numel()], target.flatten()
+            ),
             **{
-                key: second.get_full_hp_param(key).flatten().tolist()
+                key: bridge.read_partitioned_master(second, key).flatten().tolist()
                 for key in ("exp_avg", "exp_avg_sq")
             },
             **{
@@ -285,6 +313,7 @@ def test_zero_relink_reads_moments_of_every_parameter_group(tmp_path):
     (results,) = run_ranks(1, _relink_body, tmp_path)
     for stage, r in results.items():
         assert r["first_ok"], stage
+        assert r["master_written"] and r["master_in_base"], stage
         for key in ("exp_avg", "exp_avg_sq"):
             assert r[key] == r[f"base_{key}"], (stage, key)
             assert r[key] == pytest.approx(r[f"oracle_{key}"], abs=1e-7, rel=1e-5), (stage, key)
