@@ -4,8 +4,11 @@ Shape letters: E experts, E_l = E / ep local experts, d width, f expert hidden w
 
     model = Transformer(...)                       # every rank builds all E experts (same seed)
     groups = ParallelLayout.from_world(world, ep=2).build(num_experts=E)
-    shard_experts(model, groups.ep_group, timeout=timeout)          # keep experts [ep_rank*E_l, (ep_rank+1)*E_l)
+    apply_expert_parallel(model, groups, timeout=timeout)  # keep experts [ep_rank*E_l, (ep_rank+1)*E_l)
     full = gather_expert_weights(model, groups.ep_group)   # [E, ...] per name, for checkpoints
+
+Expert weights are found by their ``parallel.markers.is_expert`` mark (set by GroupedExperts),
+never by name; sharding replaces them with new Parameters, which are marked again.
 
 Because every rank builds the full model from the same seed before sharding, the global
 expert weights are exactly those of the one-process model: a run at ep=N starts from the
@@ -25,6 +28,7 @@ from moe.ep_dispatch import AllToAllDispatcher
 from moe.layer import MoELayer
 from moe.simulate import SimulatedDispatcher
 from parallel.collectives import COLLECTIVE_TIMEOUT, all_gather_tensor
+from parallel.markers import is_expert, mark_expert
 
 EXPERT_WEIGHTS = ("w1", "w2", "w3")
 
@@ -75,7 +79,7 @@ def shard_experts(
             weight = getattr(layer.experts, weight_name)
             if weight is not None:
                 block = weight.detach()[offset : offset + local].clone()
-                setattr(layer.experts, weight_name, nn.Parameter(block))
+                setattr(layer.experts, weight_name, mark_expert(nn.Parameter(block)))
         layer.experts.num_experts = local
         layer.dispatcher = dispatcher
         layer.expert_offset = offset
@@ -104,9 +108,7 @@ def gather_expert_weights(
     """
     if tensors is None:
         tensors = {
-            name: param.detach()
-            for name, param in model.named_parameters()
-            if ".experts.w" in f".{name}" or name.startswith("experts.w")
+            name: param.detach() for name, param in model.named_parameters() if is_expert(param)
         }
     if ep_group is None or dist.get_world_size(ep_group) == 1:
         return {name: value.clone() for name, value in tensors.items()}
@@ -125,23 +127,38 @@ def local_expert_block(full: torch.Tensor, ep_size: int, ep_rank: int) -> torch.
 
 def apply_expert_parallel(
     model: nn.Module,
-    num_experts: int | None,
-    ep: int,
+    groups: Any,
+    legacy_ep: int | None = None,
     *,
     log: Any = None,
     timeout: timedelta = COLLECTIVE_TIMEOUT,
 ) -> Any:
-    """The trainer's hook: for ep > 1 build the layout's groups once (rank 0 logs the report)
-    and shard every MoE layer; returns the ``ProcessGroups`` (None when ep == 1).
-    ``timeout`` bounds every token exchange (the run's ``parallel.timeout_s``).
+    """The trainer's hook: shard every MoE layer over ``groups.ep_group`` when
+    ``groups.layout.ep`` > 1 (rank 0 logs ``groups.report``); returns ``groups``, or None
+    when nothing was sharded (no groups, ep == 1, no MoE layer).
 
-    Call after the model is built on every rank from the same seed, before the engine.
+    ``groups`` is the run's ``parallel.layout.ProcessGroups``, built once by the caller; this
+    function builds none. ``timeout`` bounds every token exchange (``parallel.timeout_s``).
+    Call after the model is built on every rank from the same seed (and after
+    ``apply_tensor_parallel``), before the engine.
+
+    ``legacy_ep``: transitional form ``apply_expert_parallel(model, num_experts, ep)`` of a
+    caller that has no groups yet; the layout is then built here as before.
     """
-    if ep == 1 or num_experts is None or not moe_layers(model):
-        return None
-    from parallel.layout import ParallelLayout
+    if legacy_ep is not None:
+        num_experts = groups
+        if legacy_ep == 1 or num_experts is None or not moe_layers(model):
+            return None
+        from parallel.layout import ParallelLayout
 
-    groups = ParallelLayout.from_world(dist.get_world_size(), ep=ep).build(num_experts)
+        world = dist.get_world_size()
+        groups = ParallelLayout.from_world(world, ep=legacy_ep).build(num_experts)
+    if groups is None or groups.layout.ep == 1:
+        return None
+    layers = moe_layers(model)
+    if not layers:
+        return None
+    num_experts = layers[0][1].num_experts
     if log is not None and dist.get_rank() == 0:
         log.info(groups.report(num_experts))
     shard_experts(model, groups.ep_group, timeout=timeout)

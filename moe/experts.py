@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from parallel.markers import mark_expert
+
 ACTIVATIONS = ("relu", "gelu", "swiglu")
 
 
@@ -187,8 +189,9 @@ class GroupedExperts(nn.Module):
     """E feed-forward experts d -> f -> d with stacked weights and no biases.
 
     Parameters: ``w1`` [E, d, f], ``w2`` [E, f, d], and ``w3`` [E, d, f] for swiglu
-    (y = (silu(x w1) * (x w3)) w2). Initialised with Switch Transformer's reduced scale:
-    truncated normal with std sqrt(0.1 / fan_in).
+    (y = (silu(x w1) * (x w3)) w2), each marked ``parallel.markers.mark_expert`` (how
+    DeepSpeed tagging, checkpoints and parameter counts find experts). Initialised with
+    Switch Transformer's reduced scale: truncated normal with std sqrt(0.1 / fan_in).
     """
 
     def __init__(self, num_experts: int, d_model: int, d_ff: int, activation: str = "relu") -> None:
@@ -204,6 +207,9 @@ class GroupedExperts(nn.Module):
             if activation == "swiglu"
             else None
         )
+        for w in (self.w1, self.w2, self.w3):
+            if w is not None:
+                mark_expert(w)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

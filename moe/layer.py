@@ -63,6 +63,10 @@ class MoELayer(nn.Module):
             (``moe/simulate.py``).
         ep_group: an EP process group: this rank then holds E / ep experts (global ids from
             ``ep_rank * E / ep``) and exchanges tokens with ``AllToAllDispatcher``.
+
+    Tensor parallelism (``moe.tensor_parallel.apply_tensor_parallel`` sets ``token_split``):
+    each TP rank routes its 1/tp of the token rows and the rows are gathered back; losses
+    and counts are those of all the TP group's tokens (``TokenSplit.totals``).
         equal_tokens: with ``ep_group``, every rank routes the same number of tokens, so
             per-rank capacities need no exchange. Under EP the "buffer" layout exchanges fixed
             [E, C, d] capacity buffers, "grouped" exchanges kept rows after their counts.
@@ -141,6 +145,8 @@ class MoELayer(nn.Module):
         self.experts = GroupedExperts(num_local, d_model, d_ff, activation)
         self.expert_offset = getattr(self.dispatcher, "expert_offset", 0)
         self.shared_expert = DenseFFN(d_model, d_ff, activation) if shared_expert else None
+        # A moe.tensor_parallel.TokenSplit under tensor parallelism, else None.
+        self.token_split: Any = None
 
     def resolve_layout(self, tokens: torch.Tensor) -> str:
         """The expert layout this call uses: ``expert_layout`` unless it is "auto".
@@ -172,31 +178,44 @@ class MoELayer(nn.Module):
                 f"input's last dim must be d_model ({self.d_model}), got shape {tuple(x.shape)}"
             )
         tokens = x.reshape(-1, self.d_model)
+        split = self.token_split
+        # Under TP this rank routes only its rows; the shared expert still sees every token.
+        rows = tokens if split is None else split.scatter(tokens)
         dispatcher = self.dispatcher
-        routing = dispatcher.route(self.router, tokens)
+        routing = dispatcher.route(self.router, rows)
         plan = dispatcher.plan(routing)
         # permute (local) -> exchange (communication, identity in one process) -> experts ->
         # exchange back -> unpermute (local), as named in moe/dispatch.py.
-        if self.resolve_layout(tokens) == "grouped":
-            rows = dispatcher.exchange(dispatcher.permute(tokens, plan), plan)
-            rows = self.experts(rows, dispatcher.expert_group_sizes(plan))
-            y = dispatcher.unpermute(dispatcher.exchange_back(rows, plan), plan)
+        if self.resolve_layout(rows) == "grouped":
+            moved = dispatcher.exchange(dispatcher.permute(rows, plan), plan)
+            moved = self.experts(moved, dispatcher.expert_group_sizes(plan))
+            y = dispatcher.unpermute(dispatcher.exchange_back(moved, plan), plan)
         else:
-            buffer = dispatcher.exchange_buffer(dispatcher.permute_to_buffer(tokens, plan), plan)
+            buffer = dispatcher.exchange_buffer(dispatcher.permute_to_buffer(rows, plan), plan)
             buffer = self.experts.forward_buffer(buffer)
             y = dispatcher.unpermute_from_buffer(
                 dispatcher.exchange_buffer_back(buffer, plan), plan
             )
+        if split is not None:
+            y = split.gather(y)
         if self.shared_expert is not None:
             y = y + self.shared_expert(tokens)
-        with torch.no_grad():
-            entropy = router_entropy(routing.probs)
+        if split is not None:
+            totals = split.totals(routing)
+            aux_loss, z_loss = totals.aux_loss, totals.z_loss
+            tokens_per_expert, dropped = totals.tokens_per_expert, totals.dropped_fraction
+            entropy = totals.router_entropy
+        else:
+            aux_loss, z_loss = routing.aux_loss, routing.z_loss
+            tokens_per_expert, dropped = routing.tokens_per_expert, routing.drop_rate
+            with torch.no_grad():
+                entropy = router_entropy(routing.probs)
         return MoEOutput(
             output=y.view(x.shape),
-            aux_loss=routing.aux_loss,
-            z_loss=routing.z_loss,
-            tokens_per_expert=routing.tokens_per_expert,
-            dropped_fraction=routing.drop_rate,
+            aux_loss=aux_loss,
+            z_loss=z_loss,
+            tokens_per_expert=tokens_per_expert,
+            dropped_fraction=dropped,
             router_entropy=entropy,
             capacity=routing.capacity,
         )

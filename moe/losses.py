@@ -34,7 +34,18 @@ def load_balancing_loss(probs: torch.Tensor, first_choice: torch.Tensor) -> torc
     counts = torch.bincount(first_choice, minlength=num_experts).to(probs.dtype)
     fraction = counts / num_tokens  # f_e: no gradient (argmax), as in the paper
     mean_prob = probs.mean(dim=0)  # P_e: carries the gradient
-    return num_experts * torch.sum(fraction * mean_prob)
+    return balance_from_fractions(fraction, mean_prob)
+
+
+def balance_from_fractions(fraction: torch.Tensor, mean_prob: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer eq. 4 from its two statistics: E * sum_e f_e * P_e.
+
+    Args:
+        fraction: [E] f_e, fraction of tokens whose first choice is e (no gradient).
+        mean_prob: [E] P_e, mean router probability of e (carries the gradient).
+    Tensor-parallel MoE layers call it with statistics summed over the TP group's tokens.
+    """
+    return fraction.numel() * torch.sum(fraction * mean_prob)
 
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe.losses import experts_first, load_balancing_loss, router_z_loss
+from parallel.collectives import COLLECTIVE_TIMEOUT
+from parallel.tensor_parallel import copy_to_region
 
 PRIORITIES = ("sequence", "probability")
 
@@ -377,6 +379,11 @@ class Router(nn.Module):
     The weight stays fp32 when the module is cast (``.to(bf16)``) unless ``keep_fp32`` is
     False (DeepSpeed's classic bf16 mode needs every parameter in bf16); the input is cast to
     fp32 and autocast is off for the logits (Switch Transformer's selective precision).
+
+    Under tensor parallelism (``tensor_parallel_group``, set by
+    ``moe.tensor_parallel.apply_tensor_parallel``) the weight stays replicated but each TP
+    rank routes different token rows, so the weight enters the logits through
+    ``copy_to_region``: its gradient is summed over the TP group in the backward.
     """
 
     def __init__(
@@ -400,6 +407,8 @@ class Router(nn.Module):
         self.min_capacity = min_capacity
         self.jitter_eps = jitter_eps
         self.keep_fp32 = True
+        self.tensor_parallel_group: object | None = None
+        self.tensor_parallel_timeout = COLLECTIVE_TIMEOUT
         self.weight = nn.Parameter(torch.empty(num_experts, d_model, dtype=torch.float32))
         # Switch Transformer init: truncated normal, std sqrt(0.1 / fan_in).
         nn.init.trunc_normal_(self.weight, std=math.sqrt(0.1 / d_model))
@@ -420,7 +429,12 @@ class Router(nn.Module):
             if self.training and self.jitter_eps > 0:
                 noise = torch.empty_like(x).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
                 x = x * noise
-            return F.linear(x, self.weight.float())
+            weight = self.weight.float()
+            if self.tensor_parallel_group is not None:
+                weight = copy_to_region(
+                    weight, self.tensor_parallel_group, self.tensor_parallel_timeout
+                )
+            return F.linear(x, weight)
 
 
 class TopKRouter(Router):

@@ -44,6 +44,7 @@ from moe.config import MoEConfig
 from moe.experts import DenseFFN
 from moe.layer import MoELayer
 from moe.vision import ImageConfig  # also registers model.input "patches"
+from parallel.markers import is_expert
 
 IGNORE_INDEX = -100
 
@@ -362,7 +363,7 @@ class Transformer(nn.Module):
 def count_parameters(model: nn.Module) -> dict[str, int]:
     """Total, expert and active-per-token parameter counts of a Transformer."""
     total = sum(p.numel() for p in model.parameters())
-    expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    expert = sum(p.numel() for p in model.parameters() if is_expert(p))
     active = total
     moe = getattr(model, "moe_config", None)
     if moe is not None and moe.num_experts > 0:
