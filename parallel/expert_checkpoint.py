@@ -1,33 +1,41 @@
-"""Checkpoints independent of the EP size: full weights and Adam moments, experts by global id.
+"""Checkpoints independent of the layout: full weights and Adam moments, experts by global id.
 
-Shape letters: E experts, E_l = E / ep experts held by one EP rank.
+Shape letters: E experts, E_l = E / ep experts held by one EP rank; n the full size of a
+tensor-parallel parameter along its ``partition_dim``, n / tp the size one TP rank holds.
 
     save_portable(engine, model, groups, path)      # every rank calls; rank 0 writes one file
-    load_portable(engine, model, groups, path)      # any ep (and ZeRO 0, 1 or 2) that divides E
+    load_portable(engine, model, groups, path)      # any tp, ep (and ZeRO 0, 1 or 2) that fit
     portable_info(path)                             # the layout and step it was saved with
     engine_files_are_layout_free(engine, groups)    # True: portable.pt would duplicate them
     load_engine_files(engine, model, groups, dir)   # the same, from such a checkpoint's files
 
 A DeepSpeed checkpoint stores each rank's module and optimizer partitions, shaped by the
 layout: a run saved at ep=4 holds [E/4, ...] expert blocks and cannot be loaded strictly at
-ep=2. This file stores what does not depend on the layout: every parameter in full (expert
-tensors gathered over the EP group into [E, ...], rows in global expert order), its Adam
-moments ``exp_avg`` and ``exp_avg_sq`` likewise, and the Adam step. Loading slices each
-rank's expert block back out. (DeepSpeed's own expert files need one module per expert,
+ep=2, nor one saved at tp=2 (weights [n / 2, ...]) at tp=1. This file stores what does not
+depend on the layout: every parameter in full under the name the tp=1 model gives it, its
+Adam moments ``exp_avg`` and ``exp_avg_sq`` likewise, and the Adam step. Expert tensors are
+gathered over the EP group into [E, ...], rows in global expert order; a tensor-parallel
+shard (tagged ``tensor_model_parallel`` by parallel/tensor_parallel.py, split along its
+``partition_dim``) is gathered over the TP group and concatenated along that dim in TP-rank
+order. Experts are never split over TP (expert TP is 1), so an expert weight is only
+EP-gathered even if tagged model-parallel for the gradient norm. Every other parameter is
+replicated over TP and is written as global rank 0 (TP rank 0) holds it. Loading slices
+each rank's expert block and TP shard back out. (DeepSpeed's own expert files need one module per expert,
 ``deepspeed_moe.experts.deepspeed_experts.<i>``, which stacked [E, d, f] weights do not have:
 DESIGN.md, "DeepSpeed contracts".)
 
-How the values are read (deepspeed 0.19): under ZeRO 1/2 each parameter carries
-``_hp_mapping`` and the methods ``get_full_hp_param(key)`` / ``set_full_hp_param(value, key)``
-that assemble / scatter the fp32 master weight (key None) or an optimizer state over the
-parameter's data-parallel group (for experts: the expert-data-parallel group), collectively;
-``link_optimizer_state`` (parallel/deepspeed_bridge.py, contract 6) makes the moments of
-every parameter group reachable that way first.
+How the values are read (deepspeed 0.19, through parallel/deepspeed_bridge.py): under
+ZeRO 1/2 a parameter has a partitioned master (``has_partitioned_master``, contract 11) that
+``read_partitioned_master`` / ``write_partitioned_master`` assemble / scatter, fp32 weight
+(key None) or an optimizer state, over the parameter's data-parallel group (for experts:
+the expert-data-parallel group), collectively; ``link_optimizer_state`` (contract 6) makes
+the moments of every parameter group reachable that way first.
 Under ZeRO 0 the engine's optimizer is torch's AdamW itself and its ``state[param]`` holds
 the moments. With classic bf16/fp16 at ZeRO 0, DeepSpeed's wrapper keeps separate fp32
 masters, and the Adam state is keyed by them (``fp32_master_slots``, contract 8): masters
 and moments are read and written there, never from the rounded bf16 parameters.
-Parameters are visited in the same order on every rank, so the collectives match.
+Parameters are visited in the same order on every rank, so the collectives match: per
+parameter, the data-parallel assembly first, then the EP or TP gather.
 
 At ep=1, tp=1, pp=1 and ZeRO 0 with fp32 parameters the engine's own files already hold all
 of this (the module's and the torch optimizer's state dicts, complete, by rank 0), so the
@@ -46,22 +54,52 @@ import torch.distributed as dist
 from torch import nn
 
 from parallel.collectives import all_gather_tensor
-from parallel.deepspeed_bridge import fp32_master_slots, link_optimizer_state
+from parallel.deepspeed_bridge import (
+    base_optimizer,
+    fp32_master_slots,
+    has_partitioned_master,
+    link_optimizer_state,
+    read_partitioned_master,
+    write_partitioned_master,
+)
 from parallel.layout import ProcessGroups
+from parallel.markers import is_expert
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 FORMAT_VERSION = 1
 
 
-def is_expert_name(name: str) -> bool:
-    """Stacked expert weights: ``...experts.w1`` / ``w2`` / ``w3``."""
-    return ".experts.w" in f".{name}"
+def tensor_parallel_dim(param: nn.Parameter) -> int | None:
+    """The dim along which ``param`` is split over the TP group; None when it is replicated
+    over TP (untagged) or an expert weight (expert TP is 1: experts are split over EP only)."""
+    if is_expert(param) or not getattr(param, "tensor_model_parallel", False):
+        return None
+    stride = getattr(param, "partition_stride", 1)
+    if stride != 1:
+        raise ValueError(
+            f"a tensor-parallel parameter of shape {tuple(param.shape)} has partition_stride "
+            f"{stride}; portable checkpoints read contiguous shards only (partition_stride 1)"
+        )
+    return int(getattr(param, "partition_dim", 0))
 
 
-def base_optimizer(engine: Any) -> torch.optim.Optimizer:
-    """The torch optimizer doing the update (inside DeepSpeed's ZeRO wrapper, if any)."""
-    optimizer = engine.optimizer
-    return getattr(optimizer, "optimizer", optimizer)
+def _tp_degree(groups: ProcessGroups) -> tuple[Any, int, int]:
+    """(TP group, tp, this rank's TP rank); (None, 1, 0) for groups without TP."""
+    return (
+        getattr(groups, "tp_group", None),
+        int(getattr(groups, "tp_size", 1)),
+        int(getattr(groups, "tp_rank", 0)),
+    )
+
+
+def _check_no_pipeline(groups: ProcessGroups) -> None:
+    """Pipeline stages hold different parameters; this file gathers over TP and EP only."""
+    pp = int(getattr(groups.layout, "pp", 1))
+    if pp != 1:
+        raise ValueError(
+            f"portable checkpoints gather tensor- and expert-parallel shards, not pipeline "
+            f"stages: parallel.pp ({pp}) must be 1 to save or load one"
+        )
 
 
 def _ensure_adam_state(optimizer: torch.optim.Optimizer) -> None:
@@ -103,8 +141,8 @@ def _read(
 ) -> torch.Tensor:
     """Full fp32 weight (key None) or Adam moment of ``param`` on this rank (collective under
     ZeRO 1/2, over the parameter's data-parallel group)."""
-    if hasattr(param, "_hp_mapping"):
-        return param.get_full_hp_param(key).detach().float().clone()
+    if has_partitioned_master(param):
+        return read_partitioned_master(param, key).detach().float().clone()
     if param in slots:
         value = _master_slice(param, key, optimizer, slots)
         return torch.zeros_like(param, dtype=torch.float32) if value is None else value.clone()
@@ -130,8 +168,8 @@ def _write(
             if key is None:
                 param.copy_(value.to(param.dtype))
         return
-    if hasattr(param, "_hp_mapping"):
-        param.set_full_hp_param(value, key)
+    if has_partitioned_master(param):
+        write_partitioned_master(param, value, key)
         if key is None:
             with torch.no_grad():
                 param.copy_(value.to(param.dtype))
@@ -143,22 +181,67 @@ def _write(
     optimizer.state[param][key] = value.to(param.dtype).clone()
 
 
+def _gather_full(
+    param: nn.Parameter, entry: dict[str, torch.Tensor], groups: ProcessGroups
+) -> dict[str, torch.Tensor]:
+    """This rank's pieces of one parameter -> the full tensors: experts [E_l, ...] gathered
+    over EP into [E, ...]; a TP shard [.., n / tp, ..] gathered over TP and concatenated
+    along its partition dim into [.., n, ..]; anything else as it is. Collective."""
+    if is_expert(param):
+        if groups.ep_size == 1:
+            return entry
+        return {k: all_gather_tensor(v, groups.ep_group).flatten(0, 1) for k, v in entry.items()}
+    dim = tensor_parallel_dim(param)
+    tp_group, tp, _ = _tp_degree(groups)
+    if dim is None or tp == 1:
+        return entry
+    return {
+        k: torch.cat(all_gather_tensor(v, tp_group).unbind(0), dim=dim) for k, v in entry.items()
+    }
+
+
+def _local_piece(
+    name: str, param: nn.Parameter, value: torch.Tensor, groups: ProcessGroups
+) -> torch.Tensor:
+    """The part of a full saved tensor this rank holds: its expert block or its TP shard."""
+    if is_expert(param):
+        local = param.shape[0]
+        if value.shape[0] % local != 0 or value.shape[0] // local != groups.ep_size:
+            raise ValueError(
+                f"{name}: checkpoint holds {value.shape[0]} experts, this rank {local} "
+                f"at ep={groups.ep_size}; moe.num_experts must match the saved run"
+            )
+        return value[groups.ep_rank * local : (groups.ep_rank + 1) * local]
+    dim = tensor_parallel_dim(param)
+    _, tp, tp_rank = _tp_degree(groups)
+    if dim is None or value.dim() != param.dim():
+        return value
+    width = param.shape[dim]
+    if value.shape[dim] != width * tp:
+        raise ValueError(
+            f"{name}: saved size {value.shape[dim]} along dim {dim} is not tp ({tp}) x this "
+            f"rank's shard {width}; the model's sizes must match the saved run's"
+        )
+    return value.narrow(dim, tp_rank * width, width)
+
+
 def save_portable(engine: Any, model: nn.Module, groups: ProcessGroups, path: Path) -> None:
     """Write weights, Adam moments and step, layout-free, to ``path`` (rank 0 writes).
 
-    Collective: every rank calls it.
+    Collective: every rank calls it. The file records the layout it was saved at (dp, tp,
+    ep, pp and the world size), for ``portable_info``; loading does not need it.
     """
+    _check_no_pipeline(groups)
     optimizer = base_optimizer(engine)
     link_optimizer_state(engine)
     slots = fp32_master_slots(engine)
+    writer = dist.get_rank() == 0
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     for name, param in model.named_parameters():
         entry = {key or "weight": _read(param, key, optimizer, slots) for key in (None, *MOMENTS)}
-        if is_expert_name(name) and groups.ep_size > 1:
-            entry = {
-                k: all_gather_tensor(v, groups.ep_group).flatten(0, 1) for k, v in entry.items()
-            }
-        tensors[name] = entry
+        entry = _gather_full(param, entry, groups)
+        if writer:  # the other ranks only take part in the gathers
+            tensors[name] = entry
     layout = groups.layout
     meta = {
         "format": FORMAT_VERSION,
@@ -167,7 +250,7 @@ def save_portable(engine: Any, model: nn.Module, groups: ProcessGroups, path: Pa
         "adam_step": adam_step(engine),
         "zero_stage": int(getattr(engine, "zero_optimization_stage", lambda: 0)()),
     }
-    if dist.get_rank() == 0:
+    if writer:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -188,12 +271,12 @@ def engine_files_are_layout_free(engine: Any, groups: ProcessGroups) -> bool:
     """Whether the engine's own checkpoint files hold every full weight and Adam moment by
     name, so that ``portable.pt`` would only duplicate them.
 
-    True at ep=1 (no expert blocks), tp=1, pp=1 and ZeRO 0 with the torch optimizer itself
-    (no DeepSpeed wrapper keeping separate fp32 masters, bridge contract 8): the engine then
-    saves the module's state dict and the optimizer's, both complete on rank 0.
+    True at ep=1 (no expert blocks), tp=1 (no TP shards), pp=1 and ZeRO 0 with the torch
+    optimizer itself (no DeepSpeed wrapper keeping separate fp32 masters, bridge contract 8):
+    the engine then saves the module's state dict and the optimizer's, both complete on rank 0.
     """
     layout = groups.layout
-    if (layout.ep, layout.tp, layout.pp) != (1, 1, 1):
+    if (layout.ep, layout.tp, layout.pp) != (1, 1, 1) or _tp_degree(groups)[1] != 1:
         return False
     stage = int(getattr(engine, "zero_optimization_stage", lambda: 0)())
     optimizer = getattr(engine, "optimizer", None)
@@ -212,7 +295,8 @@ def load_engine_files(
     engine: Any, model: nn.Module, groups: ProcessGroups, directory: Path
 ) -> dict:
     """Load weights, Adam moments and step from the engine's files of a checkpoint for which
-    ``engine_files_are_layout_free`` held, into this layout (any ep); returns the metadata.
+    ``engine_files_are_layout_free`` held, into this layout (any tp and ep); returns the
+    metadata.
 
     The saved optimizer state is keyed by position in its parameter groups; this engine's
     groups list the same parameters in the same order (the bridge builds them by name), so
@@ -261,7 +345,9 @@ def load_engine_files(
 def _load_tensors(
     engine: Any, model: nn.Module, groups: ProcessGroups, saved: dict, path: Path
 ) -> None:
-    """Write full weights and moments (experts sliced to this EP rank's block) and the step."""
+    """Write full weights and moments (experts sliced to this EP rank's block, TP-split
+    parameters to this TP rank's shard) and the step."""
+    _check_no_pipeline(groups)
     optimizer = base_optimizer(engine)
     _ensure_adam_state(optimizer)
     link_optimizer_state(engine)
@@ -277,15 +363,7 @@ def _load_tensors(
     for name, param in named.items():
         entry = saved["tensors"][name]
         for key in (None, *MOMENTS):
-            value = entry[key or "weight"]
-            if is_expert_name(name):
-                local = param.shape[0]
-                if value.shape[0] % local != 0 or value.shape[0] // local != groups.ep_size:
-                    raise ValueError(
-                        f"{name}: checkpoint holds {value.shape[0]} experts, this rank {local} "
-                        f"at ep={groups.ep_size}; moe.num_experts must match the saved run"
-                    )
-                value = value[groups.ep_rank * local : (groups.ep_rank + 1) * local]
+            value = _local_piece(name, param, entry[key or "weight"], groups)
             if value.shape != param.shape:
                 raise ValueError(
                     f"{name}: saved shape {tuple(value.shape)} != {tuple(param.shape)}"
@@ -303,5 +381,6 @@ def portable_info(path: Path) -> str:
     return (
         f"saved with dp={layout['dp']} x tp={layout['tp']} x pp={layout['pp']} (ep={layout['ep']}) "
         f"on {meta['world_size']} ranks, ZeRO {meta['zero_stage']}, Adam step "
-        f"{int(meta['adam_step'])}; loads at any ep dividing the experts"
+        f"{int(meta['adam_step'])}; loads at any ep dividing the experts and tp dividing the "
+        "split dimensions"
     )
