@@ -51,6 +51,9 @@ def test_bench_tp_counts_megatron_traffic_and_halves_block_parameters(tmp_path, 
     assert counts + [dense2["bwd_all_gather"]] == [2, 0, 2, 0]
     assert dense2["measured_bytes"] == dense2["analytic_bytes"] == 4 * activation
     assert dense2["other_bytes"] == 0
+    # Each block's forward does its own two all-reduces; nothing outside the blocks.
+    assert dense2["forward_bytes_by_block"] == [2 * activation, 2 * activation]
+    assert dense2["forward_bytes_outside_blocks"] == 0
     share = dense2["non_expert_param_bytes"] / dense1["non_expert_param_bytes"]
     assert share <= bench_tp.NON_EXPERT_LIMIT, share
     assert dense2["activation_bytes"] < dense1["activation_bytes"]
