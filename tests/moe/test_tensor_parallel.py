@@ -2,7 +2,8 @@
 
 Cheap: the config checks' one-line messages, no-op without a group, the expert marker and
 parameter counts, the swiglu gate/up reordering. Slow (2 gloo ranks, fp32, one spawn per
-family): DenseFFN relu/gelu/swiglu at tp=2; MoELayer at tp=2 (top-1/top-2, dropless and
+family): DenseFFN relu/gelu/swiglu at tp=2 and a whole small Transformer (dense and MoE
+blocks; attention split by its own ``parallelize`` when it has one); MoELayer at tp=2 (top-1/top-2, dropless and
 capacity factor 4.0, which drops nothing at these sizes; a swiglu shared expert); MoELayer at
 tp=2 with ep=2 on the same ranks, and ep=2 through ``apply_expert_parallel(model, groups)``.
 Each compares outputs, aux and z losses, counts and gradients with the unsplit layer on the
@@ -173,10 +174,44 @@ def dense_body(rank: int, world_size: int) -> None:
         torch.testing.assert_close(ffn.fc2.bias.grad, ref.fc2.bias.grad, **TOL)
         assert ffn.fc1.weight.tensor_model_parallel
         assert ffn.fc1.weight.partition_stride == (2 if activation == "swiglu" else 1)
+    model_body(group)
+
+
+def model_body(group) -> None:
+    """A whole Transformer (block 0 dense swiglu, block 1 MoE top-2 with a shared expert)."""
+    model = small_model(top_k=2, capacity_factor=None, activation="swiglu", shared_expert=True)
+    ref = copy.deepcopy(model)
+    # attention (when it can split heads), the dense FFN and the MoE layer
+    assert apply_tensor_parallel(model, group) >= 2
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 32, (2, 8), generator=gen)
+    targets = torch.randint(0, 32, (2, 8), generator=gen)
+    got, want = model(ids, targets=targets), ref(ids, targets=targets)
+    for key in ("logits", "loss", "aux_loss", "z_loss"):
+        torch.testing.assert_close(getattr(got, key), getattr(want, key), **TOL, msg=key)
+    assert torch.equal(got.routing[0].tokens_per_expert, want.routing[0].tokens_per_expert)
+    got.loss.backward()
+    want.loss.backward()
+    full = dict(ref.named_parameters())
+    compared = 0
+    for name, param in model.named_parameters():
+        if name not in full:  # a shard under a new name (the attention's own cut)
+            assert getattr(param, "tensor_model_parallel", False), name
+            continue
+        if is_expert(param):
+            total = param.grad.clone()
+            dist.all_reduce(total)  # each TP rank's experts saw only its rows
+            torch.testing.assert_close(total, full[name].grad, **TOL, msg=name)
+            compared += 1
+        elif not getattr(param, "tensor_model_parallel", False):
+            # replicated: embedding, norms, router, row-parallel biases
+            torch.testing.assert_close(param.grad, full[name].grad, **TOL, msg=name)
+            compared += 1
+    assert compared >= 10, compared
 
 
 @pytest.mark.slow
-def test_dense_ffn_tp2_equals_full(tmp_path) -> None:
+def test_dense_ffn_and_model_tp2_equal_full(tmp_path) -> None:
     run_ranks(2, dense_body, tmp_path, timeout=120)
 
 
