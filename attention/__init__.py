@@ -7,18 +7,30 @@ projections) and nothing above it. See ../shared/attention_spec.md for every met
     from attention import build, available
     attn = build("performer", d_model=256, num_heads=4, causal=True, nb_features=128)
     y, _ = attn(x)                      # x: [B, n, 256] -> y: [B, n, 256]
+    attn.parallelize(tp_group)          # tensor parallel: this rank keeps 4 / tp heads
 """
 
-from attention.base import Attention, AttentionOptions, pad_to_multiple
-from attention.registry import available, build, get, parse_options, register
+from attention.base import Attention, AttentionOptions, make_linear, pad_to_multiple
+from attention.registry import (
+    available,
+    build,
+    check_tensor_parallel,
+    get,
+    parse_options,
+    register,
+    tensor_parallel_methods,
+)
 
 __all__ = [
     "Attention",
     "AttentionOptions",
     "available",
     "build",
+    "check_tensor_parallel",
     "get",
+    "make_linear",
     "pad_to_multiple",
     "parse_options",
     "register",
+    "tensor_parallel_methods",
 ]

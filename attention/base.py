@@ -14,17 +14,36 @@ Contract (see ../shared/attention_spec.md §0.2):
 
 Capability flags are class attributes, checked when the model is built so that a config
 asking for a mode a method does not support fails early and never falls back silently.
+
+Tensor parallelism (Megatron style): every linear a method owns is made by ``make_linear``,
+which records how it is cut over the TP group: ``"column"`` (output features are heads, so
+rank r keeps the rows of its heads; ``parts`` > 1 for fused projections such as q|k|v, each
+part cut separately), ``"row"`` (the output projection: input features are heads, the partial
+products are all-reduced) or ``None`` (replicated). ``parallelize(group)`` swaps those layers
+for their shards in place and leaves ``num_local_heads = num_heads / tp`` heads on this rank;
+the module still maps the replicated x [B, n, D] to the replicated y [B, n, D].
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from datetime import timedelta
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from torch import nn
+
+from parallel.collectives import COLLECTIVE_TIMEOUT
+from parallel.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    group_size_and_rank,
+    mark_tensor_parallel,
+)
+
+Split = Literal["column", "row"] | None
 
 
 class AttentionOptions(BaseModel):
@@ -35,13 +54,127 @@ class AttentionOptions(BaseModel):
     dropout: float = 0.0
 
 
+def make_linear(
+    in_features: int, out_features: int, *, bias: bool = True, split: Split = None, parts: int = 1
+) -> HeadLinear:
+    """The one factory of every linear in an attention method (see the module docstring).
+
+    ``split``: "column" (output features are ``parts`` blocks of heads), "row" (input
+    features are heads; the output projection) or None (replicated under tensor parallelism).
+    """
+    return HeadLinear(in_features, out_features, bias=bias, split=split, parts=parts)
+
+
+class HeadLinear(nn.Linear):
+    """An ``nn.Linear`` that knows how tensor parallelism cuts it; identical to it at tp=1.
+
+    Same parameters and state-dict keys as ``nn.Linear`` (and drawn from the RNG the same
+    way), so checkpoints and seeds do not depend on whether a run is tensor-parallel.
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, *, bias: bool, split: Split, parts: int
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        if split not in ("column", "row", None):
+            raise ValueError(f"split must be 'column', 'row' or None, got {split!r}")
+        if out_features % parts != 0:
+            raise ValueError(f"out_features ({out_features}) must be divisible by parts ({parts})")
+        self.split, self.parts = split, parts
+
+    def forward_part(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Part ``index`` of the fused output, x [..., d_in] -> [..., d_out / parts]."""
+        weight = self.weight.chunk(self.parts, dim=0)[index]
+        bias = None if self.bias is None else self.bias.chunk(self.parts)[index]
+        return F.linear(x, weight, bias)
+
+    def shard(self, group: Any, timeout: timedelta) -> nn.Module:
+        """This rank's tensor-parallel replacement of the layer (``split`` must be set)."""
+        if self.split == "row":
+            return RowParallelLinear.from_linear(
+                self, group, input_is_parallel=True, timeout=timeout
+            )
+        if self.split == "column" and self.parts == 1:
+            return ColumnParallelLinear.from_linear(
+                self, group, gather_output=False, timeout=timeout
+            )
+        if self.split == "column":
+            return PartedColumnParallelLinear(self, group, timeout=timeout)
+        raise ValueError("a replicated HeadLinear (split=None) has no shard")
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, split={self.split}, parts={self.parts}"
+
+
+class PartedColumnParallelLinear(nn.Module):
+    """A fused column projection (q|k|v, ...) cut part by part over the TP group.
+
+    Cutting the fused weight [parts * d_out, d_in] in one piece would hand rank 0 all the
+    queries and rank 1 the keys; cutting each part keeps every rank's heads together. The
+    output [..., parts * d_out / tp] is [part 0 shard | part 1 shard | ...], so ``chunk(parts)``
+    still gives each part for the local heads. ``parts.i`` is a ``ColumnParallelLinear`` whose
+    weight is the contiguous shard (partition_dim 0) of rows [i * d_out, (i + 1) * d_out).
+    """
+
+    def __init__(self, linear: HeadLinear, group: Any, *, timeout: timedelta) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        width = linear.out_features // linear.parts
+        self.parts = nn.ModuleList()
+        for index in range(linear.parts):
+            rows = slice(index * width, (index + 1) * width)
+            # On the meta device: a full-size piece would draw from (and advance) the RNG.
+            piece = nn.Linear(
+                linear.in_features, width, bias=linear.bias is not None, device="meta"
+            )
+            piece.weight = nn.Parameter(linear.weight.detach()[rows])
+            if linear.bias is not None:
+                piece.bias = nn.Parameter(linear.bias.detach()[rows])
+            self.parts.append(
+                ColumnParallelLinear.from_linear(piece, group, gather_output=False, timeout=timeout)
+            )
+
+    def forward_part(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Part ``index`` for the local heads: x [..., d_in] -> [..., d_out / (parts * tp)]."""
+        return self.parts[index](x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., d_in] -> [..., parts * d_out / tp] (the parts' local shards side by side)."""
+        return torch.cat([part(x) for part in self.parts], dim=-1)
+
+
+def tensor_parallel_error(
+    name: str, supported: bool, obstacle: str, num_heads: int, tp: int
+) -> str | None:
+    """Why attention ``name`` with ``num_heads`` heads cannot run at tensor-parallel size tp."""
+    if tp < 1:
+        return f"parallel.tp ({tp}) must be >= 1"
+    if tp == 1:
+        return None
+    if not supported:
+        return (
+            f"attention '{name}' does not support tensor parallelism ({obstacle}); "
+            "use parallel.tp=1 or another method"
+        )
+    if num_heads % tp != 0:
+        return f"model.num_heads ({num_heads}) must be divisible by parallel.tp ({tp})"
+    return None
+
+
 class Attention(nn.Module):
     """Base class of every registered attention method.
 
-    Subclasses set ``name``, the capability flags and ``Options``, and implement
-    ``forward``. ``layer_idx`` is given so that methods with random structure can seed it
-    per layer; ``shared`` is the module returned by ``build_shared`` (one per model), for
+    Subclasses set ``name``, the capability flags and ``Options``. A head-split method makes
+    its projections with ``make_linear`` (usually ``make_qkv_projections``) and implements
+    ``attend`` on q, k, v [B, H_local, n, d]; the base ``forward`` does project -> split heads
+    -> attend -> merge -> out. Methods with other projections override ``forward`` and use
+    the same helpers. ``layer_idx`` is given so that methods with random structure can seed
+    it per layer; ``shared`` is the module returned by ``build_shared`` (one per model), for
     methods that share parameters across layers (DeBERTa's relative position table).
+
+    Tensor parallelism: ``supports_tensor_parallel`` is True when heads are independent;
+    ``parallelize(group)`` then cuts the projections and, through ``shard_heads``, the
+    method's own per-head parameters. ``tensor_parallel_obstacle`` says why not otherwise.
     """
 
     name: ClassVar[str] = ""
@@ -54,6 +187,8 @@ class Attention(nn.Module):
     replaces_ffn: ClassVar[bool] = False
     needs_cross_layer_state: ClassVar[bool] = False
     stochastic_structure: ClassVar[bool] = False
+    supports_tensor_parallel: ClassVar[bool] = False
+    tensor_parallel_obstacle: ClassVar[str] = "its heads are not independent"
     Options: ClassVar[type[AttentionOptions]] = AttentionOptions
 
     def __init__(
@@ -83,6 +218,11 @@ class Attention(nn.Module):
         self.causal = causal
         self.options = options if options is not None else self.Options()
         self.layer_idx = layer_idx
+        # Tensor parallelism; ``parallelize`` changes these. This rank runs heads
+        # [tp_rank * num_local_heads, (tp_rank + 1) * num_local_heads).
+        self.tp, self.tp_rank, self.tp_group = 1, 0, None
+        self.tp_timeout: timedelta = COLLECTIVE_TIMEOUT
+        self.num_local_heads = num_heads
 
     @classmethod
     def build_shared(
@@ -91,6 +231,47 @@ class Attention(nn.Module):
         """A module shared by every layer of this method in one model, or None."""
         return None
 
+    @classmethod
+    def check_tensor_parallel(cls, num_heads: int, tp: int) -> None:
+        """Raise a one-line ValueError when this method cannot split num_heads heads over tp."""
+        error = tensor_parallel_error(
+            cls.name, cls.supports_tensor_parallel, cls.tensor_parallel_obstacle, num_heads, tp
+        )
+        if error is not None:
+            raise ValueError(error)
+
+    # Projections ------------------------------------------------------------------------
+
+    def make_linear(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool = True,
+        split: Split = None,
+        parts: int = 1,
+    ) -> HeadLinear:
+        """A linear layer of this method; ``split`` says how tensor parallelism cuts it."""
+        return make_linear(in_features, out_features, bias=bias, split=split, parts=parts)
+
+    def make_qkv_projections(self, bias: bool) -> None:
+        """The usual projections: ``qkv`` D -> 3D (q | k | v, heads split) and ``out`` D -> D."""
+        self.qkv = self.make_linear(
+            self.d_model, 3 * self.d_model, bias=bias, split="column", parts=3
+        )
+        self.out = self.make_linear(self.d_model, self.d_model, bias=bias, split="row")
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, n, D] -> q, k, v [B, H_local, n, d] through ``qkv``."""
+        q, k, v = (self.split_heads(t) for t in self.qkv(x).chunk(3, dim=-1))
+        return q, k, v
+
+    def project_out(self, y: torch.Tensor) -> torch.Tensor:
+        """y [B, H_local, n, d] -> [B, n, D] through ``out`` (all-reduced under TP)."""
+        return self.out(self.merge_heads(y))
+
+    # Forward ----------------------------------------------------------------------------
+
     def forward(
         self,
         x: torch.Tensor,
@@ -98,17 +279,90 @@ class Attention(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         state: Any = None,
     ) -> tuple[torch.Tensor, Any]:
-        raise NotImplementedError
+        """x [B, n, D], key_padding_mask bool [B, n] -> (y [B, n, D], new state or None)."""
+        check_padding_mask(x, key_padding_mask)
+        q, k, v = self.project_qkv(x)
+        y, new_state = self.attend(q, k, v, key_padding_mask=key_padding_mask, state=state)
+        return zero_padded_queries(self.project_out(y), key_padding_mask), new_state
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        key_padding_mask: torch.Tensor | None,
+        state: Any,
+    ) -> tuple[torch.Tensor, Any]:
+        """How the method attends: q, k, v [B, H_local, n, d] -> ([B, H_local, n, d], state)."""
+        raise NotImplementedError(f"attention '{self.name}' must implement attend or forward")
+
+    # Tensor parallelism -----------------------------------------------------------------
+
+    def parallelize(self, group: Any, *, timeout: timedelta = COLLECTIVE_TIMEOUT) -> None:
+        """Cut this module over the TP ``group`` in place; None or one member: no-op.
+
+        Column-split linears keep the rows of this rank's heads, the output projection the
+        matching columns (its partial products are all-reduced), per-head parameters their
+        local heads (``shard_heads``). Everything else stays replicated. Every rank must
+        have built the module from the same seed, so tp > 1 starts from the tp=1 weights.
+        """
+        tp, rank = group_size_and_rank(group)
+        if tp == 1:
+            return
+        self.check_tensor_parallel(self.num_heads, tp)
+        if self.tp != 1:
+            raise RuntimeError(f"attention '{self.name}' is already parallelized (tp={self.tp})")
+        self.tp, self.tp_rank, self.tp_group, self.tp_timeout = tp, rank, group, timeout
+        self.num_local_heads = self.num_heads // tp
+        for name, module in list(self.named_modules()):
+            if isinstance(module, HeadLinear) and module.split is not None:
+                parent_name, _, child = name.rpartition(".")
+                setattr(self.get_submodule(parent_name), child, module.shard(group, timeout))
+        self.shard_heads()
+
+    def shard_heads(self) -> None:
+        """Cut the method's own per-head parameters and buffers to the local heads (hook).
+
+        Called by ``parallelize`` after the linears are cut, with ``tp``, ``tp_rank`` and
+        ``num_local_heads`` set. Use ``shard_head_tensor`` for each tensor sized by num_heads.
+        """
+
+    def local_head_slice(self) -> slice:
+        """The global indices of this rank's heads."""
+        start = self.tp_rank * self.num_local_heads
+        return slice(start, start + self.num_local_heads)
+
+    def shard_head_tensor(self, name: str, dim: int) -> None:
+        """Replace parameter or buffer ``name`` by its local heads along ``dim``.
+
+        A parameter is tagged tensor-parallel with partition_dim ``dim`` (each rank's grad
+        is the slice of the full one); a buffer is just sliced.
+        """
+        tensor = getattr(self, name)
+        heads = self.local_head_slice()
+        if tensor.shape[dim] != self.num_heads:
+            raise ValueError(
+                f"{name} has {tensor.shape[dim]} entries along dim {dim}, expected num_heads "
+                f"({self.num_heads})"
+            )
+        local = tensor.detach().narrow(dim, heads.start, self.num_local_heads).clone()
+        if isinstance(tensor, nn.Parameter):
+            param = nn.Parameter(local, requires_grad=tensor.requires_grad)
+            mark_tensor_parallel(param, partition_dim=dim)
+            setattr(self, name, param)
+        else:
+            setattr(self, name, local)
 
     # Helpers shared by subclasses -------------------------------------------------------
 
     def split_heads(self, t: torch.Tensor) -> torch.Tensor:
-        """[B, n, D] -> [B, H, n, d]."""
+        """[B, n, H_local * d] -> [B, H_local, n, d]."""
         b, n, _ = t.shape
-        return t.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        return t.view(b, n, -1, self.head_dim).transpose(1, 2)
 
     def merge_heads(self, t: torch.Tensor) -> torch.Tensor:
-        """[B, H, n, d] -> [B, n, D]."""
+        """[B, H, n, d] -> [B, n, H * d]."""
         b, h, n, d = t.shape
         return t.transpose(1, 2).reshape(b, n, h * d)
 

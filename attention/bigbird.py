@@ -33,7 +33,6 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
-from torch import nn
 
 from attention.base import (
     Attention,
@@ -117,8 +116,12 @@ def make_block_plan(
     num_random_blocks: int,
     seed: int,
     layer_idx: int,
+    first_head: int = 0,
 ) -> BlockPlan:
     """Window blocks plus ``num_random_blocks`` distinct random blocks outside the window.
+
+    Heads ``first_head .. first_head + num_heads - 1``: a head's plan depends on its global
+    index only, so a tensor-parallel rank draws exactly the plans of its own heads.
 
     Random blocks are drawn uniformly from the local blocks outside the row's window (the
     corrected rule of spec §2; global blocks are never candidates since they are not local).
@@ -130,7 +133,7 @@ def make_block_plan(
     window = window.clamp(0, max(nl - 1, 0))
     in_window = (rows[None, :] - rows[:, None]).abs() <= half  # [nl, nl]: column in row's window
     indices, valids = [], []
-    for head in range(num_heads):
+    for head in range(first_head, first_head + num_heads):
         generator = head_generator(seed, layer_idx, head)
         keys = torch.rand(nl, nl, generator=generator)
         keys = keys.masked_fill(in_window, 2.0)  # candidates have keys in [0, 1)
@@ -164,12 +167,12 @@ class BigBirdAttention(Attention):
     supports_causal = False
     supports_padding = True
     stochastic_structure = True
+    supports_tensor_parallel = True  # the random plan is per (global) head
     Options = BigBirdOptions
 
     def __init__(self, d_model: int, num_heads: int, **kwargs: Any) -> None:
         super().__init__(d_model, num_heads, **kwargs)
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=self.options.bias)
-        self.out = nn.Linear(d_model, d_model, bias=self.options.bias)
+        self.make_qkv_projections(self.options.bias)
         # Caches of the random plan (per nl, on CPU) and of the gather indices derived from it
         # (per nl, layout and device). Both are deterministic functions of their keys, so
         # they carry no state from one call to the next.
@@ -182,13 +185,19 @@ class BigBirdAttention(Attention):
             o = self.options
             self._plans[num_local_blocks] = make_block_plan(
                 num_local_blocks,
-                self.num_heads,
+                self.num_local_heads,
                 o.num_window_blocks,
                 o.num_random_blocks,
                 o.seed,
                 self.layer_idx,
+                first_head=self.local_head_slice().start,
             )
         return self._plans[num_local_blocks]
+
+    def shard_heads(self) -> None:
+        # Cached plans were drawn for every head; the local heads draw theirs again.
+        self._plans.clear()
+        self._gather_plans.clear()
 
     def layout(self, n: int) -> tuple[int, int, int]:
         """(prefix globals, suffix globals, padded length) for an input of length n."""
@@ -205,11 +214,11 @@ class BigBirdAttention(Attention):
         return prefix, suffix, padded
 
     def dense_mask(self, n: int) -> torch.Tensor:
-        """The equivalent bool mask [H, n, n] (True = attend) for a padded length n; the oracle."""
+        """The equivalent bool mask [H_local, n, n] (True = attend) for a padded length n."""
         prefix, suffix, padded = self.layout(n)
         if padded != n:
             raise ValueError(f"dense_mask needs a padded length, got n={n} (padded {padded})")
-        b, num_heads = self.options.block_size, self.num_heads
+        b, num_heads = self.options.block_size, self.num_local_heads
         nl = (n - prefix - suffix) // b
         mask = torch.zeros(num_heads, n, n, dtype=torch.bool)
         is_global = torch.zeros(n, dtype=torch.bool)
@@ -235,9 +244,9 @@ class BigBirdAttention(Attention):
             x, key_padding_mask = pad_layout(
                 x, key_padding_mask, etc_prefix, self.options.block_size
             )
-        q, k, v = (self.split_heads(t) for t in self.qkv(x).chunk(3, dim=-1))
-        y = self.attend(q, k, v, key_padding_mask, prefix, suffix)
-        y = zero_padded_queries(self.out(self.merge_heads(y)), key_padding_mask)
+        q, k, v = self.project_qkv(x)
+        y = self.attend_blocks(q, k, v, key_padding_mask, prefix, suffix)
+        y = zero_padded_queries(self.project_out(y), key_padding_mask)
         return y[:, :n_in], None
 
     def gather_plan(
@@ -251,7 +260,7 @@ class BigBirdAttention(Attention):
         """
         key = (nl, prefix, suffix, str(device))
         if key not in self._gather_plans:
-            b, num_heads = self.options.block_size, self.num_heads
+            b, num_heads = self.options.block_size, self.num_local_heads
             plan = self.plan(nl)
             num_prefix, num_suffix = -(-prefix // b), suffix // b
             num_source = num_prefix + nl + num_suffix
@@ -279,7 +288,7 @@ class BigBirdAttention(Attention):
             self._gather_plans[key] = chunks
         return self._gather_plans[key]
 
-    def attend(
+    def attend_blocks(
         self,
         q: torch.Tensor,
         k: torch.Tensor,

@@ -125,6 +125,9 @@ class DebertaAttention(Attention):
     name = "deberta"
     supports_causal = True
     supports_padding = True
+    # K^r and Q^r are projected per head by column-split linears; the table P stays
+    # replicated (its gradient is summed over the group by those linears).
+    supports_tensor_parallel = True
     Options = DebertaOptions
 
     def __init__(self, d_model: int, num_heads: int, **kwargs: Any) -> None:
@@ -143,13 +146,17 @@ class DebertaAttention(Attention):
                 f"DebertaAttention.build_shared, got {type(shared).__name__}"
             )
         self.relative_table = shared
-        self.query = nn.Linear(d_model, d_model, bias=options.bias)
-        self.key = nn.Linear(d_model, d_model, bias=options.bias)
-        self.value = nn.Linear(d_model, d_model, bias=options.bias)
-        self.out = nn.Linear(d_model, d_model, bias=options.bias)
+        self.query = self.make_linear(d_model, d_model, bias=options.bias, split="column")
+        self.key = self.make_linear(d_model, d_model, bias=options.bias, split="column")
+        self.value = self.make_linear(d_model, d_model, bias=options.bias, split="column")
+        self.out = self.make_linear(d_model, d_model, bias=options.bias, split="row")
         if not options.share_att_key:
-            self.position_key = nn.Linear(d_model, d_model, bias=options.bias)
-            self.position_query = nn.Linear(d_model, d_model, bias=options.bias)
+            self.position_key = self.make_linear(
+                d_model, d_model, bias=options.bias, split="column"
+            )
+            self.position_query = self.make_linear(
+                d_model, d_model, bias=options.bias, split="column"
+            )
 
     @classmethod
     def build_shared(
@@ -177,11 +184,11 @@ class DebertaAttention(Attention):
             if self.training and self.options.dropout > 0:
                 probs = F.dropout(probs, p=self.options.dropout)
             mixed = probs @ value
-        y = self.out(self.merge_heads(mixed.to(x.dtype)))
+        y = self.project_out(mixed.to(x.dtype))
         return zero_padded_queries(y, key_padding_mask), None
 
     def position_projections(self, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """K^r and Q^r [H, r, d] for the table rows this length uses, and δ [n, n] into them."""
+        """K^r and Q^r [H_local, r, d] for the table rows this length uses, and δ [n, n]."""
         options = self.options
         index = relative_index(length, options, self.relative_table.embeddings.device)
         # δ is monotone in i - j: its extremes are at the corners, read without a device sync.
@@ -194,10 +201,9 @@ class DebertaAttention(Attention):
         table = self.relative_table()[low : high + 1]
         key_proj = self.key if options.share_att_key else self.position_key
         query_proj = self.query if options.share_att_key else self.position_query
-        rows = table.shape[0]
-        heads = self.num_heads
-        position_key = key_proj(table).view(rows, heads, -1).transpose(0, 1)
-        position_query = query_proj(table).view(rows, heads, -1).transpose(0, 1)
+        rows, d = table.shape[0], self.head_dim
+        position_key = key_proj(table).view(rows, -1, d).transpose(0, 1)
+        position_query = query_proj(table).view(rows, -1, d).transpose(0, 1)
         return upcast(position_key), upcast(position_query), index - low
 
     def disentangled_scores(

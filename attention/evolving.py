@@ -160,12 +160,13 @@ class EvolvingAttention(Attention):
     supports_causal = True  # masked extension, see the module docstring
     supports_padding = True
     needs_cross_layer_state = True
+    supports_tensor_parallel = False
+    tensor_parallel_obstacle = "its 3x3 convolution mixes the attention maps of all heads"
     Options = EvolvingOptions
 
     def __init__(self, d_model: int, num_heads: int, **kwargs: Any) -> None:
         super().__init__(d_model, num_heads, **kwargs)
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=self.options.bias)
-        self.out = nn.Linear(d_model, d_model, bias=self.options.bias)
+        self.make_qkv_projections(self.options.bias)
         self.conv = nn.Conv2d(num_heads, num_heads, kernel_size=3, bias=True)
 
     def forward(
@@ -184,7 +185,7 @@ class EvolvingAttention(Attention):
                 f"evolving attention state has shape {tuple(state.shape)}, expected "
                 f"[B, H, n, n] = {expected}; consecutive layers need the same heads and length"
             )
-        q, k, v = (self.split_heads(t) for t in self.qkv(x).chunk(3, dim=-1))
+        q, k, v = self.project_qkv(x)
         compute_dtype = torch.promote_types(x.dtype, torch.float32)
         keep, allowed = self._masks(key_padding_mask, n, x.device)
         with torch.autocast(x.device.type, enabled=False):
@@ -207,8 +208,7 @@ class EvolvingAttention(Attention):
         if self.training and self.options.dropout > 0.0:
             probs = F.dropout(probs, p=self.options.dropout)
         y = probs.to(v.dtype) @ v
-        y = self.out(self.merge_heads(y))
-        return zero_padded_queries(y, key_padding_mask), evolved
+        return zero_padded_queries(self.project_out(y), key_padding_mask), evolved
 
     def _masks(
         self, key_padding_mask: torch.Tensor | None, n: int, device: torch.device

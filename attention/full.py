@@ -6,9 +6,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from attention.base import Attention, AttentionOptions, check_padding_mask, zero_padded_queries
+from attention.base import Attention, AttentionOptions
 from attention.registry import register
 
 
@@ -23,22 +22,19 @@ class FullAttention(Attention):
     name = "full"
     supports_causal = True
     supports_padding = True
+    supports_tensor_parallel = True
     Options = FullOptions
 
     def __init__(self, d_model: int, num_heads: int, **kwargs: Any) -> None:
         super().__init__(d_model, num_heads, **kwargs)
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=self.options.bias)
-        self.out = nn.Linear(d_model, d_model, bias=self.options.bias)
+        self.make_qkv_projections(self.options.bias)
 
-    def forward(self, x, *, key_padding_mask=None, state=None):
-        check_padding_mask(x, key_padding_mask)
-        q, k, v = (self.split_heads(t) for t in self.qkv(x).chunk(3, dim=-1))
-        mask = attention_mask(key_padding_mask, x.shape[1], self.causal, x.device)
+    def attend(self, q, k, v, *, key_padding_mask, state):
+        mask = attention_mask(key_padding_mask, q.shape[2], self.causal, q.device)
         dropout = self.options.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=self.causal and mask is None
         )
-        y = zero_padded_queries(self.out(self.merge_heads(y)), key_padding_mask)
         return y, None
 
 

@@ -25,7 +25,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from torch import nn
 
 from attention.base import (
     Attention,
@@ -164,12 +163,12 @@ class HypercubeAttention(Attention):
     name = "hypercube"
     supports_causal = False
     supports_padding = True
+    supports_tensor_parallel = True
     Options = HypercubeOptions
 
     def __init__(self, d_model: int, num_heads: int, **kwargs: Any) -> None:
         super().__init__(d_model, num_heads, **kwargs)
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=self.options.bias)
-        self.out = nn.Linear(d_model, d_model, bias=self.options.bias)
+        self.make_qkv_projections(self.options.bias)
 
     def forward(
         self,
@@ -181,8 +180,8 @@ class HypercubeAttention(Attention):
         """x [B, n, D], key_padding_mask bool [B, n] -> (y [B, n, D], None)."""
         check_padding_mask(x, key_padding_mask)
         x_padded, mask_padded, n = pad_to_multiple(x, key_padding_mask, self.options.block_size)
-        q, k, v = (self.split_heads(t) for t in self.qkv(x_padded).chunk(3, dim=-1))
+        q, k, v = self.project_qkv(x_padded)
         dropout = self.options.dropout if self.training else 0.0
         y = hypercube_attention(q, k, v, self.options.block_size, mask_padded, dropout)
-        y = self.out(self.merge_heads(y))[:, :n]
+        y = self.project_out(y)[:, :n]
         return zero_padded_queries(y, key_padding_mask), None

@@ -96,15 +96,19 @@ class LinformerAttention(Attention):
     supports_padding = True
     needs_fixed_max_len = True
     length_option = "n_max"
+    # E and F mix positions, not heads (one per layer for every head): replicated.
+    supports_tensor_parallel = True
     Options = LinformerOptions
 
     def __init__(self, d_model: int, num_heads: int, **kwargs: Any) -> None:
         super().__init__(d_model, num_heads, **kwargs)
         o = self.options
         _require_n_max(o)
-        self.query = nn.Linear(d_model, d_model, bias=o.bias)
-        self.key_value = nn.Linear(d_model, 2 * d_model, bias=o.bias)
-        self.out = nn.Linear(d_model, d_model, bias=o.bias)
+        self.query = self.make_linear(d_model, d_model, bias=o.bias, split="column")
+        self.key_value = self.make_linear(
+            d_model, 2 * d_model, bias=o.bias, split="column", parts=2
+        )
+        self.out = self.make_linear(d_model, d_model, bias=o.bias, split="row")
         shared = kwargs.get("shared")
         if o.share_layers:
             if not isinstance(shared, SequenceProjection):
@@ -151,16 +155,12 @@ class LinformerAttention(Attention):
         if value_projection is key_projection:
             k, v = self.key_value(compressed).chunk(2, dim=-1)
         else:
-            weight_k, weight_v = self.key_value.weight.chunk(2, dim=0)
-            bias_k, bias_v = (
-                self.key_value.bias.chunk(2) if self.key_value.bias is not None else (None, None)
-            )
-            k = F.linear(compressed, weight_k, bias_k)
-            v = F.linear(value_projection(x), weight_v, bias_v)
+            k = self.key_value.forward_part(0, compressed)
+            v = self.key_value.forward_part(1, value_projection(x))
         k, v = self.split_heads(k), self.split_heads(v)  # [B, H, k, d]
         dropout = self.options.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(
             q, k, v, dropout_p=dropout, scale=default_scale(self.head_dim)
         )
-        y = zero_padded_queries(self.out(self.merge_heads(y)), key_padding_mask)
+        y = zero_padded_queries(self.project_out(y), key_padding_mask)
         return y, None

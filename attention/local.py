@@ -39,6 +39,7 @@ from attention.base import (
     zero_padded_queries,
 )
 from attention.registry import register
+from parallel.tensor_parallel import mark_tensor_parallel
 
 
 class LocalOptions(AttentionOptions):
@@ -82,6 +83,22 @@ class RelativePositionBias(nn.Module):
         self.num_buckets = num_buckets
         self.max_distance = max_distance
         self.table = nn.Parameter(torch.zeros(num_buckets, num_heads))
+        self.num_heads = num_heads
+
+    def keep_heads(self, heads: slice) -> None:
+        """Keep the columns of ``heads`` (tensor parallelism); idempotent, since every layer
+        that shares the table asks for the same heads."""
+        if self.table.shape[1] != self.num_heads:
+            if self.table.shape[1] != heads.stop - heads.start:
+                raise ValueError(
+                    f"the shared relative position table was cut to {self.table.shape[1]} heads, "
+                    f"this layer needs {heads.stop - heads.start}"
+                )
+            return
+        param = nn.Parameter(self.table.detach()[:, heads].clone())
+        param.requires_grad_(self.table.requires_grad)
+        mark_tensor_parallel(param, partition_dim=1)
+        self.table = param
 
     def forward(self, relative_position: torch.Tensor, *, bidirectional: bool) -> torch.Tensor:
         """Bias [H, *relative_position.shape] for relative positions j - i (int64)."""
@@ -168,13 +185,13 @@ class LocalAttention(Attention):
     name = "local"
     supports_causal = True
     supports_padding = True
+    supports_tensor_parallel = True  # the shared bias table is cut by heads
     Options = LocalOptions
 
     def __init__(self, d_model: int, num_heads: int, **kwargs: Any) -> None:
         super().__init__(d_model, num_heads, **kwargs)
         options: LocalOptions = self.options  # type: ignore[assignment]
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=options.bias)
-        self.out = nn.Linear(d_model, d_model, bias=options.bias)
+        self.make_qkv_projections(options.bias)
         shared = kwargs.get("shared")
         if shared is None and options.relative_bias:
             shared = self.build_shared(d_model, num_heads, options)
@@ -189,9 +206,13 @@ class LocalAttention(Attention):
             return None
         return RelativePositionBias(num_heads, options.num_buckets, options.max_distance)  # type: ignore[attr-defined]
 
+    def shard_heads(self) -> None:
+        if self.position_bias is not None:
+            self.position_bias.keep_heads(self.local_head_slice())
+
     def local(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
-        """Local attention with its projections: x [B, n, D] -> [B, n, D]."""
-        q, k, v = (self.split_heads(t) for t in self.qkv(x).chunk(3, dim=-1))
+        """Local attention with its projections: x [B, n, D] -> [B, n, D] (replicated)."""
+        q, k, v = self.project_qkv(x)
         y = local_window_attention(
             q,
             k,
@@ -202,7 +223,7 @@ class LocalAttention(Attention):
             position_bias=self.position_bias,
             dropout=self.options.dropout if self.training else 0.0,
         )
-        return self.out(self.merge_heads(y))
+        return self.project_out(y)
 
     def forward(
         self, x: torch.Tensor, *, key_padding_mask: torch.Tensor | None = None, state: Any = None

@@ -210,6 +210,8 @@ class MixtureGaussianKeysAttention(Attention):
     name = "mgk"
     supports_causal = True
     supports_padding = True
+    # Priors are per head and cut with the heads; variances are shared by all heads.
+    supports_tensor_parallel = True
     Options = MGKOptions
 
     def __init__(self, d_model: int, num_heads: int, **kwargs: Any) -> None:
@@ -217,8 +219,14 @@ class MixtureGaussianKeysAttention(Attention):
         opts = self.options
         num_components = opts.num_components
         self.num_components = num_components
-        self.qkv = nn.Linear(d_model, (2 + num_components) * d_model, bias=opts.bias)
-        self.out = nn.Linear(d_model, d_model, bias=opts.bias)
+        self.qkv = self.make_linear(
+            d_model,
+            (2 + num_components) * d_model,
+            bias=opts.bias,
+            split="column",
+            parts=2 + num_components,
+        )
+        self.out = self.make_linear(d_model, d_model, bias=opts.bias, split="row")
         multipliers = opts.variance_multipliers or [1.0] * num_components
         variances = torch.tensor(multipliers, dtype=torch.float64) * math.sqrt(self.head_dim)
         self.register_buffer("variances", variances.float(), persistent=False)
@@ -239,6 +247,12 @@ class MixtureGaussianKeysAttention(Attention):
         # across tensor-parallel ranks).
         self.em_group: Any = None
 
+    def shard_heads(self) -> None:
+        if self.prior is not None:
+            self.shard_head_tensor("prior", dim=1)
+        if self.options.prior == "soft_em":
+            self.shard_head_tensor("prior_pending", dim=1)
+
     def extra_repr(self) -> str:
         opts = self.options
         return (
@@ -254,8 +268,8 @@ class MixtureGaussianKeysAttention(Attention):
             prior = prior.clamp(PRIOR_FLOOR, 1.0)
         log_prior = torch.log(prior.clamp_min(PRIOR_FLOOR))
         if self.options.prior_per_position:
-            return log_prior[:, :, :m].reshape(self.num_components, 1, self.num_heads, 1, m)
-        return log_prior.reshape(self.num_components, 1, self.num_heads, 1, 1)
+            return log_prior[:, :, :m].reshape(self.num_components, 1, -1, 1, m)
+        return log_prior.reshape(self.num_components, 1, -1, 1, 1)
 
     @torch.no_grad()
     def _apply_pending_prior(self) -> None:
@@ -331,7 +345,7 @@ class MixtureGaussianKeysAttention(Attention):
                 q, keys, v, variances=variances, log_prior=log_prior, allowed=allowed,
                 dropout=dropout,
             )  # fmt: skip
-        y = self.out(self.merge_heads(y).to(projected[0].dtype))
+        y = self.project_out(y.to(projected[0].dtype))
         return zero_padded_queries(y, key_padding_mask), None
 
     def _masks(

@@ -30,7 +30,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from attention.base import Attention, AttentionOptions, check_padding_mask, zero_padded_queries
+from attention.base import Attention, AttentionOptions
 from attention.registry import register
 
 RELU_KERNEL_EPSILON = 1e-3  # official generalised-kernel default (spec §3)
@@ -245,14 +245,16 @@ class PerformerAttention(Attention):
     supports_causal = True
     supports_padding = True
     stochastic_structure = True
+    # One feature matrix for all heads, a pure function of (seed, layer, redraw count): the
+    # same on every tensor-parallel rank, so it stays replicated.
+    supports_tensor_parallel = True
     Options = PerformerOptions
 
     def __init__(self, d_model: int, num_heads: int, **kwargs: Any) -> None:
         super().__init__(d_model, num_heads, **kwargs)
         opts = self.options
         self.num_features = opts.nb_features or max(1, int(self.head_dim * math.log(self.head_dim)))
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=opts.bias)
-        self.out = nn.Linear(d_model, d_model, bias=opts.bias)
+        self.make_qkv_projections(opts.bias)
         # Counters are plain ints (no device sync per call), saved through get_extra_state.
         self.forward_count = 0
         self.redraw_count = 0
@@ -296,12 +298,13 @@ class PerformerAttention(Attention):
         self.redraw_count = int(state["redraw_count"])
 
     def forward(self, x, *, key_padding_mask=None, state=None):
-        check_padding_mask(x, key_padding_mask)
         self._maybe_redraw()
-        q, k, v = (self.split_heads(t) for t in self.qkv(x).chunk(3, dim=-1))
-        compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return super().forward(x, key_padding_mask=key_padding_mask, state=state)
+
+    def attend(self, q, k, v, *, key_padding_mask, state):
+        compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         # exp-based features in fp32 whatever the autocast dtype (spec §0.3.6).
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with torch.autocast(device_type=q.device.type, enabled=False):
             y = favor_attention(
                 q.to(compute_dtype),
                 k.to(compute_dtype),
@@ -313,8 +316,7 @@ class PerformerAttention(Attention):
                 eps=self.options.eps,
                 chunk_size=self.options.chunk_size,
             )
-        y = self.out(self.merge_heads(y.to(v.dtype)))
-        return zero_padded_queries(y, key_padding_mask), None
+        return y.to(v.dtype), None
 
 
 __all__ = [

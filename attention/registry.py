@@ -55,6 +55,20 @@ def get(name: str) -> type[Attention]:
     return _REGISTRY[name]
 
 
+def check_tensor_parallel(name: str, num_heads: int, tp: int) -> None:
+    """Raise a one-line ValueError when method ``name`` cannot split num_heads heads over tp.
+
+    Config validation calls this before any process group exists; ``Attention.parallelize``
+    raises the same messages.
+    """
+    get(name).check_tensor_parallel(num_heads, tp)
+
+
+def tensor_parallel_methods() -> list[str]:
+    """Sorted names of the methods whose heads can be split over tensor-parallel ranks."""
+    return [name for name in available() if _REGISTRY[name].supports_tensor_parallel]
+
+
 def parse_options(name: str, options: dict[str, Any] | AttentionOptions | None) -> AttentionOptions:
     """Validate a method's options dict into its typed Options model."""
     cls = get(name)

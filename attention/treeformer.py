@@ -76,9 +76,7 @@ from torch import nn
 from attention.base import (
     Attention,
     AttentionOptions,
-    check_padding_mask,
     default_scale,
-    zero_padded_queries,
 )
 from attention.registry import register
 
@@ -198,6 +196,8 @@ class TreeformerAttention(Attention):
     name = "treeformer"
     supports_causal = False
     supports_padding = True
+    # One tree per head: the hyperplanes are cut by heads with the projections.
+    supports_tensor_parallel = True
     Options = TreeformerOptions
 
     def __init__(self, d_model: int, num_heads: int, **kwargs: Any) -> None:
@@ -207,14 +207,17 @@ class TreeformerAttention(Attention):
             raise ValueError(
                 f"height ({options.height}) must be <= max_height ({options.max_height})"
             )
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=options.bias)
-        self.out = nn.Linear(d_model, d_model, bias=options.bias)
+        self.make_qkv_projections(options.bias)
         trees = 1 if options.shared_tree else 2
         internal = 2**options.max_height - 1
         weight = torch.randn(trees, num_heads, max(internal, 1), self.head_dim)
         self.hyperplanes = nn.Parameter(weight / math.sqrt(self.head_dim))
         self.offsets = nn.Parameter(torch.zeros(trees, num_heads, max(internal, 1)))
         self.height: int | None = options.height
+
+    def shard_heads(self) -> None:
+        self.shard_head_tensor("hyperplanes", dim=1)
+        self.shard_head_tensor("offsets", dim=1)
 
     # Height and the bootstrapped schedule ----------------------------------------------
 
@@ -297,8 +300,7 @@ class TreeformerAttention(Attention):
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v [B, H, n, d] from x [B, n, D]."""
-        q, k, v = (self.split_heads(t) for t in self.qkv(x).chunk(3, dim=-1))
-        return q, k, v
+        return self.project_qkv(x)
 
     def route_queries_keys(
         self, q: torch.Tensor, k: torch.Tensor, heights: list[int]
@@ -309,27 +311,30 @@ class TreeformerAttention(Attention):
 
     # Attention -------------------------------------------------------------------------
 
-    def forward(
-        self, x: torch.Tensor, *, key_padding_mask: torch.Tensor | None = None, state: Any = None
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        key_padding_mask: torch.Tensor | None,
+        state: Any,
     ) -> tuple[torch.Tensor, None]:
-        """x [B, n, D], key_padding_mask bool [B, n] -> (y [B, n, D], None)."""
-        check_padding_mask(x, key_padding_mask)
-        batch, n, _ = x.shape
-        q, k, v = self.project(x)
+        """q, k, v [B, H, n, d], key_padding_mask bool [B, n] -> ([B, H, n, d], None)."""
+        batch, heads, n, _ = q.shape
         heights = self.tree_heights(key_padding_mask, n, batch)
         query_route, key_route = self.route_queries_keys(q, k, heights)
         valid = key_padding_mask
         if valid is None:
-            valid = torch.ones(batch, n, dtype=torch.bool, device=x.device)
-        valid = valid.repeat_interleave(self.num_heads, dim=0)  # [R, n]
-        rows = [t.reshape(batch * self.num_heads, n, self.head_dim) for t in (q, k, v)]
+            valid = torch.ones(batch, n, dtype=torch.bool, device=q.device)
+        valid = valid.repeat_interleave(heads, dim=0)  # [R, n]
+        rows = [t.reshape(batch * heads, n, self.head_dim) for t in (q, k, v)]
         dropout = self.options.dropout if self.training else 0.0
         if self.options.mode == "tf":
             y = self.fine(*rows, query_route, key_route, valid, max(heights), dropout)
         else:
             y = self.coarse(*rows, query_route, key_route, valid, max(heights), dropout)
-        y = y.view(batch, self.num_heads, n, self.head_dim)
-        return zero_padded_queries(self.out(self.merge_heads(y)), key_padding_mask), None
+        return y.view(batch, heads, n, self.head_dim), None
 
     def fine(
         self,
