@@ -48,6 +48,7 @@ import torch.multiprocessing as mp
 
 from launch.arguments import ArgumentParser
 from launch.errors import UserError
+from moe.tensor_parallel import apply_tensor_parallel
 
 BYTE_VOCAB = 260  # the byte tokenizer's size: 256 bytes + 4 specials (launch/data.py)
 NON_EXPERT_LIMIT = 0.55  # per-rank non-expert parameters at tp=2 over tp=1
@@ -75,6 +76,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seq", type=int, default=64, help="tokens per sequence (n)")
     parser.add_argument("--batch", type=int, default=4, help="sequences per step (B)")
     parser.add_argument("--experts", type=int, default=4)
+    parser.add_argument(
+        "--capacity-factor", type=float, default=0.0,
+        help="MoE capacity factor; 0 = dropless (default), so that tp>1 routes as tp=1",
+    )  # fmt: skip
     parser.add_argument("--vocab", type=int, default=BYTE_VOCAB, help="default: byte vocabulary")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
@@ -183,69 +188,11 @@ def build_model(kind: str, args: argparse.Namespace) -> torch.nn.Module:
         max_seq_len=args.seq,
         vocab_size=args.vocab,
     )
-    moe = MoEConfig(num_experts=args.experts, every=1) if kind == "moe" else None
+    moe = None
+    if kind == "moe":
+        moe = MoEConfig(num_experts=args.experts, every=1, capacity_factor=args.capacity_factor)
     torch.manual_seed(0)
     return Transformer(config, moe, AttentionConfig(name="full"))
-
-
-def moe_tp_available() -> bool:
-    """Whether moe.tensor_parallel (which splits MoE blocks) is importable."""
-    try:
-        import moe.tensor_parallel  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def split_model(model: torch.nn.Module, group: Any, timeout: timedelta) -> None:
-    """Split ``model`` over the TP group: apply_tensor_parallel, or the stand-in below."""
-    if moe_tp_available():
-        from moe.tensor_parallel import apply_tensor_parallel
-
-        apply_tensor_parallel(model, group, timeout=timeout)
-    else:
-        _split_dense_blocks(model, group, timeout)
-
-
-def _split_dense_blocks(model: torch.nn.Module, group: Any, timeout: timedelta) -> None:
-    """Stand-in while moe.tensor_parallel is missing: the Megatron split of full attention
-    (q/k/v column-parallel by heads, output row-parallel) and dense FFNs (fc1 column, fc2
-    row), from parallel.tensor_parallel's layers; MoE blocks are refused."""
-    from torch import nn
-
-    from attention.full import FullAttention
-    from moe.experts import DenseFFN
-    from parallel.tensor_parallel import (
-        ColumnParallelLinear,
-        RowParallelLinear,
-        group_size_and_rank,
-    )
-
-    tp = group_size_and_rank(group)[0]
-    for block in model.blocks:
-        attn, ffn = block.attention, block.ffn
-        if not isinstance(attn, FullAttention) or not isinstance(ffn, DenseFFN):
-            raise NotImplementedError("without moe.tensor_parallel only dense blocks split")
-        d, width = attn.d_model, attn.d_model // tp
-        # Reorder qkv's rows to [q_r | k_r | v_r] per rank r, so that each rank's column
-        # shard holds the q, k and v of its own heads and chunk(3) still separates them.
-        order = torch.cat(
-            [
-                torch.arange(part * d + r * width, part * d + (r + 1) * width)
-                for r in range(tp)
-                for part in range(3)
-            ]
-        )
-        qkv = nn.Linear(d, 3 * d, bias=attn.qkv.bias is not None)
-        with torch.no_grad():
-            qkv.weight.copy_(attn.qkv.weight[order])
-            if qkv.bias is not None:
-                qkv.bias.copy_(attn.qkv.bias[order])
-        attn.qkv = ColumnParallelLinear.from_linear(qkv, group, timeout=timeout)
-        attn.out = RowParallelLinear.from_linear(attn.out, group, timeout=timeout)
-        attn.num_heads //= tp
-        block.ffn.fc1 = ColumnParallelLinear.from_linear(ffn.fc1, group, timeout=timeout)
-        block.ffn.fc2 = RowParallelLinear.from_linear(ffn.fc2, group, timeout=timeout)
 
 
 def _enter(counter: CollectiveCounter, block: int | None) -> Any:
@@ -259,7 +206,7 @@ def measure(kind: str, args: argparse.Namespace, group: Any, tp: int) -> dict[st
     """One training step of the ``kind`` model on this rank: traffic, memory, loss."""
     model = build_model(kind, args)
     if tp > 1:
-        split_model(model, group, timedelta(seconds=120))
+        apply_tensor_parallel(model, group, timeout=timedelta(seconds=120))
     dense_bytes, expert_bytes = parameter_bytes(model)
     generator = torch.Generator().manual_seed(1)  # the same batch on every TP rank
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=generator)
@@ -306,8 +253,7 @@ def _rank_main(rank: int, tp: int, store_path: str, args: argparse.Namespace, qu
         )
         try:
             group = dist.new_group(list(range(tp))) if tp > 1 else None
-            kinds = KINDS if tp == 1 or moe_tp_available() else ("dense",)
-            results = {kind: measure(kind, args, group, tp) for kind in kinds}
+            results = {kind: measure(kind, args, group, tp) for kind in KINDS}
         finally:
             dist.destroy_process_group()
         queue.put((rank, "ok", results))
@@ -355,10 +301,8 @@ def analytic(kind: str, tp: int, args: argparse.Namespace, element_size: int = 4
     return {**counts, "bytes": sum(counts.values()) * activation}
 
 
-def summarize(kind: str, tp: int, ranks: list[dict], args: argparse.Namespace) -> dict | None:
+def summarize(kind: str, tp: int, ranks: list[dict], args: argparse.Namespace) -> dict:
     """One table row: rank 0's traffic per block, the largest per-rank memory."""
-    if kind not in ranks[0]:
-        return None
     mine = [r[kind] for r in ranks]
     records = mine[0]["records"]
     activation = args.batch * args.seq * args.d_model * 4
@@ -463,7 +407,7 @@ def main(argv: list[str]) -> int:
     rows = []
     for tp in args.tp:
         ranks = run_group(tp, args)
-        rows.extend(row for kind in KINDS if (row := summarize(kind, tp, ranks, args)))
+        rows.extend(summarize(kind, tp, ranks, args) for kind in KINDS)
     rows.sort(key=lambda r: (KINDS.index(r["blocks"]), r["tp"]))
     print(
         f"TP traffic per block and training step (forward + backward), fp32, gloo on CPU: "
