@@ -281,6 +281,12 @@ def moe_body(rank: int, world_size: int) -> None:
     apply_tensor_parallel(layer, group)
     with pytest.raises(ValueError, match=r"15 tokens"):
         layer(torch.randn(3, 5, D))
+    with pytest.raises(ValueError, match="already tensor-parallel"):
+        apply_tensor_parallel(layer, group)
+    torch.manual_seed(0)
+    chooser = MoELayer(D, F_, E, router="expert_choice", capacity_factor=1.0)
+    with pytest.raises(ValueError, match="moe.router 'expert_choice' cannot run under parallel"):
+        apply_tensor_parallel(chooser, group)
 
 
 @pytest.mark.slow
