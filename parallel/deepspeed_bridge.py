@@ -14,10 +14,15 @@ tests/parallel/test_deepspeed_bridge.py so an upgrade that breaks one fails loud
    The markers report ``num_local_experts = 0`` so the engine's per-expert checkpoint files,
    which expect ``deepspeed_moe.experts.deepspeed_experts.<i>`` names, are never written;
    the stacked expert weights stay in the engine's module state (see launch/checkpoint.py).
-2. Expert parameters carry ``allreduce = False`` and ``group_name = "ep_size_<ep>"``
-   (``moe/utils.py: is_moe_param``); their gradients reduce over
-   ``groups._get_expert_data_parallel_group(group_name)``, which
-   ``groups._create_expert_and_data_parallel(ep)`` creates.
+2. Expert parameters (``parallel.markers.is_expert``) carry ``allreduce = False`` and
+   ``group_name = "ep_size_<ep>"`` (``moe/utils.py: is_moe_param``); their gradients reduce
+   over ``groups._get_expert_data_parallel_group(group_name)``, divided by the dense
+   data-parallel size (``engine._reduce_expert_gradients``, ZeRO 1/2 ``average_tensor``).
+   With a layout, ``initialize`` registers the layout's own EP and EDP groups under that
+   name in ``utils/groups.py``'s expert dicts (``_EXPERT_PARALLEL_GROUP[_RANKS]``,
+   ``_EXPERT_DATA_PARALLEL_GROUP[_RANKS]``), so the marker's hook finds them and creates
+   none; without one the hook has ``groups._create_expert_and_data_parallel(ep)`` create them.
+   ``check_engine_groups`` asserts after start-up that the engine's groups are ours.
 3. ZeRO 1/2 need expert parameters in optimizer groups marked ``moe: True`` with that
    ``name`` (``moe/utils.py: split_params_into_different_moe_groups_for_optimizer``).
 4. ZeRO-3 with MoE layers is refused inside the engine; ``check_zero_stage`` refuses it
@@ -59,6 +64,24 @@ tests/parallel/test_deepspeed_bridge.py so an upgrade that breaks one fails loud
    ``engine.optimizer`` itself (ZeRO 0, fp32) or the ``.optimizer`` of DeepSpeed's wrapper.
    Callers outside this module use ``has_partitioned_master``, ``read_partitioned_master``,
    ``write_partitioned_master`` and ``base_optimizer`` instead of these names.
+12. ``mpu=`` (an engine without PipelineModule; ``runtime/engine.py``, ``utils/groups.py``,
+   ``utils/bwc.py``): the engine averages dense gradients over
+   ``mpu.get_data_parallel_group()`` (its ``dp_world_size``, also what ``train_batch_size``
+   is checked against), and sums gradient norms over ``mpu.get_model_parallel_group()``:
+   a parameter counts on every model-parallel rank when ``is_model_parallel_parameter``
+   (``model_parallel`` or ``tensor_model_parallel`` true), else on model-parallel rank 0
+   only. Any ``get_sequence_parallel_*`` / ``initialize_sequence_parallel`` method would
+   make the engine divide its data-parallel size; ``layout.ModelParallelUnit`` has none.
+13. Gradient norm under TP. ZeRO 1/2 (``get_grad_norm_direct``) sum each rank's partition
+   over the data-parallel then the model-parallel group; every expert element lives on one
+   rank of a stage (partitioned over its EDP group), so tagging experts ``model_parallel``
+   when tp > 1 makes the sum exact (untagged, only TP rank 0's experts would count). ZeRO 0
+   in fp32 clips in ``engine.clip_fp32_gradients`` (``runtime/utils.clip_grad_norm_``),
+   which averages the norm's square root over the data-parallel group (exact only when
+   every data-parallel rank holds the same gradients, not so with experts split across
+   them) and records no norm (``get_global_grad_norm()`` stays None); with a layout,
+   ``initialize`` replaces it by ``clip_by_global_norm``: each gradient counted once over
+   the world, recorded as the engine's global norm.
 
 Without CUDA, ``DS_ACCELERATOR=cpu`` is set before deepspeed is imported (gloo backend).
 """
@@ -71,10 +94,13 @@ from datetime import timedelta
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from parallel.layout import ProcessGroups
+from parallel.markers import is_expert
+
 SUPPORTED_VERSIONS = ((0, 19, 0), (0, 20, 0))  # [low, high)
-EXPERT_NAME_FRAGMENT = ".experts."
 MARKERS_ATTRIBUTE = "deepspeed_moe_markers"
 
 _deepspeed: Any = None
@@ -116,11 +142,6 @@ def expert_group_name(ep_size: int) -> str:
     return f"ep_size_{ep_size}"
 
 
-def is_expert_parameter_name(name: str) -> bool:
-    """Whether a parameter name belongs to stacked expert weights (``...experts.w1``)."""
-    return EXPERT_NAME_FRAGMENT in f".{name}"
-
-
 def check_zero_stage(zero_stage: int, has_experts: bool) -> None:
     """Refuse ZeRO-3 for a model with experts (the engine asserts on it deep inside)."""
     if zero_stage not in (0, 1, 2, 3):
@@ -132,13 +153,16 @@ def check_zero_stage(zero_stage: int, has_experts: bool) -> None:
         )
 
 
-def tag_expert_parameters(model: nn.Module, ep_size: int) -> list[str]:
-    """Mark expert parameters with ``allreduce=False`` and ``group_name``; returns their names."""
+def tag_expert_parameters(model: nn.Module, ep_size: int, tp_size: int = 1) -> list[str]:
+    """Give expert parameters (``is_expert``) ``allreduce=False`` and ``group_name`` (contract
+    2), and under TP ``model_parallel`` (contract 13); returns their names."""
     names = []
     for name, param in model.named_parameters():
-        if is_expert_parameter_name(name):
+        if is_expert(param):
             param.allreduce = False
             param.group_name = expert_group_name(ep_size)
+            if tp_size > 1:
+                param.model_parallel = True
             names.append(name)
     return names
 
@@ -264,21 +288,38 @@ def initialize(
     model: nn.Module,
     ds_config: dict[str, Any],
     *,
+    groups: ProcessGroups | None = None,
     num_experts_per_layer: list[int],
-    ep_size: int = 1,
+    ep_size: int | None = None,
     weight_decay: float = 0.0,
     zero_stage: int = 0,
 ) -> Any:
     """Tag experts, attach the MoE markers, split optimizer groups, build the DeepSpeed engine.
 
+    ``groups``: the layout's built groups (``ParallelLayout.build``); the engine then gets
+    ``groups.mpu`` and the layout's expert groups, checked after start-up
+    (``check_engine_groups``), and ZeRO 0 clips by the exact global norm (contract 13).
+    Without it the engine makes its own groups over the whole world, as with dp only.
     ``num_experts_per_layer``: experts of each MoE layer, in order (empty for a dense model).
+    ``ep_size``: the EP degree (``groups.ep_size`` when groups are given; it must agree).
     The optimizer is AdamW: apex FusedAdam when available, else the one ``ds_config`` names.
     """
     deepspeed = import_deepspeed()
+    if groups is not None:
+        if ep_size is not None and ep_size != groups.ep_size:
+            raise ValueError(
+                f"ep_size ({ep_size}) differs from the layout's parallel.ep "
+                f"({groups.ep_size}); pass the layout's groups only"
+            )
+        ep_size = groups.ep_size
+    ep_size = 1 if ep_size is None else ep_size
+    tp_size = 1 if groups is None else groups.tp_size
     has_experts = bool(num_experts_per_layer)
     check_zero_stage(zero_stage, has_experts)
     if has_experts:
-        tag_expert_parameters(model, ep_size)
+        tag_expert_parameters(model, ep_size, tp_size)
+        if groups is not None:
+            register_expert_groups(groups)
         attach_moe_markers(model, num_experts_per_layer, ep_size)
     if ds_config.get("bf16", {}).get("enabled", False):
         # Classic bf16 casts every parameter; modules that pin an fp32 weight (the router's
@@ -286,21 +327,121 @@ def initialize(
         for module in model.modules():
             if hasattr(module, "keep_fp32"):
                 module.keep_fp32 = False
-    groups = optimizer_param_groups(model, weight_decay)
+    param_groups = optimizer_param_groups(model, weight_decay)
     optimizer = None
     fused = fused_adam()
     if fused is not None and "optimizer" in ds_config:
         params = dict(ds_config["optimizer"].get("params", {}))
         params.pop("torch_adam", None)
         params.pop("adam_w_mode", None)
-        optimizer = fused(groups, **params)
+        optimizer = fused(param_groups, **params)
         ds_config = {k: v for k, v in ds_config.items() if k != "optimizer"}
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=groups, optimizer=optimizer, config=ds_config
+        model=model,
+        model_parameters=param_groups,
+        optimizer=optimizer,
+        config=ds_config,
+        mpu=None if groups is None else groups.mpu,
     )
+    if groups is not None:
+        check_engine_groups(engine, groups)
+        if _clips_fp32_itself(engine):
+            engine.clip_fp32_gradients = lambda: clip_by_global_norm(engine, groups)
     if not hasattr(engine.optimizer, "overflow"):
         guard_nonfinite_steps(engine.optimizer)
     return engine
+
+
+def register_expert_groups(groups: ProcessGroups) -> None:
+    """Put the layout's EP and EDP groups in DeepSpeed's expert dicts (contract 2).
+
+    The marker's ``set_deepspeed_parallelism`` then finds the group name and creates none,
+    so the engine reduces expert gradients over the very groups the all-to-all runs on.
+    """
+    import_deepspeed()
+    from deepspeed.utils import groups as ds_groups
+
+    name = expert_group_name(groups.ep_size)
+    ds_groups._EXPERT_PARALLEL_GROUP[name] = groups.ep_group
+    ds_groups._EXPERT_PARALLEL_GROUP_RANKS[name] = list(groups.ep_ranks)
+    ds_groups._EXPERT_DATA_PARALLEL_GROUP[name] = groups.edp_group
+    ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = list(groups.edp_ranks)
+
+
+def check_engine_groups(engine: Any, groups: ProcessGroups) -> None:
+    """Raise a RuntimeError unless the engine's data-parallel group, and with MoE layers its
+    expert-parallel and expert-data-parallel groups, hold exactly the layout's ranks."""
+    pairs = [
+        ("data-parallel", engine.data_parallel_group, groups.dp_ranks),
+        ("gradient-averaging data-parallel", engine.seq_data_parallel_group, groups.dp_ranks),
+    ]
+    if getattr(engine, "has_moe_layers", False):
+        name = expert_group_name(groups.ep_size)
+        pairs += [
+            ("expert-parallel", engine.expert_parallel_group.get(name), groups.ep_ranks),
+            ("expert-data-parallel", engine.expert_data_parallel_group.get(name), groups.edp_ranks),
+        ]
+    for what, group, ours in pairs:
+        theirs = None if group is None else dist.get_process_group_ranks(group)
+        if theirs != list(ours):
+            raise RuntimeError(
+                f"DeepSpeed's {what} group of rank {groups.rank} holds ranks {theirs}, the "
+                f"layout {groups.layout.describe()} has {list(ours)}: the engine would reduce "
+                "gradients over other ranks than moeforge's groups"
+            )
+    if engine.dp_world_size != groups.dp_size or engine.mp_world_size != groups.tp_size:
+        raise RuntimeError(
+            f"DeepSpeed sees dp={engine.dp_world_size}, model parallel "
+            f"{engine.mp_world_size}; the layout {groups.layout.describe()} has "
+            f"dp={groups.dp_size}, tp={groups.tp_size}"
+        )
+
+
+def _clips_fp32_itself(engine: Any) -> bool:
+    """Whether the engine clips through ``clip_fp32_gradients`` (``_take_model_step``):
+    no ZeRO, no fp16/bf16 wrapper (which clip with their own norm)."""
+    return not (engine.fp16_enabled() or engine.bfloat16_enabled() or engine.zero_optimization())
+
+
+def global_grad_norm(parameters: list[nn.Parameter], groups: ProcessGroups) -> torch.Tensor:
+    """The L2 norm of every gradient of the model over the world, each value counted once.
+
+    After the engine's reduction a gradient is the same on all of its replicas: an expert's
+    on its EDP group (counted at EDP rank 0), a TP shard's on its data-parallel group
+    (counted at dp rank 0), any other one on the data-parallel x TP ranks of its stage
+    (counted at dp rank 0, TP rank 0). Collective over the default group.
+    """
+    here = groups.coordinates
+    squares = []
+    for param in parameters:
+        if param.grad is None:
+            continue
+        if is_expert(param) or getattr(param, "allreduce", True) is False:
+            owner = here.edp == 0
+        elif getattr(param, "tensor_model_parallel", False):
+            owner = here.dp == 0
+        else:
+            owner = here.dp == 0 and here.tp == 0
+        if owner:
+            squares.append(param.grad.detach().float().pow(2).sum())
+    device = parameters[0].device if parameters else torch.device("cpu")
+    total = torch.stack(squares).sum() if squares else torch.zeros((), device=device)
+    total = total.reshape(1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total.sqrt()[0]
+
+
+def clip_by_global_norm(engine: Any, groups: ProcessGroups) -> torch.Tensor:
+    """Scale every gradient by min(1, clip / (norm + 1e-6)) as DeepSpeed's clip does, with the
+    exact global norm (contract 13); records it as ``engine.get_global_grad_norm()``."""
+    parameters = [p for p in engine.module.parameters() if p.grad is not None]
+    norm = global_grad_norm(parameters, groups)
+    coefficient = torch.clamp(engine.gradient_clipping() / (norm + 1e-6), max=1.0)
+    for param in parameters:
+        param.grad.detach().mul_(coefficient.to(param.grad.device))
+    engine._global_grad_norm = norm
+    return norm
 
 
 def guard_nonfinite_steps(optimizer: torch.optim.Optimizer) -> None:

@@ -47,30 +47,39 @@ def test_engine_recognises_moe_only_through_the_native_class():
 def test_expert_parameters_are_tagged_the_way_deepspeed_reads_them():
     """Contracts 2 and 3: is_moe_param and the MoE optimizer group split."""
     from deepspeed.moe.utils import is_moe_param, is_moe_param_group
+    from deepspeed.runtime.utils import is_model_parallel_parameter
+
+    from parallel.markers import mark_expert
 
     model = torch.nn.ModuleDict(
         {
-            "experts": torch.nn.Linear(4, 4, bias=False),
-            "dense": torch.nn.Linear(4, 4),
+            "stacked": torch.nn.Linear(4, 4, bias=False),
+            "experts": torch.nn.Linear(4, 4),  # the name alone does not make an expert
             "norm": torch.nn.LayerNorm(4),
         }
     )
+    mark_expert(model["stacked"].weight)
     names = bridge.tag_expert_parameters(model, ep_size=2)
-    assert names == ["experts.weight"]
+    assert names == ["stacked.weight"]
     assert (
-        is_moe_param(model["experts"].weight) and model["experts"].weight.group_name == "ep_size_2"
+        is_moe_param(model["stacked"].weight) and model["stacked"].weight.group_name == "ep_size_2"
     )
-    assert not is_moe_param(model["dense"].weight)
+    assert not is_moe_param(model["experts"].weight)
+    # Contract 13: under TP, experts count on every model-parallel rank in the norm.
+    assert not is_model_parallel_parameter(model["stacked"].weight)
+    bridge.tag_expert_parameters(model, ep_size=2, tp_size=2)
+    assert is_model_parallel_parameter(model["stacked"].weight)
+    assert not is_model_parallel_parameter(model["experts"].weight)
     groups = bridge.optimizer_param_groups(model, weight_decay=0.1)
     moe_groups = [g for g in groups if is_moe_param_group(g)]
     assert len(moe_groups) == 1 and moe_groups[0]["name"] == "ep_size_2"
     assert (
-        moe_groups[0]["params"] == [model["experts"].weight]
+        moe_groups[0]["params"] == [model["stacked"].weight]
         and moe_groups[0]["weight_decay"] == 0.1
     )
     no_decay = [g for g in groups if g["name"] == "no_decay"][0]
     assert {id(p) for p in no_decay["params"]} == {
-        id(model["dense"].bias),
+        id(model["experts"].bias),
         id(model["norm"].weight),
         id(model["norm"].bias),
     }
