@@ -63,13 +63,13 @@ class MoELayer(nn.Module):
             (``moe/simulate.py``).
         ep_group: an EP process group: this rank then holds E / ep experts (global ids from
             ``ep_rank * E / ep``) and exchanges tokens with ``AllToAllDispatcher``.
+        equal_tokens: with ``ep_group``, every rank routes the same number of tokens, so
+            per-rank capacities need no exchange. Under EP the "buffer" layout exchanges fixed
+            [E, C, d] capacity buffers, "grouped" exchanges kept rows after their counts.
 
     Tensor parallelism (``moe.tensor_parallel.apply_tensor_parallel`` sets ``token_split``):
     each TP rank routes its 1/tp of the token rows and the rows are gathered back; losses
     and counts are those of all the TP group's tokens (``TokenSplit.totals``).
-        equal_tokens: with ``ep_group``, every rank routes the same number of tokens, so
-            per-rank capacities need no exchange. Under EP the "buffer" layout exchanges fixed
-            [E, C, d] capacity buffers, "grouped" exchanges kept rows after their counts.
     """
 
     def __init__(
