@@ -36,7 +36,9 @@ class MoEOutput(NamedTuple):
     tokens_per_expert: torch.Tensor  # [E] int64, kept
     dropped_fraction: torch.Tensor  # 0-dim fp32
     router_entropy: torch.Tensor  # 0-dim fp32, mean router entropy (nats), no gradient
-    capacity: int = 0  # slots per expert this call used (per rank; simulated: summed over ranks)
+    # slots per expert this call used (per rank; simulated or tensor-parallel: summed over the
+    # (virtual) ranks that routed the batch)
+    capacity: int = 0
 
 
 class MoELayer(nn.Module):
@@ -201,13 +203,16 @@ class MoELayer(nn.Module):
         if self.shared_expert is not None:
             y = y + self.shared_expert(tokens)
         if split is not None:
-            totals = split.totals(routing)
+            totals = split.totals(
+                routing, dropless=is_dropless(self.router.active_capacity_factor())
+            )
             aux_loss, z_loss = totals.aux_loss, totals.z_loss
             tokens_per_expert, dropped = totals.tokens_per_expert, totals.dropped_fraction
-            entropy = totals.router_entropy
+            entropy, capacity = totals.router_entropy, totals.capacity
         else:
             aux_loss, z_loss = routing.aux_loss, routing.z_loss
             tokens_per_expert, dropped = routing.tokens_per_expert, routing.drop_rate
+            capacity = routing.capacity
             with torch.no_grad():
                 entropy = router_entropy(routing.probs)
         return MoEOutput(
@@ -217,5 +222,5 @@ class MoELayer(nn.Module):
             tokens_per_expert=tokens_per_expert,
             dropped_fraction=dropped,
             router_entropy=entropy,
-            capacity=routing.capacity,
+            capacity=capacity,
         )

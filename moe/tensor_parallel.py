@@ -166,6 +166,7 @@ class RoutingTotals(NamedTuple):
     tokens_per_expert: torch.Tensor  # [E] int64 kept assignments
     dropped_fraction: torch.Tensor  # 0-dim fp32, of the T * k assignments
     router_entropy: torch.Tensor  # 0-dim fp32, mean over the T tokens, no gradient
+    capacity: int  # slots per expert summed over the TP ranks (each routed T / tp rows)
 
 
 class TokenSplit:
@@ -186,11 +187,15 @@ class TokenSplit:
         """[T / tp, d] -> [T, d] replicated."""
         return gather_rows(rows, self.group, self.timeout)
 
-    def totals(self, routing: Routing) -> RoutingTotals:
+    def totals(self, routing: Routing, *, dropless: bool) -> RoutingTotals:
         """Losses and counts of the whole TP group from this rank's ``routing`` of T / tp rows.
 
         Two all-reduces: the gradient-carrying sums (P_e numerators and the z-loss sum; backward
         identity, so each rank's own rows get their share of the gradient) and the counts.
+        The capacity is summed over the TP ranks, as the simulated dispatcher sums it over its
+        virtual ranks, so kept / (capacity * E) is the TP group's use of its slots. With a
+        capacity factor every TP rank has the same T / tp rows and so the same capacity (no
+        host read); ``dropless`` capacities are each rank's fullest expert and are summed.
         """
         num_local, top_k = routing.slot.shape
         num_experts = routing.num_experts
@@ -205,6 +210,7 @@ class TokenSplit:
                     torch.bincount(routing.expert_index[:, 0], minlength=num_experts),
                     routing.tokens_per_expert.to(torch.long),
                     (routing.slot < 0).sum().view(1),
+                    torch.tensor([routing.capacity], device=routing.slot.device),
                 ]
             ).to(torch.float64)
             entropy = (router_entropy(probs) * num_local).to(torch.float64).view(1)
@@ -219,6 +225,7 @@ class TokenSplit:
             tokens_per_expert=kept,
             dropped_fraction=dropped.float(),
             router_entropy=(counts[-1] / num_tokens).float(),
+            capacity=int(counts[-2]) if dropless else routing.capacity * self.tp,
         )
 
 

@@ -239,6 +239,7 @@ def _run_layer(layer: MoELayer, x: torch.Tensor, weight: torch.Tensor) -> dict:
         "entropy": out.router_entropy,
         "x_grad": xi.grad,
         "router_grad": layer.router.weight.grad,
+        "capacity": out.capacity,
     }
 
 
@@ -264,6 +265,13 @@ def moe_body(rank: int, world_size: int) -> None:
         got, want = _run_layer(layer, x, weight), _run_layer(ref, x, weight)
         _assert_same_run(got, want)
         assert float(want["dropped"]) == 0.0, name
+        # slots summed over the TP ranks: with a factor, each has half the rows and half of
+        # tp=1's slots; dropless, each has its own fullest expert
+        mine = torch.tensor([layer.router(layer.token_split.scatter(x.view(-1, D))).capacity])
+        dist.all_reduce(mine)
+        assert got["capacity"] == int(mine), name
+        if kwargs["capacity_factor"] is not None:
+            assert got["capacity"] == want["capacity"], name
         # Experts are replicated over TP (ep=1) and saw only this rank's rows: their summed
         # gradients are the full ones (DeepSpeed sums them over the expert-data-parallel group).
         for w in ("w1", "w2", "w3"):
