@@ -408,3 +408,75 @@ def test_moe_checkpoint_at_zero0_holds_the_optimizer_state_once(tmp_path):
         f"deepspeed {deepspeed.__version__} no longer restores the optimizer from the expp file "
         "at ZeRO 0 with MoE layers: bridge.save_checkpoint (contract 10) must keep its copy"
     )
+
+
+# The layout's groups inside the engine (4 ranks) ------------------------------------------
+
+
+def _groups_body(rank: int, world_size: int, cases: list) -> dict:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    import torch.distributed as dist
+    from deepspeed.utils import groups as ds_groups
+
+    from parallel.layout import ParallelLayout, ProcessGroups
+    from tests.parallel.test_tp_engine import TinyTPModel, ds_config
+
+    out = {}
+    for (dp, tp, ep), stage in cases:
+        groups = ParallelLayout(dp=dp, tp=tp, ep=ep).build(num_experts=4)
+        model = TinyTPModel(groups, "ep")
+        engine = bridge.initialize(
+            model, ds_config(stage), groups=groups, num_experts_per_layer=[4], zero_stage=stage
+        )
+        name = bridge.expert_group_name(ep)
+        seen = {
+            "dp": dist.get_process_group_ranks(engine.data_parallel_group),
+            "ep": dist.get_process_group_ranks(engine.expert_parallel_group[name]),
+            "edp": dist.get_process_group_ranks(engine.expert_data_parallel_group[name]),
+            "dp_world_size": engine.dp_world_size,
+            "mp_world_size": engine.mp_world_size,
+        }
+        # What DeepSpeed's own builder makes with our mpu in place (pp read from it).
+        dicts = (
+            ds_groups._EXPERT_PARALLEL_GROUP,
+            ds_groups._EXPERT_PARALLEL_GROUP_RANKS,
+            ds_groups._EXPERT_DATA_PARALLEL_GROUP,
+            ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS,
+        )
+        ours = [d.pop(name) for d in dicts]
+        ds_groups._create_expert_and_data_parallel(ep)
+        seen["ds_ep"] = list(ds_groups._get_expert_parallel_group_ranks(name))
+        seen["ds_edp"] = list(ds_groups._get_expert_data_parallel_group_ranks(name))
+        for d, value in zip(dicts, ours):
+            d[name] = value
+        wrong = ProcessGroups(layout=ParallelLayout(dp=4, ep=ep), mesh=None, rank=rank)
+        try:
+            bridge.check_engine_groups(engine, wrong)
+            seen["mismatch"] = None
+        except RuntimeError as err:
+            seen["mismatch"] = str(err)
+        out[(dp, tp, ep)] = seen
+    return out
+
+
+@pytest.mark.slow
+def test_engine_groups_are_the_layouts_on_four_ranks(tmp_path):
+    """dp=2 x tp=2 with ep=2 (EP = the TP pair) and with ep=4 (EP across the DP replicas),
+    tp=4 with ep=2: the engine's data-parallel, expert-parallel and expert-data-parallel
+    groups are the layout's, and equal what DeepSpeed's own builder makes with our mpu."""
+    from parallel.layout import ParallelLayout
+
+    cases = [((2, 2, 2), 1), ((2, 2, 4), 0), ((1, 4, 2), 1)]
+    results = run_ranks(4, _groups_body, tmp_path, cases, timeout=120)
+    for rank, per_case in enumerate(results):
+        for (dp, tp, ep), _ in cases:
+            layout = ParallelLayout(dp=dp, tp=tp, ep=ep)
+            seen = per_case[(dp, tp, ep)]
+            assert seen["dp"] == layout.ranks_of("dp", rank)
+            assert seen["ep"] == seen["ds_ep"] == layout.ranks_of("ep", rank)
+            assert seen["edp"] == seen["ds_edp"] == layout.ranks_of("edp", rank)
+            assert (seen["dp_world_size"], seen["mp_world_size"]) == (dp, tp)
+            message = seen["mismatch"]
+            assert message.startswith(f"DeepSpeed's data-parallel group of rank {rank} holds ")
+            assert f"holds ranks {layout.ranks_of('dp', rank)}, the layout dp=4" in message
+            assert "has [0, 1, 2, 3]" in message and "\n" not in message
