@@ -20,9 +20,9 @@ shard (tagged ``tensor_model_parallel`` by parallel/tensor_parallel.py, split al
 order. Experts are never split over TP (expert TP is 1), so an expert weight is only
 EP-gathered even if tagged model-parallel for the gradient norm. Every other parameter is
 replicated over TP and is written as global rank 0 (TP rank 0) holds it. Loading slices
-each rank's expert block and TP shard back out. (DeepSpeed's own expert files need one module per expert,
-``deepspeed_moe.experts.deepspeed_experts.<i>``, which stacked [E, d, f] weights do not have:
-DESIGN.md, "DeepSpeed contracts".)
+each rank's expert block and TP shard back out. (DeepSpeed's own expert files need one
+module per expert, ``deepspeed_moe.experts.deepspeed_experts.<i>``, which stacked
+[E, d, f] weights do not have: DESIGN.md, "DeepSpeed contracts".)
 
 How the values are read (deepspeed 0.19, through parallel/deepspeed_bridge.py): under
 ZeRO 1/2 a parameter has a partitioned master (``has_partitioned_master``, contract 11) that
@@ -83,18 +83,9 @@ def tensor_parallel_dim(param: nn.Parameter) -> int | None:
     return int(getattr(param, "partition_dim", 0))
 
 
-def _tp_degree(groups: ProcessGroups) -> tuple[Any, int, int]:
-    """(TP group, tp, this rank's TP rank); (None, 1, 0) for groups without TP."""
-    return (
-        getattr(groups, "tp_group", None),
-        int(getattr(groups, "tp_size", 1)),
-        int(getattr(groups, "tp_rank", 0)),
-    )
-
-
 def _check_no_pipeline(groups: ProcessGroups) -> None:
     """Pipeline stages hold different parameters; this file gathers over TP and EP only."""
-    pp = int(getattr(groups.layout, "pp", 1))
+    pp = groups.pp_size
     if pp != 1:
         raise ValueError(
             f"portable checkpoints gather tensor- and expert-parallel shards, not pipeline "
@@ -192,11 +183,11 @@ def _gather_full(
             return entry
         return {k: all_gather_tensor(v, groups.ep_group).flatten(0, 1) for k, v in entry.items()}
     dim = tensor_parallel_dim(param)
-    tp_group, tp, _ = _tp_degree(groups)
-    if dim is None or tp == 1:
+    if dim is None or groups.tp_size == 1:
         return entry
     return {
-        k: torch.cat(all_gather_tensor(v, tp_group).unbind(0), dim=dim) for k, v in entry.items()
+        k: torch.cat(all_gather_tensor(v, groups.tp_group).unbind(0), dim=dim)
+        for k, v in entry.items()
     }
 
 
@@ -213,16 +204,16 @@ def _local_piece(
             )
         return value[groups.ep_rank * local : (groups.ep_rank + 1) * local]
     dim = tensor_parallel_dim(param)
-    _, tp, tp_rank = _tp_degree(groups)
     if dim is None or value.dim() != param.dim():
         return value
     width = param.shape[dim]
-    if value.shape[dim] != width * tp:
+    if value.shape[dim] != width * groups.tp_size:
         raise ValueError(
-            f"{name}: saved size {value.shape[dim]} along dim {dim} is not tp ({tp}) x this "
-            f"rank's shard {width}; the model's sizes must match the saved run's"
+            f"{name}: saved size {value.shape[dim]} along dim {dim} is not tp "
+            f"({groups.tp_size}) x this rank's shard {width}; the model's sizes must match "
+            "the saved run's"
         )
-    return value.narrow(dim, tp_rank * width, width)
+    return value.narrow(dim, groups.tp_rank * width, width)
 
 
 def save_portable(engine: Any, model: nn.Module, groups: ProcessGroups, path: Path) -> None:
@@ -276,7 +267,7 @@ def engine_files_are_layout_free(engine: Any, groups: ProcessGroups) -> bool:
     the engine then saves the module's state dict and the optimizer's, both complete on rank 0.
     """
     layout = groups.layout
-    if (layout.ep, layout.tp, layout.pp) != (1, 1, 1) or _tp_degree(groups)[1] != 1:
+    if (layout.ep, layout.tp, layout.pp) != (1, 1, 1):
         return False
     stage = int(getattr(engine, "zero_optimization_stage", lambda: 0)())
     optimizer = getattr(engine, "optimizer", None)

@@ -285,7 +285,7 @@ def test_save_at_dp2_tp2_ep2_resume_at_other_tp_and_ep(tmp_path):
 
 def test_tensor_parallel_dim_and_layout_free_engine_files():
     from parallel.expert_checkpoint import engine_files_are_layout_free, tensor_parallel_dim
-    from parallel.layout import ParallelLayout
+    from parallel.layout import ParallelLayout, ProcessGroups
     from parallel.tensor_parallel import mark_tensor_parallel
 
     column = ColumnParallelLinear(D, FF)
@@ -306,8 +306,8 @@ def test_tensor_parallel_dim_and_layout_free_engine_files():
         zero_optimization_stage=lambda: 0,
     )
 
-    def groups(tp: int) -> SimpleNamespace:
-        return SimpleNamespace(layout=ParallelLayout(dp=1, tp=tp), tp_size=tp)
+    def groups(tp: int) -> ProcessGroups:
+        return ProcessGroups(layout=ParallelLayout(dp=1, tp=tp), mesh=None, rank=0)
 
     assert engine_files_are_layout_free(engine, groups(1))
     assert not engine_files_are_layout_free(engine, groups(2))  # the files hold TP shards
