@@ -95,6 +95,8 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("d_model", "layers", "heads", "d_ff", "seq", "batch", "experts", "vocab"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.capacity_factor < 0:
+        raise UserError(f"--capacity-factor ({args.capacity_factor}) must be >= 0 (0 = dropless)")
     if args.d_model % args.heads:
         raise UserError(f"--d-model ({args.d_model}) must be divisible by --heads ({args.heads})")
     for tp in args.tp:
