@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from attention.base import AttentionOptions, upcast
+from attention.base import AttentionOptions, make_linear, upcast
 
 
 class GatedUnitOptions(AttentionOptions):
@@ -54,11 +54,15 @@ class GatedUnitCore(nn.Module):
         self.hidden_dim = hidden
         self.qk_dim = options.qk_dim
         self.rotary = options.rotary
-        self.to_gate_value = nn.Linear(d_model, 2 * hidden, bias=options.bias)
-        self.to_shared = nn.Linear(d_model, options.qk_dim, bias=options.bias)
+        # Under tensor parallelism the expanded width e is cut (U, V column-wise, W_o
+        # row-wise); Z, its views and the relu² weights are computed on every rank.
+        self.to_gate_value = make_linear(
+            d_model, 2 * hidden, bias=options.bias, split="column", parts=2
+        )
+        self.to_shared = make_linear(d_model, options.qk_dim, bias=options.bias)
         self.gamma = nn.Parameter(torch.randn(num_views, options.qk_dim) * 0.02)
         self.beta = nn.Parameter(torch.zeros(num_views, options.qk_dim))
-        self.out = nn.Linear(hidden, d_model, bias=options.bias)
+        self.out = make_linear(hidden, d_model, bias=options.bias, split="row")
         self.relative_bias = (
             ToeplitzBias(options.max_relative_distance)
             if options.max_relative_distance > 0
@@ -66,7 +70,7 @@ class GatedUnitCore(nn.Module):
         )
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """x [B, n, D] -> U [B, n, e], V [B, n, e], and P views [B, n, s] of Z."""
+        """x [B, n, D] -> U [B, n, e], V [B, n, e] (e / tp each under TP), P views [B, n, s] of Z."""
         gate, value = F.silu(self.to_gate_value(x)).chunk(2, dim=-1)
         shared = F.silu(self.to_shared(x))
         # All P views in one fused op [B, n, P, s] (4x fewer passes than P separate ones).

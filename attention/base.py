@@ -39,6 +39,7 @@ from parallel.collectives import COLLECTIVE_TIMEOUT
 from parallel.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
+    copy_to_region,
     group_size_and_rank,
     mark_tensor_parallel,
 )
@@ -189,6 +190,9 @@ class Attention(nn.Module):
     stochastic_structure: ClassVar[bool] = False
     supports_tensor_parallel: ClassVar[bool] = False
     tensor_parallel_obstacle: ClassVar[str] = "its heads are not independent"
+    # False for single-head units that split another width (GAU/FLASH's expanded width):
+    # num_heads is then not checked against tp.
+    splits_heads: ClassVar[bool] = True
     Options: ClassVar[type[AttentionOptions]] = AttentionOptions
 
     def __init__(
@@ -235,7 +239,11 @@ class Attention(nn.Module):
     def check_tensor_parallel(cls, num_heads: int, tp: int) -> None:
         """Raise a one-line ValueError when this method cannot split num_heads heads over tp."""
         error = tensor_parallel_error(
-            cls.name, cls.supports_tensor_parallel, cls.tensor_parallel_obstacle, num_heads, tp
+            cls.name,
+            cls.supports_tensor_parallel,
+            cls.tensor_parallel_obstacle,
+            num_heads if cls.splits_heads else tp,
+            tp,
         )
         if error is not None:
             raise ValueError(error)
@@ -314,7 +322,8 @@ class Attention(nn.Module):
         if self.tp != 1:
             raise RuntimeError(f"attention '{self.name}' is already parallelized (tp={self.tp})")
         self.tp, self.tp_rank, self.tp_group, self.tp_timeout = tp, rank, group, timeout
-        self.num_local_heads = self.num_heads // tp
+        if self.splits_heads:
+            self.num_local_heads = self.num_heads // tp
         for name, module in list(self.named_modules()):
             if isinstance(module, HeadLinear) and module.split is not None:
                 parent_name, _, child = name.rpartition(".")
@@ -327,6 +336,11 @@ class Attention(nn.Module):
         Called by ``parallelize`` after the linears are cut, with ``tp``, ``tp_rank`` and
         ``num_local_heads`` set. Use ``shard_head_tensor`` for each tensor sized by num_heads.
         """
+
+    def enter_parallel_region(self, t: torch.Tensor) -> torch.Tensor:
+        """t, replicated, read by this rank's share of the work: the identity forward, and its
+        gradient summed over the TP group backward (so what computed t gets the full one)."""
+        return copy_to_region(t, self.tp_group, self.tp_timeout)
 
     def local_head_slice(self) -> slice:
         """The global indices of this rank's heads."""

@@ -66,6 +66,9 @@ class FlashAttention(Attention):
     supports_causal = True
     supports_padding = True
     replaces_ffn = True
+    # Single-head: tensor parallelism cuts the expanded width e, not heads.
+    supports_tensor_parallel = True
+    splits_heads = False
     Options = FlashOptions
 
     def __init__(self, d_model: int, num_heads: int, **kwargs: Any) -> None:
@@ -113,6 +116,7 @@ class FlashAttention(Attention):
         relative = self.core.bias_matrix(chunk, self.causal, query.dtype, query.device)
         padding = key_padding_bias(chunk_mask, query.dtype)
         weights = relu_squared_scores(query, key, divisor, (relative, padding))
+        weights = self.enter_parallel_region(weights)  # read by this rank's channels of V
         if self.training and self.options.dropout > 0:
             weights = F.dropout(weights, p=self.options.dropout)
         return weights @ value
@@ -128,6 +132,8 @@ class FlashAttention(Attention):
     ) -> torch.Tensor:
         """local + global linear attention across chunks: [B, G, C, s|e] fp32 -> [B, G, C, e]."""
         batch, num_chunks, chunk, _ = query.shape
+        # Replicated views read by this rank's channels of V only: gradients summed over TP.
+        query, key = self.enter_parallel_region(query), self.enter_parallel_region(key)
         if keep is not None:
             key = key * keep  # zero K_lin rows at pad keys
         if not self.causal:

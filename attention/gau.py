@@ -58,6 +58,9 @@ class GatedAttentionUnit(Attention):
     supports_causal = True
     supports_padding = True
     replaces_ffn = True
+    # Single-head: tensor parallelism cuts the expanded width e, not heads.
+    supports_tensor_parallel = True
+    splits_heads = False
     Options = GAUOptions
 
     def __init__(self, d_model: int, num_heads: int, **kwargs: Any) -> None:
@@ -80,6 +83,7 @@ class GatedAttentionUnit(Attention):
             if key_padding_mask is not None:
                 padding = key_padding_bias(key_padding_mask[:, None, :], dtype)
             weights = relu_squared_scores(query, key, divisor, (relative, padding))
+            weights = self.enter_parallel_region(weights)  # read by this rank's channels of V
             if self.training and self.options.dropout > 0:
                 weights = F.dropout(weights, p=self.options.dropout)
             mixed = weights @ upcast(value)

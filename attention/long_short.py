@@ -23,6 +23,7 @@ depthwise-conv value branch.
 from __future__ import annotations
 
 import math
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -38,6 +39,7 @@ from attention.base import (
     zero_padded_queries,
 )
 from attention.registry import register
+from parallel.tensor_parallel import copy_to_region, mark_tensor_parallel, reduce_from_region
 
 BIDIRECTIONAL_WINDOW = 8  # LRA scripts: (w, r) = (8, 32)
 CAUSAL_WINDOW = 512  # enwik8 base: window 512, chunk 16, chunk rank 1
@@ -75,6 +77,7 @@ class LongShortAttention(Attention):
     name = "long_short"
     supports_causal = True
     supports_padding = True
+    supports_tensor_parallel = True  # landmarks are per head; DualLN sums over the group
     Options = LongShortOptions
 
     def __init__(self, d_model: int, num_heads: int, **kwargs: Any) -> None:
@@ -93,13 +96,32 @@ class LongShortAttention(Attention):
                 "long_short options window_size (0) and num_landmarks (0) leave no key to "
                 "attend; set one of them >= 1"
             )
-        self.query = nn.Linear(d_model, d_model, bias=opts.bias)
-        self.key = nn.Linear(d_model, d_model, bias=opts.bias)
-        self.value = nn.Linear(d_model, d_model, bias=opts.bias)
-        self.out = nn.Linear(d_model, d_model, bias=opts.bias)
-        self.landmark = nn.Linear(d_model, num_heads * self.rank) if self.rank > 0 else None
+        self.query = self.make_linear(d_model, d_model, bias=opts.bias, split="column")
+        self.key = self.make_linear(d_model, d_model, bias=opts.bias, split="column")
+        self.value = self.make_linear(d_model, d_model, bias=opts.bias, split="column")
+        self.out = self.make_linear(d_model, d_model, bias=opts.bias, split="row")
+        # Output features ordered (head, landmark): a column cut keeps each rank's heads.
+        self.landmark = (
+            self.make_linear(d_model, num_heads * self.rank, split="column")
+            if self.rank > 0
+            else None
+        )
         self.norm_local = nn.LayerNorm(d_model) if opts.dual_ln else nn.Identity()
         self.norm_global = nn.LayerNorm(d_model) if opts.dual_ln else nn.Identity()
+
+    def shard_heads(self) -> None:
+        # DualLN normalises over all D features, i.e. across heads: under tensor parallelism
+        # each rank keeps its heads' features and the statistics are summed over the group.
+        features = slice(
+            self.local_head_slice().start * self.head_dim,
+            self.local_head_slice().stop * self.head_dim,
+        )
+        for name in ("norm_local", "norm_global"):
+            norm = getattr(self, name)
+            if isinstance(norm, nn.LayerNorm):
+                setattr(
+                    self, name, ShardedLayerNorm(norm, features, self.tp_group, self.tp_timeout)
+                )
 
     # Long range -------------------------------------------------------------------------
 
@@ -109,7 +131,7 @@ class LongShortAttention(Attention):
         x [B, n, D], valid [B, n] -> [B, H, n / group, r, group].
         """
         b, n, _ = x.shape
-        logits = self.landmark(x).view(b, n // group, group, self.num_heads, self.rank)
+        logits = self.landmark(x).view(b, n // group, group, self.num_local_heads, self.rank)
         logits = logits.permute(0, 3, 1, 4, 2).to(_compute_dtype(x))
         allowed = valid.view(b, 1, n // group, 1, group)
         return masked_softmax(logits, allowed, dim=-1)
@@ -140,7 +162,7 @@ class LongShortAttention(Attention):
             y = self._causal(padded, valid, block=multiple)
         else:
             y = self._bidirectional(padded, valid, segment=multiple)
-        y = self.out(self.merge_heads(y.to(x.dtype))[:, :n])
+        y = self.out(self.merge_heads(y.to(x.dtype))[:, :n])  # all-reduced under TP
         return zero_padded_queries(y, key_padding_mask), None
 
     def _segment(self, n: int) -> int:
@@ -186,10 +208,10 @@ class LongShortAttention(Attention):
                 position = torch.arange(w, device=x.device)[:, None]
                 own = torch.arange(span, device=x.device)[None, :] == position + extension
                 allowed = key_ok.squeeze(-1).unsqueeze(-2) | own  # padded queries see themselves
-                query_tiles = q.view(b, self.num_heads, n // w, w, self.head_dim)
+                query_tiles = q.view(b, self.num_local_heads, n // w, w, self.head_dim)
                 k_tiles = _tiles(k, extension, extension, span, w)  # [B, H, g, span, d]
                 window = (query_tiles @ k_tiles.transpose(-1, -2)).masked_fill(~allowed, -math.inf)
-                scores.append(window.view(b, self.num_heads, n, span))
+                scores.append(window.view(b, self.num_local_heads, n, span))
                 values.append(_tiles(v, extension, extension, span, w))
             return self._combine(scores, values)
 
@@ -223,10 +245,10 @@ class LongShortAttention(Attention):
             offset = offset - torch.arange(block, device=x.device)[:, None]
             in_window = (offset > 0) & (offset <= w)
             allowed = (key_ok.unsqueeze(-2) & in_window) | (offset == w)
-            query_tiles = q.view(b, self.num_heads, n // block, block, self.head_dim)
+            query_tiles = q.view(b, self.num_local_heads, n // block, block, self.head_dim)
             k_tiles = _tiles(k, w, 0, span, block)
             window = (query_tiles @ k_tiles.transpose(-1, -2)).masked_fill(~allowed, -math.inf)
-            scores.append(window.view(b, self.num_heads, n, span))
+            scores.append(window.view(b, self.num_local_heads, n, span))
             values.append(_tiles(v, w, 0, span, block))
             return self._combine(scores, values)
 
@@ -249,6 +271,36 @@ class LongShortAttention(Attention):
                 tiled = part.reshape(b, h, g, -1, span) @ value
                 out = out + tiled.reshape(b, h, -1, d)
         return out
+
+
+class ShardedLayerNorm(nn.Module):
+    """LayerNorm over D features of which this rank holds a slice x [..., D / tp].
+
+    The mean and variance are sums over every rank's features: all-reduced in the forward,
+    and their gradients all-reduced in the backward too (each rank's normalised features
+    depend on them). Weight and bias keep the local features (partition_dim 0).
+    """
+
+    def __init__(self, norm: nn.LayerNorm, features: slice, group: Any, timeout: timedelta) -> None:
+        super().__init__()
+        (self.width,) = norm.normalized_shape
+        self.eps, self.group, self.timeout = norm.eps, group, timeout
+        self.weight = nn.Parameter(norm.weight.detach()[features].clone())
+        self.bias = nn.Parameter(norm.bias.detach()[features].clone())
+        mark_tensor_parallel(self.weight, partition_dim=0)
+        mark_tensor_parallel(self.bias, partition_dim=0)
+
+    def _total(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over the group, forward and backward."""
+        summed = reduce_from_region(t, self.group, self.timeout)
+        return copy_to_region(summed, self.group, self.timeout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., D / tp] -> the matching slice of LayerNorm(x over all D)."""
+        mean = self._total(x.sum(-1, keepdim=True)) / self.width
+        centred = x - mean
+        variance = self._total(centred.square().sum(-1, keepdim=True)) / self.width
+        return centred * torch.rsqrt(variance + self.eps) * self.weight + self.bias
 
 
 def _tiles(

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from attention.base import check_padding_mask, zero_padded_queries
+from attention.base import check_padding_mask, make_linear, zero_padded_queries
 from attention.local import LocalAttention, LocalOptions
 from attention.registry import register
 
@@ -98,7 +98,7 @@ class DiagonalStateSpace(nn.Module):
         # C ~ complex standard normal (variance 1 in total), stored as (real, imag) pairs.
         self.c = nn.Parameter(torch.randn(directions, channels, modes, 2) * math.sqrt(0.5))
         self.skip = nn.Parameter(torch.randn(channels))
-        self.output = nn.Linear(channels, channels)
+        self.output = make_linear(channels, channels)  # replicated under tensor parallelism
         if lr is not None:
             for param in (self.log_dt, self.log_a_real, self.a_imag):
                 param._optim = {"lr": lr, "weight_decay": 0.0}  # type: ignore[attr-defined]
@@ -232,6 +232,9 @@ class SpadeAttention(LocalAttention):
     name = "spade"
     supports_causal = True
     supports_padding = True
+    # The local attention's heads are cut as in ``local``; the S4D branch, its norms and the
+    # aggregate run on every rank on the replicated x (replicated parameters).
+    supports_tensor_parallel = True
     Options = SpadeOptions
 
     def __init__(self, d_model: int, num_heads: int, **kwargs: Any) -> None:
@@ -259,7 +262,7 @@ class SpadeAttention(LocalAttention):
             self.norm_global = nn.LayerNorm(d_model)
             self.norm_local = nn.LayerNorm(d_model)
         if self.combine == "concat":
-            self.aggregate = nn.Linear(2 * d_model, d_model)
+            self.aggregate = self.make_linear(2 * d_model, d_model)
 
     def forward(
         self, x: torch.Tensor, *, key_padding_mask: torch.Tensor | None = None, state: Any = None
