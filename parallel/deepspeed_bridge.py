@@ -82,6 +82,12 @@ tests/parallel/test_deepspeed_bridge.py so an upgrade that breaks one fails loud
    them) and records no norm (``get_global_grad_norm()`` stays None); with a layout,
    ``initialize`` replaces it by ``clip_by_global_norm``: each gradient counted once over
    the world, recorded as the engine's global norm.
+14. Model-parallel checkpoint files (``runtime/state_dict_factory.py``): the engine writes one
+   ``mp_rank_<r>_model_states.pt`` per model-parallel rank and, when loading, merges or
+   splits them with Megatron's key names whenever their number differs from its own
+   ``mp_world_size`` (an AssertionError for any other model). At another TP size only the
+   scheduler, step counters and client state are taken from them (the same in every file),
+   so ``load_training_state`` reads the first file as if the layouts matched.
 
 Without CUDA, ``DS_ACCELERATOR=cpu`` is set before deepspeed is imported (gloo backend).
 """
@@ -437,10 +443,14 @@ def clip_by_global_norm(engine: Any, groups: ProcessGroups) -> torch.Tensor:
     exact global norm (contract 13); records it as ``engine.get_global_grad_norm()``."""
     parameters = [p for p in engine.module.parameters() if p.grad is not None]
     norm = global_grad_norm(parameters, groups)
+    engine._global_grad_norm = norm
+    if not torch.isfinite(norm):
+        # Scaling by a NaN coefficient would make every gradient NaN and hide which one was
+        # not finite; the step is skipped anyway (contract 9) and names it.
+        return norm
     coefficient = torch.clamp(engine.gradient_clipping() / (norm + 1e-6), max=1.0)
     for param in parameters:
         param.grad.detach().mul_(coefficient.to(param.grad.device))
-    engine._global_grad_norm = norm
     return norm
 
 
@@ -458,7 +468,9 @@ def guard_nonfinite_steps(optimizer: torch.optim.Optimizer) -> None:
     step = optimizer.step
     every = [p for group in optimizer.param_groups for p in group["params"]]
     agree = any(
-        getattr(p, "allreduce", True) is False or getattr(p, "tensor_model_parallel", False)
+        getattr(p, "allreduce", True) is False
+        or getattr(p, "tensor_model_parallel", False)
+        or getattr(p, "model_parallel", False)
         for p in every
     )
 
@@ -571,20 +583,27 @@ def _skip_module_state(src: dict[str, Any], dst: nn.Module) -> None:
 def load_training_state(engine: Any, load_dir: str, tag: str) -> dict[str, Any]:
     """Load a checkpoint's LR scheduler, step counters and client state, not its weights.
 
-    For a checkpoint written at another EP size (contract 7): module and optimizer states are
+    For a checkpoint written at another EP or TP size (contracts 7, 14): module and optimizer states are
     shaped by the layout and must come from a layout-free file instead. Under ZeRO 1/2 the
     engine then copies the (unchanged) module weights into its fp32 partitions. Returns the
     client state.
     """
-    path, client_state = engine.load_checkpoint(
-        load_dir,
-        tag=tag,
-        load_module_strict=False,
-        load_optimizer_states=False,
-        load_lr_scheduler_states=True,
-        load_module_only=False,
-        custom_load_fn=_skip_module_state,
-    )
+    saved_mp = len(engine._get_all_ckpt_names(load_dir, tag))
+    own = (engine.mp_world_size, engine.checkpoint_mp_rank)
+    if saved_mp and saved_mp != engine.mp_world_size:  # contract 14: no Megatron merge
+        engine.mp_world_size, engine.checkpoint_mp_rank = saved_mp, 0
+    try:
+        path, client_state = engine.load_checkpoint(
+            load_dir,
+            tag=tag,
+            load_module_strict=False,
+            load_optimizer_states=False,
+            load_lr_scheduler_states=True,
+            load_module_only=False,
+            custom_load_fn=_skip_module_state,
+        )
+    finally:
+        engine.mp_world_size, engine.checkpoint_mp_rank = own
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {load_dir}")
     # The scheduler's state is its position only; the learning rate it set lives in the
