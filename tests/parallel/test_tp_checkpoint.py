@@ -41,8 +41,9 @@ from parallel.tensor_parallel import (
     scatter_to_region,
 )
 from tests.dist import run_ranks
+from tests.parallel.test_ep_engine import ds_config  # AdamW lr 1e-2, no clipping
 
-VOCAB, D, FF, H, E, ROWS, LR = 16, 16, 32, 8, 4, 16, 1e-2
+VOCAB, D, FF, H, E, ROWS = 16, 16, 32, 8, 4, 16
 SAVE_AT, RESUMED = 3, 2  # steps before saving, steps compared after it
 
 
@@ -113,16 +114,6 @@ class TinyTPModel(nn.Module):
         hidden = self.embed(ids)
         hidden = hidden + self.down(torch.relu(self.up(hidden)))
         return F.cross_entropy(self.head(self.experts(hidden)), targets)
-
-
-def ds_config(stage: int) -> dict:
-    return {
-        "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": stage},
-        "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.0, "torch_adam": True}},
-        "steps_per_print": 10**9,
-    }  # fmt: skip
 
 
 def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
