@@ -1,16 +1,17 @@
 """Portable checkpoints across tensor-parallel layouts (parallel/expert_checkpoint.py), gloo.
 
 A small model, embedding -> column-parallel up -> relu -> row-parallel down (+ residual) ->
-stacked expert weights [E, D, H], [E, H, D] (every expert on every row, no capacity, so every layout
-computes the same function) -> head, built full from one seed and then cut for the layout.
+stacked expert weights [E, D, H], [E, H, D] (every expert on every row, no capacity, so
+every layout computes the same function) -> head, built full from one seed and then cut for
+the layout.
 
 One 4-rank spawn (the layouts the issue names, "dp=2 x tp=2, ep=2" etc.):
 1. dp=2 x tp=2, ep=2, ZeRO 1: train 3 steps, save, train 2 more (the uninterrupted run);
    each rank also returns its shards of every weight and Adam moment.
-2. dp=4, ep=2 (tp=1, plain nn.Linear), ZeRO 1: load that file, train the same 2 steps; then
+2. dp=4, ep=2 (tp=1, plain nn.Linear), ZeRO 0: load that file, train the same 2 steps; then
    save this tp=1 state and train 2 more (a second uninterrupted run).
-3. dp=2 x tp=2, ep=4, ZeRO 0: load the first file, train the 2 steps; load the tp=1 file,
-   train its 2 steps (tp=1 -> tp=2).
+3. dp=2 x tp=2, ep=4, ZeRO 1 (moments scattered into partitions of the shards): load the
+   first file, train the 2 steps; load the tp=1 file, train its 2 steps (tp=1 -> tp=2).
 One 1-process spawn: tp=1, ep=1, ZeRO 0 loads the first file and trains the 2 steps.
 Every resumed run's losses equal its uninterrupted run's (atol 1e-5), which needs weights,
 both Adam moments and the Adam step restored shard by shard. The file holds the full
@@ -195,13 +196,13 @@ def four_ranks(rank: int, world_size: int, directory: str) -> bytes:
     results["uninterrupted"] = train(engine, groups, after)
     results["info"] = portable_info(saved_tp2)
 
-    groups, model, engine = build(world_size, dp=4, tp=1, ep=2, stage=1)
+    groups, model, engine = build(world_size, dp=4, tp=1, ep=2, stage=0)
     load_portable(engine, model, groups, saved_tp2)
     results["dp4_ep2"] = train(engine, groups, after)
     save_portable(engine, model, groups, saved_tp1)
     results["uninterrupted_tp1"] = train(engine, groups, later)
 
-    groups, model, engine = build(world_size, dp=2, tp=2, ep=4, stage=0)
+    groups, model, engine = build(world_size, dp=2, tp=2, ep=4, stage=1)
     load_portable(engine, model, groups, saved_tp2)
     results["tp2_ep4"] = train(engine, groups, after)
     load_portable(engine, model, groups, saved_tp1)
