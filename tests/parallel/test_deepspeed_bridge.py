@@ -114,6 +114,52 @@ def test_base_optimizer_and_partitioned_master_without_zero():
     assert bridge.base_optimizer(Engine()) is adamw
 
 
+def test_global_grad_norm_counts_every_gradient_once_over_the_layout():
+    """Contract 13 arithmetic, no processes: on dp=2 x tp=2 with ep=2, summing what each of
+    the 4 ranks counts gives every value once (dense on rank 0, each TP shard on dp rank 0,
+    each expert block at EDP rank 0)."""
+    from parallel.layout import ParallelLayout, ProcessGroups
+    from parallel.markers import mark_expert
+    from parallel.tensor_parallel import mark_tensor_parallel
+
+    layout = ParallelLayout(dp=2, tp=2, ep=2)
+    dense, shards, experts = torch.tensor([3.0]), [1.0, 2.0], [4.0, 5.0]  # by tp / ep rank
+    total = 0.0
+    for rank in range(4):
+        groups = ProcessGroups(layout=layout, mesh=None, rank=rank)
+        params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(3)]
+        mark_tensor_parallel(params[1], partition_dim=0)
+        mark_expert(params[2])
+        params[2].model_parallel = True  # as tagged under TP: still counted by EDP rank
+        for param, value in zip(
+            params, (dense, [shards[groups.tp_rank]], [experts[groups.ep_rank]])
+        ):
+            param.grad = torch.tensor(value)
+        total += float(bridge.global_grad_norm(params, groups)) ** 2
+    assert total == pytest.approx(3.0**2 + 1 + 4 + 16 + 25)
+
+
+def test_clip_leaves_nonfinite_gradients_for_the_guard():
+    from parallel.layout import ParallelLayout, ProcessGroups
+
+    groups = ProcessGroups(layout=ParallelLayout(dp=1), mesh=None, rank=0)
+    module = torch.nn.Linear(2, 1, bias=False)
+
+    class Engine:
+        def gradient_clipping(self):
+            return 0.5
+
+    engine = Engine()
+    engine.module = module
+    module.weight.grad = torch.tensor([[3.0, 4.0]])
+    assert float(bridge.clip_by_global_norm(engine, groups)) == pytest.approx(5.0)
+    assert module.weight.grad[0].tolist() == pytest.approx([0.3, 0.4], abs=1e-6)
+    assert float(engine._global_grad_norm) == pytest.approx(5.0)
+    module.weight.grad = torch.tensor([[float("nan"), 4.0]])
+    bridge.clip_by_global_norm(engine, groups)
+    assert module.weight.grad[0, 1] == 4.0  # not scaled by a NaN coefficient
+
+
 # Real engines ------------------------------------------------------------------------------
 
 
