@@ -46,7 +46,7 @@ def body(rank: int, world_size: int, directory: str) -> bytes:
             shard_experts(model, groups.ep_group, equal_tokens=True)
         config = {**ds_config(stage), **({"bf16": {"enabled": True}} if bf16 else {})}
         engine = bridge.initialize(
-            model, config, num_experts_per_layer=[E], ep_size=ep, zero_stage=stage
+            model, config, num_experts_per_layer=[E], zero_stage=stage, groups=groups
         )
         return groups, model, engine
 
