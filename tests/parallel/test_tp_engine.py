@@ -125,8 +125,11 @@ def _train_body(rank: int, world_size: int, cases: list[tuple[str, int]]) -> dic
 
 @pytest.mark.slow
 def test_tp2_equals_tp1_losses_and_clipped_grad_norms(tmp_path):
-    (reference,) = run_ranks(1, _train_body, tmp_path, CASES, timeout=120)
-    tp2 = run_ranks(2, _train_body, tmp_path, CASES, timeout=120)
+    # One FileStore directory per launch: a second launch must not read the first's keys.
+    (tmp_path / "tp1").mkdir()
+    (tmp_path / "tp2").mkdir()
+    (reference,) = run_ranks(1, _train_body, tmp_path / "tp1", CASES, timeout=120)
+    tp2 = run_ranks(2, _train_body, tmp_path / "tp2", CASES, timeout=120)
     for case in CASES:
         want = reference[case]
         assert min(want["norms"]) > 2 * CLIP, case  # clipping changes every step
