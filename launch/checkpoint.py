@@ -36,10 +36,12 @@ ep > 1, under ZeRO 1/2 or with DeepSpeed's fp32 master copies also writes ``port
 (parallel/expert_checkpoint.py): full weights, Adam moments and step, independent of the EP
 size. At ep=1 with ZeRO 0 and plain parameters the engine's own files already hold exactly
 that, by name, so ``portable.pt`` is not written and a later ep change reads the engine's
-files instead (moeforge.json says which: ``layout_free``). moeforge.json records the ``ep``
-a checkpoint was saved with; ``load(..., ep=N)`` at another ep takes the scheduler, step
-counters and client state from the engine's files and weights plus Adam state from the
-layout-free source only.
+files instead (moeforge.json says which: ``layout_free``). Under tensor parallelism the
+engine's files hold each rank's shards, so ``portable.pt`` (TP shards gathered) is written.
+moeforge.json records the layout a checkpoint was saved with (world size, dp, tp, ep);
+``load(..., groups=...)`` at another layout takes the scheduler, step counters and client
+state from the engine's files (rank 0's when the world size changed) and weights plus Adam
+state from the layout-free source only.
 """
 
 from __future__ import annotations
@@ -81,9 +83,10 @@ from parallel import deepspeed_bridge as bridge
 
 __all__ = [
     "LATEST", "MANIFEST", "PORTABLE_FILE", "STATE_FILE", "CheckpointConfig", "NoSpaceLeft",
-    "ResumePoint", "RunSurvey", "check_ep_change", "checkpoint_dir", "latest_tag",
-    "layout_free_in_engine_files", "load", "prune", "remove_run_state", "resume_point", "save",
-    "saved_config_text", "saved_ep", "saved_state", "survey", "tag_for",
+    "ResumePoint", "RunSurvey", "check_ep_change", "check_layout_change", "checkpoint_dir",
+    "describe_layout", "has_layout_free_state", "latest_tag", "layout_free_in_engine_files",
+    "layout_of", "load", "prune", "remove_run_state", "resume_point", "save",
+    "saved_config_text", "saved_ep", "saved_layout", "saved_state", "survey", "tag_for",
 ]  # fmt: skip
 
 PORTABLE_FILE = "portable.pt"
@@ -245,8 +248,13 @@ def save(
     config_yaml: str,
     keep_last: int,
     extra: dict[str, Any] | None = None,
+    groups: Any = None,
 ) -> Path:
-    """Save the state after global step ``step`` atomically; every rank must call it."""
+    """Save the state after global step ``step`` atomically; every rank must call it.
+
+    ``groups``: the run's ``parallel.layout.ProcessGroups`` (None: one data-parallel group
+    over the world), for the layout-free file that gathers experts and TP shards.
+    """
     root = checkpoint_dir(run_dir)
     tag = tag_for(step)
     final = root / tag
@@ -255,7 +263,7 @@ def save(
         for leftover in root.glob(".tmp-step*"):  # of crashed saves
             shutil.rmtree(leftover, ignore_errors=True)
     _barrier()
-    layout_free = _layout_free_source(engine)
+    layout_free = _layout_free_source(engine, groups)
     state = {"step": step, "world_size": world_size, **(extra or {})}
     if layout_free is not None:
         state["layout_free"] = layout_free
@@ -264,7 +272,7 @@ def save(
         bridge.save_checkpoint(engine, str(root), tmp.name, {"moeforge": state})
         torch.save(rng_state(), tmp / f"rng_rank{_rank()}.pt")
         if layout_free == PORTABLE_FILE:
-            _save_portable(engine, tmp)
+            _save_portable(engine, groups, tmp)
         if _rank() == 0:
             (tmp / "config.yaml").write_text(config_yaml)
             (tmp / STATE_FILE).write_text(json.dumps(state))
@@ -437,13 +445,43 @@ def saved_config_text(run_dir: Path, tag: str | None = None) -> str | None:
 
 def saved_ep(run_dir: Path, tag: str | None = None) -> int | None:
     """The EP size checkpoint ``tag`` was saved with (moeforge.json, else its config)."""
+    layout = saved_layout(run_dir, tag)
+    return None if layout is None else layout["ep"]
+
+
+def saved_layout(run_dir: Path, tag: str | None = None) -> dict[str, int] | None:
+    """{"world_size", "dp", "tp", "ep"} checkpoint ``tag`` was saved with (moeforge.json,
+    its config for what older checkpoints did not record)."""
     state = saved_state(run_dir, tag)
     if state is None:
         return None
-    if "ep" in state:
-        return int(state["ep"])
     config = yaml.safe_load(saved_config_text(run_dir, tag) or "") or {}
-    return int((config.get("parallel") or {}).get("ep", 1))
+    parallel = config.get("parallel") or {}
+    world = int(state["world_size"])
+    tp = int(state.get("tp", parallel.get("tp", 1)))
+    pp = int(parallel.get("pp", 1))
+    return {
+        "world_size": world,
+        "dp": int(state.get("dp", world // max(tp * pp, 1))),
+        "tp": tp,
+        "ep": int(state.get("ep", parallel.get("ep", 1))),
+    }
+
+
+def layout_of(groups: Any) -> dict[str, int]:
+    """The layout record of a run's ``ProcessGroups`` (what ``saved_layout`` reads back)."""
+    layout = groups.layout
+    return {"world_size": layout.world_size, "dp": layout.dp, "tp": layout.tp, "ep": layout.ep}
+
+
+def describe_layout(layout: dict[str, int]) -> str:
+    """A layout record in the notation of the start-up report: "dp=2 x tp=2, ep=2"."""
+    text = f"dp={layout['dp']}"
+    if layout["tp"] > 1:
+        text += f" x tp={layout['tp']}"
+    if layout["ep"] > 1:
+        text += f", ep={layout['ep']}"
+    return text
 
 
 def layout_free_in_engine_files(state: dict[str, Any]) -> bool:
@@ -452,19 +490,40 @@ def layout_free_in_engine_files(state: dict[str, Any]) -> bool:
     return state.get("layout_free") == "engine"
 
 
-def check_ep_change(run_dir: Path, ep: int, tag: str | None = None) -> None:
-    """Raise a one-line UserError unless checkpoint ``tag`` can be resumed at ``ep``."""
+def has_layout_free_state(run_dir: Path, tag: str | None = None) -> bool:
+    """Whether checkpoint ``tag`` can be loaded at another layout (portable.pt, or engine
+    files that are layout-free)."""
     tag = _tag_or_latest(run_dir, tag)
-    before = saved_ep(run_dir, tag)
-    if before is None or before == ep:
+    if tag is None:
+        return False
+    directory = checkpoint_dir(run_dir) / str(tag)
+    state = saved_state(run_dir, tag) or {}
+    return layout_free_in_engine_files(state) or (directory / PORTABLE_FILE).is_file()
+
+
+def check_layout_change(run_dir: Path, now: dict[str, int], tag: str | None = None) -> None:
+    """Raise a one-line UserError unless checkpoint ``tag`` can be resumed at the layout
+    ``now`` (its "ep" and "tp", and "world_size" when given)."""
+    tag = _tag_or_latest(run_dir, tag)
+    before = saved_layout(run_dir, tag)
+    if before is None:
+        return
+    changed = [k for k in ("world_size", "tp", "ep") if k in now and now[k] != before[k]]
+    if not changed or has_layout_free_state(run_dir, tag):
         return
     directory = checkpoint_dir(run_dir) / str(tag)
-    engine_files = layout_free_in_engine_files(saved_state(run_dir, tag) or {})
-    if not engine_files and not (directory / PORTABLE_FILE).is_file():
-        raise UserError(
-            f"cannot resume {directory} at parallel.ep={ep}: it was saved at ep={before} without "
-            f"{PORTABLE_FILE} (layout-free weights and Adam state); resume at parallel.ep={before}"
-        )
+    names = {"world_size": "world size", "tp": "parallel.tp", "ep": "parallel.ep"}
+    what = ", ".join(f"{names[k]}={now[k]}" for k in changed)
+    was = ", ".join(f"{names[k]}={before[k]}" for k in changed)
+    raise UserError(
+        f"cannot resume {directory} at {what}: it was saved at {was} without {PORTABLE_FILE} "
+        f"(layout-free weights and Adam state); resume at {was}"
+    )
+
+
+def check_ep_change(run_dir: Path, ep: int, tag: str | None = None) -> None:
+    """Raise a one-line UserError unless checkpoint ``tag`` can be resumed at ``ep``."""
+    check_layout_change(run_dir, {"ep": ep}, tag)
 
 
 # What torch.load and the engine raise on a damaged file: a broken zip archive, a truncated or
@@ -496,27 +555,39 @@ def _load_error(directory: Path, err: BaseException, name: str | None = None) ->
 
 
 def load(
-    engine: Any, run_dir: Path, *, ep: int | None = None, tag: str | None = None
+    engine: Any,
+    run_dir: Path,
+    *,
+    groups: Any = None,
+    ep: int | None = None,
+    tag: str | None = None,
 ) -> dict[str, Any]:
     """Load checkpoint ``tag`` into ``engine`` and this rank's RNG; returns moeforge's state.
 
-    ``tag``: default the newest valid checkpoint (``resume_point``). ``ep``: this run's EP
-    size. When it differs from the saved one, module and optimizer states (shaped by the
-    layout) are not loaded from the engine's files: weights, Adam moments and step come from
-    the layout-free source, the rest (LR scheduler, step counters, client state) from the
-    engine's files.
+    ``tag``: default the newest valid checkpoint (``resume_point``). ``groups``: this run's
+    ``ProcessGroups`` (or only ``ep``, this run's EP size, over one data-parallel group). When
+    the layout differs from the saved one, module and optimizer states (shaped by the layout)
+    are not loaded from the engine's files: weights, Adam moments and step come from the
+    layout-free source, the rest (LR scheduler, step counters, client state) from the
+    engine's files. After a world-size change every rank takes rank 0's RNG state (the ranks
+    of a run start from one seed, so rank 0's stands for all of them).
     """
     if tag is None:
         tag = resume_point(run_dir).tag
     if tag is None:
         raise FileNotFoundError(f"no complete checkpoint under {checkpoint_dir(run_dir)}")
     directory = checkpoint_dir(run_dir) / tag
-    before = saved_ep(run_dir, tag)
+    before = saved_layout(run_dir, tag)
+    if groups is not None:
+        now = layout_of(groups)
+    else:
+        now = {**before, "ep": before["ep"] if ep is None else ep, "world_size": _world()}
+    changed = any(now[k] != before[k] for k in ("world_size", "tp", "ep"))
     try:
-        if ep is not None and before != ep:
-            check_ep_change(run_dir, ep, tag)
+        if changed:
+            check_layout_change(run_dir, now, tag)
             client_state = bridge.load_training_state(engine, str(checkpoint_dir(run_dir)), tag)
-            _load_layout_free(engine, directory, ep)
+            _load_layout_free(engine, groups, directory)
         else:
             path, client_state = engine.load_checkpoint(
                 str(checkpoint_dir(run_dir)),
@@ -527,12 +598,13 @@ def load(
             )
             if path is None:
                 raise RuntimeError(f"DeepSpeed found no checkpoint {tag}")
-            _load_experts(engine, directory)
+            _load_portable_over_engine(engine, groups, directory)
     except UserError:
         raise
     except _LOAD_ERRORS as err:
         raise _load_error(directory, err) from err
-    rng_file = directory / f"rng_rank{_rank()}.pt"
+    rank = _rank() if now["world_size"] == before["world_size"] else 0
+    rng_file = directory / f"rng_rank{rank}.pt"
     try:
         set_rng_state(torch.load(rng_file, weights_only=False))
     except _LOAD_ERRORS as err:
@@ -547,23 +619,26 @@ def load(
 # loaded; at any ep they let a run continue at another ep.
 
 
-def _portable_groups(engine: Any) -> Any:
-    """The EP groups of a model with experts (a mesh-free ep=1 stand-in at ep=1), else None."""
+def _portable_groups(engine: Any, groups: Any) -> Any:
+    """The groups the layout-free file is written and read over: the run's when it has
+    experts or tensor-parallel shards, None when the engine's files are all there is."""
     module = getattr(engine, "module", None)
-    groups = getattr(module, "expert_parallel_groups", None)
-    if groups is not None or getattr(module, bridge.MARKERS_ATTRIBUTE, None) is None:
-        return groups
-    from parallel.layout import ParallelLayout, ProcessGroups
+    has_experts = getattr(module, bridge.MARKERS_ATTRIBUTE, None) is not None
+    sharded = groups is not None and groups.layout.tp > 1
+    if not has_experts and not sharded:
+        return None
+    if groups is None:
+        raise ValueError(
+            "checkpoints of a model with experts need the run's ProcessGroups (groups=...)"
+        )
+    return groups
 
-    # At ep=1 nothing is exchanged: save/load_portable read only the layout and ep rank 0.
-    layout = ParallelLayout.from_world(dist.get_world_size(), ep=1)
-    return ProcessGroups(layout=layout, mesh=None, rank=dist.get_rank())
 
-
-def _layout_free_source(engine: Any) -> str | None:
+def _layout_free_source(engine: Any, groups: Any) -> str | None:
     """Where a checkpoint of ``engine`` keeps layout-free weights and Adam state: "engine"
-    when its own files already hold them, PORTABLE_FILE otherwise, None without experts."""
-    groups = _portable_groups(engine)
+    when its own files already hold them, PORTABLE_FILE otherwise, None without experts or
+    tensor-parallel shards."""
+    groups = _portable_groups(engine, groups)
     if groups is None:
         return None
     from parallel.expert_checkpoint import engine_files_are_layout_free
@@ -571,17 +646,21 @@ def _layout_free_source(engine: Any) -> str | None:
     return "engine" if engine_files_are_layout_free(engine, groups) else PORTABLE_FILE
 
 
-def _save_portable(engine: Any, directory: Path) -> None:
+def _save_portable(engine: Any, groups: Any, directory: Path) -> None:
     from parallel.expert_checkpoint import save_portable
 
-    save_portable(engine, engine.module, _portable_groups(engine), directory / PORTABLE_FILE)
+    groups = _portable_groups(engine, groups)
+    save_portable(engine, engine.module, groups, directory / PORTABLE_FILE)
 
 
-def _load_layout_free(engine: Any, directory: Path, ep: int) -> None:
-    """Weights and Adam state at another ep: from portable.pt, else the engine's files."""
-    groups = _portable_groups(engine)
+def _load_layout_free(engine: Any, groups: Any, directory: Path) -> None:
+    """Weights and Adam state at another layout: from portable.pt, else the engine's files."""
+    groups = _portable_groups(engine, groups)
     if groups is None:
-        raise UserError(f"cannot resume {directory} at parallel.ep={ep}: the model has no experts")
+        raise UserError(
+            f"cannot resume {directory} at another layout: the model has no experts or "
+            "tensor-parallel shards to re-split"
+        )
     from parallel.expert_checkpoint import load_engine_files, load_portable
 
     if (directory / PORTABLE_FILE).is_file():
@@ -590,10 +669,11 @@ def _load_layout_free(engine: Any, directory: Path, ep: int) -> None:
         load_engine_files(engine, engine.module, groups, directory)
 
 
-def _load_experts(engine: Any, directory: Path) -> None:
-    """Same-ep resume: at ep > 1 every rank's experts come from the portable file."""
-    groups = getattr(getattr(engine, "module", None), "expert_parallel_groups", None)
-    if groups is not None and (directory / PORTABLE_FILE).is_file():
-        from parallel.expert_checkpoint import load_portable
+def _load_portable_over_engine(engine: Any, groups: Any, directory: Path) -> None:
+    """Same-layout resume: rank 0's module state holds only its own experts and shards;
+    every rank's come from the portable file when there is one."""
+    if (directory / PORTABLE_FILE).is_file() and groups is not None:
+        if groups.layout.ep > 1 or groups.layout.tp > 1:
+            from parallel.expert_checkpoint import load_portable
 
-        load_portable(engine, engine.module, groups, directory / PORTABLE_FILE)
+            load_portable(engine, engine.module, groups, directory / PORTABLE_FILE)

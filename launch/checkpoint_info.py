@@ -28,13 +28,15 @@ def _layout_lines(directory: Path) -> list[str]:
     state = json.loads((directory / checkpoint.STATE_FILE).read_text())
     config = yaml.safe_load((directory / "config.yaml").read_text()) or {}
     parallel = config.get("parallel") or {}
-    tp, pp, ep = (int(parallel.get(k, 1)) for k in ("tp", "pp", "ep"))
+    pp = int(parallel.get("pp", 1))
+    tp = int(state.get("tp", parallel.get("tp", 1)))
+    ep = int(state.get("ep", parallel.get("ep", 1)))
     world = int(state["world_size"])
-    dp = world // max(tp * pp, 1)
+    dp = int(state.get("dp", world // max(tp * pp, 1)))
     lines = [
         f"{directory}: step {state['step']}",
-        f"layout: dp={dp} x tp={tp} x pp={pp} (ep={ep}, each expert on {dp // max(ep, 1)} "
-        f"rank(s)) on {world} ranks, ZeRO {parallel.get('zero_stage', 0)}, "
+        f"layout: dp={dp} x tp={tp} x pp={pp} (ep={ep}, each expert on "
+        f"{dp * tp // max(ep, 1)} rank(s)) on {world} ranks, ZeRO {parallel.get('zero_stage', 0)}, "
         f"precision {config.get('precision', '?')}",
     ]
     portable = directory / checkpoint.PORTABLE_FILE

@@ -27,6 +27,7 @@ from launch.checkpoint import CheckpointConfig
 from launch.data import DataConfig
 from launch.errors import UserError
 from moe.config import MoEConfig
+from moe.tensor_parallel import check_tensor_parallel
 from moe.transformer import AttentionConfig, ModelConfig, check_attention
 from parallel.deepspeed_bridge import check_zero_stage
 from parallel.rendezvous import DEFAULT_TIMEOUT_SECONDS
@@ -35,7 +36,8 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml
 
 
 class ParallelConfig(BaseModel):
-    """Parallel layout: world = dp x tp x pp; experts split ``ep`` ways inside dp."""
+    """Parallel layout: world = dp x tp x pp; experts split ``ep`` ways over the dp x tp
+    ranks of a stage (parallel/layout.py)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -258,15 +260,14 @@ def _model_of(annotation: Any) -> Any:
 def validate(config: RunConfig, world_size: int) -> int:
     """Check what spans sections against the world size; returns the data-parallel degree."""
     par = config.parallel
-    if par.tp != 1 or par.pp != 1:
+    if par.pp != 1:
         raise UserError(
-            f"parallel.tp ({par.tp}) and parallel.pp ({par.pp}) must be 1: tensor and pipeline "
-            "parallelism are not implemented yet"
+            f"parallel.pp ({par.pp}) must be 1: pipeline parallelism is not implemented yet"
         )
     if world_size % (par.tp * par.pp) != 0:
         raise UserError(
             f"world size {world_size} must be divisible by parallel.tp ({par.tp}) x parallel.pp "
-            f"({par.pp}); change the degrees or the number of processes"
+            f"({par.pp}); launch a multiple of {par.tp * par.pp} processes or change the degrees"
         )
     dp = world_size // (par.tp * par.pp)
     if config.moe is not None:
@@ -276,10 +277,11 @@ def validate(config: RunConfig, world_size: int) -> int:
                 f"moe.num_experts ({config.moe.num_experts}) must be divisible by parallel.ep "
                 f"({par.ep}); change one of them"
             )
-        if dp % par.ep != 0:
+        if (dp * par.tp) % par.ep != 0:
             raise UserError(
-                f"parallel.ep ({par.ep}) must divide the data-parallel degree ({dp} = world "
-                f"{world_size} / (tp {par.tp} x pp {par.pp})); change parallel.ep or the process count"
+                f"parallel.ep ({par.ep}) must divide dp x tp ({dp} x {par.tp} = {dp * par.tp}, the "
+                f"ranks experts fold over with world {world_size}); change parallel.ep or the "
+                "process count"
             )
         if config.moe.simulate_ep != 1 and par.ep != 1:
             raise UserError(
@@ -295,6 +297,17 @@ def validate(config: RunConfig, world_size: int) -> int:
         raise UserError(
             f"parallel.ep ({par.ep}) needs experts; set moe.num_experts or parallel.ep=1"
         )
+    if par.tp > 1:
+        try:
+            check_tensor_parallel(config.model, config.moe, config.attention, par.tp)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        tokens = tokens_per_micro_batch(config)
+        if config.moe is not None and tokens % par.tp != 0:
+            raise UserError(
+                f"train.micro_batch x data.seq_len ({tokens} tokens) must be divisible by "
+                f"parallel.tp ({par.tp}): each TP rank routes 1/tp of them; change one of them"
+            )
     try:
         check_zero_stage(par.zero_stage, config.moe is not None)
         check_attention(config.model, config.attention)
@@ -487,17 +500,20 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-# Fields a resume may change: a run saved at one EP size continues at another from the
-# layout-free weights and Adam state (launch/checkpoint.py, parallel/expert_checkpoint.py).
-# parallel.timeout_s only bounds waits: a restart may change it freely.
-RESUMABLE_CHANGES = ("parallel.ep", "parallel.timeout_s")
+# Fields a resume may change: a run saved at one layout (ep, tp, and so the world size)
+# continues at another from the layout-free weights and Adam state (launch/checkpoint.py,
+# parallel/expert_checkpoint.py). parallel.timeout_s only bounds waits: a restart may change it
+# freely. train.micro_batch and train.grad_accum may change with the layout as long as the
+# global batch stays the same (the trainer checks that product, which needs the world size).
+RESUMABLE_CHANGES = ("parallel.ep", "parallel.tp", "parallel.timeout_s")
 
 
 def incompatible_fields(saved: dict[str, Any], current: RunConfig) -> list[str]:
     """Dotted fields whose change breaks resuming (shapes, data order, layout, precision).
 
-    ``RESUMABLE_CHANGES`` (parallel.ep, parallel.timeout_s) are not reported;
-    parallel.zero_stage still is.
+    ``RESUMABLE_CHANGES`` (parallel.ep, parallel.tp, parallel.timeout_s) are not reported;
+    parallel.zero_stage still is. The micro batch and accumulation are the trainer's to
+    compare, as one global batch.
     """
     now = current.model_dump(mode="json")
     fixed = ("model", "moe", "attention", "data", "parallel", "precision")
@@ -514,6 +530,6 @@ def incompatible_fields(saved: dict[str, Any], current: RunConfig) -> list[str]:
 
     for section in fixed:
         walk(saved.get(section), now.get(section), section)
-    for key in ("seed", "micro_batch", "grad_accum"):
+    for key in ("seed",):
         walk(saved.get("train", {}).get(key), now["train"][key], f"train.{key}")
     return changed

@@ -126,10 +126,11 @@ def parameter_lower_bound(config: RunConfig) -> int:
 def training_bytes(config: RunConfig, dense: float, expert: float, *, dp: int) -> int:
     """Bytes one rank holds for weights, gradients and Adam state (activations excluded).
 
-    Expert parameters are split over ``parallel.ep`` ranks; ZeRO 1 partitions Adam's state
-    and ZeRO 2 also the gradients over the data-parallel ranks.
+    Expert parameters are split over ``parallel.ep`` ranks, the others (about: embedding,
+    norms and head stay whole) over ``parallel.tp``; ZeRO 1 partitions Adam's state and
+    ZeRO 2 also the gradients over the data-parallel ranks.
     """
-    count = dense + expert / config.parallel.ep
+    count = dense / config.parallel.tp + expert / config.parallel.ep
     per = BF16_PARAMS_STATE_BYTES if config.precision == "bf16-params" else STATE_BYTES
     zero = config.parallel.zero_stage
     adam = per["adam"] / (dp if zero >= 1 else 1)
@@ -176,7 +177,7 @@ def check_memory(
             f"model.num_layers {config.model.num_layers}, model.d_ff {config.model.d_ff}) needs "
             f"{about} {per_rank / 2**30:,.1f} GiB{ranks} for weights, gradients and Adam "
             f"state; this host has {available / 2**30:,.1f} GiB available; make the model "
-            "smaller or spread it over more hosts (parallel.ep, parallel.zero_stage)"
+            "smaller or spread it over more hosts (parallel.tp, parallel.ep, parallel.zero_stage)"
         )
 
 

@@ -6,7 +6,8 @@ Shape letters: B micro batch, L sequence length, V vocabulary.
 
 Per logged step, ``RUN_DIR/metrics.jsonl`` gets one JSON object with step, loss (the total
 that is back-propagated), ce_loss, aux_loss, z_loss (sums over MoE layers), dropped_fraction
-and router_entropy (means over MoE layers), lr and tokens_per_s (all ranks); evaluations add
+and router_entropy (means over MoE layers), lr, tokens_per_s (all ranks) and grad_norm (the
+engine's global gradient norm of the window's last step, when it computes one); evaluations add
 records with val_loss (nats per token) and val_bpb (bits per byte of the targets' text),
 plus val_accuracy in classify mode (images: launch/images.py).
 Values are averaged over the micro steps of the step and over data-parallel ranks.
@@ -16,10 +17,17 @@ valid checkpoint (a damaged newer one is named in one line and skipped): same da
 directory with metrics or checkpoints but no valid checkpoint is refused unless ``fresh``
 (``--fresh``) starts it over; ``no_resume`` (``--no-resume``) refuses any previous run. The
 same number of ranks may continue it at another ``parallel.ep`` (weights and Adam state from
-the checkpoint's layout-free source); other layout changes, the world size among them, are
-refused. A step whose loss or gradient is not finite is never applied; the run then stops
+the checkpoint's layout-free source), and any number of ranks at another ``parallel.tp`` or
+``parallel.ep`` when the global batch (micro batch x accumulation x dp) is unchanged; a
+checkpoint without layout-free state resumes at its own layout only. A step whose loss or gradient is not finite is never applied; the run then stops
 naming it (``launch/divergence.py``) before any checkpoint is written from that state.
 ``precision: auto`` is resolved for the device here (``launch/precision.py``).
+
+``train`` runs named build steps, each adding to one ``Run`` record: ``start`` (static checks,
+process group, run dir, the checkpoint to continue) -> ``build_layout`` (every group once)
+-> ``build_model_data`` (same seed on every rank) -> ``parallelize`` (tensor parallelism, then
+expert parallelism) -> ``build_engine`` (DeepSpeed over the layout's groups, checkpoint
+state) -> ``train_loop``.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -61,9 +69,12 @@ from launch.precision import emulated_bf16_warning, resolve_precision
 from launch.preflight import preflight
 from moe.expert_parallel import apply_expert_parallel
 from moe.telemetry import RoutingTelemetry
+from moe.tensor_parallel import apply_tensor_parallel
 from moe.transformer import IGNORE_INDEX, Transformer, count_parameters, is_moe_block
 from parallel import deepspeed_bridge as bridge
 from parallel.collectives import CollectiveError
+from parallel.layout import ParallelLayout
+from parallel.markers import is_expert
 from parallel.rendezvous import bound_group_timeouts
 
 
@@ -264,12 +275,27 @@ def _check_resume(
             f"cannot resume {run_dir}: {changed[0]} differs from its checkpoint; "
             "restore the saved value or use a new --run-dir"
         )
-    if saved["world_size"] != world_size:
+    before = checkpoint.saved_layout(run_dir, tag)
+    par = config.parallel
+    dp = world_size // (par.tp * par.pp)
+    train = config.train
+    batch_now = train.micro_batch * train.grad_accum * dp
+    saved_train = saved_config.get("train", {})
+    batch_before = int(saved_train.get("micro_batch", 0)) * int(saved_train.get("grad_accum", 1))
+    batch_before *= before["dp"]
+    if batch_now != batch_before:
         raise UserError(
-            f"cannot resume {run_dir}: it was written by {saved['world_size']} ranks, this run has "
-            f"{world_size}; relaunch with {saved['world_size']} processes or use a new --run-dir"
+            f"cannot resume {run_dir}: its global batch was {batch_before} rows (train.micro_batch "
+            f"x train.grad_accum x dp {before['dp']}), this run's is {batch_now} (dp {dp}); set "
+            "train.micro_batch or train.grad_accum so the global batch is unchanged"
         )
-    checkpoint.check_ep_change(run_dir, config.parallel.ep, tag)  # another ep: layout-free state
+    if before["world_size"] != world_size and not checkpoint.has_layout_free_state(run_dir, tag):
+        raise UserError(
+            f"cannot resume {run_dir}: it was written by {before['world_size']} ranks without "
+            f"layout-free state, this run has {world_size}; relaunch with "
+            f"{before['world_size']} processes or use a new --run-dir"
+        )
+    checkpoint.check_layout_change(run_dir, {"ep": par.ep, "tp": par.tp}, tag)
     return tag, saved
 
 
@@ -290,7 +316,31 @@ def _build_data(config: RunConfig, run_dir: Path, rank: int) -> Data:
     return data if data is not None else build_data(config.data, config.model.mode, run_dir)
 
 
-def train(
+@dataclass
+class Run:
+    """What the build steps made, filled in the order they run:
+    start -> layout -> data -> model -> parallelize (TP, then EP) -> engine -> loop."""
+
+    config: RunConfig
+    run_dir: Path
+    log: Any
+    launcher: str
+    backend: str
+    dp: int
+    world: int = 1
+    rank: int = 0
+    resumed: tuple[str, dict[str, Any]] | None = None
+    groups: Any = None  # parallel.layout.ProcessGroups
+    data: Data | None = None
+    model: Transformer | None = None
+    counts: dict[str, int] = field(default_factory=dict)  # of the whole (tp=1) model
+    experts: list[int] = field(default_factory=list)  # experts of each MoE layer
+    engine: Any = None
+    precision: Any = None
+    start_step: int = 0
+
+
+def start(
     config: RunConfig,
     run_dir: Path,
     *,
@@ -298,13 +348,9 @@ def train(
     fresh: bool = False,
     no_resume: bool = False,
     deepspeed_json: str | Path | None = None,
-) -> TrainResult:
-    """Train ``config`` in ``run_dir`` (continuing from its newest valid checkpoint if any).
-
-    ``resume``: require a checkpoint to continue from; ``fresh``: remove a previous run's
-    checkpoints and metrics and start over; ``no_resume``: refuse a run dir holding a run.
-    """
-    started = time.perf_counter()
+) -> Run:
+    """Static checks (before DeepSpeed is imported), the process group, the run directory
+    every rank writes to, and the checkpoint to continue from."""
     log = get_logger()
     launcher = discover_environment()
     run_dir = Path(run_dir)
@@ -333,15 +379,36 @@ def train(
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
     _barrier("the run directory")
-    resumed = _check_resume(config, run_dir, world, resume=resume, fresh=fresh, no_resume=no_resume)
-    saved = None if resumed is None else resumed[1]
+    run = Run(config, run_dir, log, launcher, backend, dp, world, rank)
+    run.resumed = _check_resume(
+        config, run_dir, world, resume=resume, fresh=fresh, no_resume=no_resume
+    )
+    return run
 
+
+def build_layout(run: Run) -> None:
+    """The one parallel layout: every group (tp, dp, ep, expert-data-parallel) built once
+    here and handed to each consumer; rank 0 prints them."""
+    par = run.config.parallel
+    num_experts = run.config.moe.num_experts if run.config.moe else None
+    layout = ParallelLayout.from_world(run.world, ep=par.ep, tp=par.tp, pp=par.pp)
+    run.groups = layout.build(num_experts)
+    if run.rank == 0:
+        run.log.info(run.groups.report(num_experts))
+
+
+def build_model_data(run: Run) -> None:
+    """The data (rank 0 prepares caches first) and the whole model, built alike on every
+    rank from the run's seed, so that every layout starts from the one-process weights."""
+    config = run.config
     torch.manual_seed(config.train.seed)
-    data = _build_data(config, run_dir, rank)
-    clamped = check_loaded_batches(data, config.train.micro_batch, config.train.eval_batches, dp)
+    run.data = _build_data(config, run.run_dir, run.rank)
+    clamped = check_loaded_batches(
+        run.data, config.train.micro_batch, config.train.eval_batches, run.dp
+    )
     if clamped is not None:
-        log.warning(clamped)
-    vocab = None if data.tokenizer is None else data.tokenizer.vocab_size
+        run.log.warning(clamped)
+    vocab = None if run.data.tokenizer is None else run.data.tokenizer.vocab_size
     if (
         vocab is not None
         and config.model.vocab_size is not None
@@ -351,72 +418,137 @@ def train(
             f"model.vocab_size ({config.model.vocab_size}) is smaller than the tokenizer's "
             f"({vocab}); raise it or leave it unset"
         )
-    model = Transformer(config.model, config.moe, config.attention, vocab_size=vocab)
-    experts = [
+    run.model = Transformer(config.model, config.moe, config.attention, vocab_size=vocab)
+    run.experts = [
         config.moe.num_experts
         for i in range(config.model.num_layers)
-        if is_moe_block(i, config.moe) and model.blocks[i].ffn is not None
+        if is_moe_block(i, config.moe) and run.model.blocks[i].ffn is not None
     ]
-    counts = count_parameters(model)
-    # Expert parallelism: keep this EP rank's experts, all-to-all dispatch.
-    num_experts = config.moe.num_experts if config.moe else None
-    apply_expert_parallel(
-        model, num_experts, config.parallel.ep, log=log,
-        timeout=timedelta(seconds=config.parallel.timeout_s),
-    )  # fmt: skip
-    precision = resolve_precision(config.precision)
-    warning = emulated_bf16_warning(precision)
+    run.counts = count_parameters(run.model)
+
+
+def _dense_parameter_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters() if not is_expert(p))
+
+
+def parallelize(run: Run) -> None:
+    """Split the model over the layout: attention heads and FFN width over the TP group,
+    then experts over the EP group (all-to-all dispatch)."""
+    timeout = timedelta(seconds=run.config.parallel.timeout_s)
+    whole = _dense_parameter_bytes(run.model)
+    if run.groups.tp_size > 1:
+        apply_tensor_parallel(run.model, run.groups.tp_group, timeout=timeout)
+        here = _dense_parameter_bytes(run.model)
+        if run.rank == 0:
+            run.log.info(
+                "tensor parallel tp=%d: non-expert parameters per rank %.2f MB (%.2fx of tp=1, "
+                "%.2f MB)",
+                run.groups.tp_size, here / 1e6, here / max(whole, 1), whole / 1e6,
+            )  # fmt: skip
+    if run.groups.ep_size > 1:
+        apply_expert_parallel(run.model, run.groups, timeout=timeout)
+
+
+def build_engine(run: Run, deepspeed_json: str | Path | None) -> None:
+    """The DeepSpeed engine over the layout's groups, then the checkpoint's state if any."""
+    config = run.config
+    run.precision = resolve_precision(config.precision)
+    warning = emulated_bf16_warning(run.precision)
     if warning is not None:
-        log.warning(warning)
-    ds_config = deepspeed_config(config, run_dir, deepspeed_json, precision=precision.name)
-    engine = bridge.initialize(
-        model,
+        run.log.warning(warning)
+    ds_config = deepspeed_config(config, run.run_dir, deepspeed_json, precision=run.precision.name)
+    run.engine = bridge.initialize(
+        run.model,
         ds_config,
-        num_experts_per_layer=experts,
+        groups=run.groups,
+        num_experts_per_layer=run.experts,
         ep_size=config.parallel.ep,
         weight_decay=config.optimizer.weight_decay,
         zero_stage=int(ds_config.get("zero_optimization", {}).get("stage", 0)),
     )
-    # DeepSpeed's groups and the expert-parallel mesh were made without a timeout (torch's
-    # default is 30 minutes); the engine's gradient reduction runs over them.
+    # DeepSpeed's groups and the layout's mesh were made without a timeout (torch's default
+    # is 30 minutes); the engine's gradient reduction runs over them.
     bound_group_timeouts(timedelta(seconds=config.parallel.timeout_s))
-    start_step = 0
-    before = None if resumed is None else checkpoint.saved_ep(run_dir, resumed[0])
-    if resumed is not None:
-        if before != config.parallel.ep:
-            log.info(
-                "resuming a run saved at ep=%d at ep=%d (weights and Adam state from %s)",
-                before, config.parallel.ep, _layout_free_name(saved),
+    if run.resumed is not None:
+        tag, saved = run.resumed
+        before = checkpoint.saved_layout(run.run_dir, tag)
+        now = checkpoint.layout_of(run.groups)
+        if before != now:
+            run.log.info(
+                "resuming a run saved at %s at %s (weights and Adam state from %s)",
+                checkpoint.describe_layout(before), checkpoint.describe_layout(now),
+                _layout_free_name(saved),
             )  # fmt: skip
-        loaded = checkpoint.load(engine, run_dir, ep=config.parallel.ep, tag=resumed[0])
-        start_step = loaded["step"]
+        loaded = checkpoint.load(run.engine, run.run_dir, groups=run.groups, tag=tag)
+        run.start_step = loaded["step"]
+
+
+def train(
+    config: RunConfig,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    fresh: bool = False,
+    no_resume: bool = False,
+    deepspeed_json: str | Path | None = None,
+) -> TrainResult:
+    """Train ``config`` in ``run_dir`` (continuing from its newest valid checkpoint if any).
+
+    ``resume``: require a checkpoint to continue from; ``fresh``: remove a previous run's
+    checkpoints and metrics and start over; ``no_resume``: refuse a run dir holding a run.
+    """
+    started = time.perf_counter()
+    run = start(
+        config, run_dir, resume=resume, fresh=fresh, no_resume=no_resume,
+        deepspeed_json=deepspeed_json,
+    )  # fmt: skip
+    build_layout(run)
+    build_model_data(run)
+    parallelize(run)
+    build_engine(run, deepspeed_json)
+    return train_loop(run, started)
+
+
+def _report_start(run: Run) -> None:
+    config, data, counts = run.config, run.data, run.counts
+    par = config.parallel
+    run.log.info(
+        "world size %d | backend %s | launcher %s | layout %s | precision %s | ZeRO %d",
+        run.world, run.backend, run.launcher, run.groups.layout.describe(),
+        run.precision.describe(), par.zero_stage,
+    )  # fmt: skip
+    run.log.info(
+        "model %s: %d layers, d=%d, %d MoE layers x %d experts | params %.2fM total, %.2fM active "
+        "| data %d train / %d val %s | run dir %s%s",
+        config.model.mode, config.model.num_layers, config.model.d_model, len(run.experts),
+        config.moe.num_experts if config.moe else 0, counts["total"] / 1e6,
+        counts["active"] / 1e6, len(data.train), len(data.val), example_words(config),
+        run.run_dir, f" | resuming at step {run.start_step}" if run.resumed is not None else "",
+    )  # fmt: skip
+
+
+def train_loop(run: Run, started: float) -> TrainResult:
+    """The steps, logging, evaluation and checkpoints of a built run."""
+    config, engine, data, log = run.config, run.engine, run.data, run.log
+    rank, dp, dp_rank = run.rank, run.dp, run.groups.dp_rank
+    start_step, saved = run.start_step, None if run.resumed is None else run.resumed[1]
     if rank == 0:  # the run's config from here on: a resume may change values (steps, ep, ...)
-        save_resolved(config, run_dir / "config.yaml")
+        save_resolved(config, run.run_dir / "config.yaml")
     config_yaml = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
     train_cfg, mode = config.train, config.model.mode
     end_step = min(train_cfg.steps, train_cfg.stop_at or train_cfg.steps)
-    log.info(
-        "world size %d | backend %s | launcher %s | layout dp=%d x tp=%d x pp=%d, ep=%d | "
-        "precision %s | ZeRO %d",
-        world, backend, launcher, dp, config.parallel.tp, config.parallel.pp,
-        config.parallel.ep, precision.describe(), config.parallel.zero_stage,
-    )  # fmt: skip
-    log.info(
-        "model %s: %d layers, d=%d, %d MoE layers x %d experts | params %.2fM total, %.2fM active "
-        "| data %d train / %d val %s | run dir %s%s",
-        mode, config.model.num_layers, config.model.d_model, len(experts),
-        config.moe.num_experts if config.moe else 0, counts["total"] / 1e6, counts["active"] / 1e6,
-        len(data.train), len(data.val), example_words(config), run_dir,
-        f" | resuming at step {start_step}" if saved is not None else "",
-    )  # fmt: skip
-
+    _report_start(run)
+    experts = run.experts
     telemetry = RoutingTelemetry(len(experts), config.moe.num_experts) if experts else None
+    # The ranks of one TP group read the same rows: the data is split over dp only.
     sampler = BatchSampler(
-        data.train, train_cfg.micro_batch, train_cfg.grad_accum, dp, rank, train_cfg.seed
+        data.train, train_cfg.micro_batch, train_cfg.grad_accum, dp, dp_rank, train_cfg.seed
     )
-    val_batches = eval_batches(data.val, train_cfg.micro_batch, train_cfg.eval_batches, dp, rank)
-    metrics = MetricsWriter(run_dir, engine, start_step if saved is not None else None, rank == 0)
+    val_batches = eval_batches(data.val, train_cfg.micro_batch, train_cfg.eval_batches, dp, dp_rank)
+    metrics = MetricsWriter(
+        run.run_dir, engine, start_step if saved is not None else None, rank == 0
+    )
     device = _device(engine)
     progress = None
     if rank == 0 and config.logging.progress:
@@ -431,9 +563,11 @@ def train(
             mininterval=0.1 if sys.stderr.isatty() else 30.0,  # keep redirected logs short
         )
 
+    # Metric sums run over every rank: the ranks of a TP group hold the same values, which
+    # weighs each data-parallel rank alike, as the counts in the last entry do.
     totals = [0.0] * 7  # loss, ce, aux, z, dropped, entropy, micro steps (summed since last log)
     tokens_since, window_start = 0, time.perf_counter()
-    last_loss = last_val = last_bpb = last_rate = last_accuracy = None
+    last_loss = last_val = last_bpb = last_rate = last_accuracy = last_grad_norm = None
     augment_shift = config.data.augment_shift if config.model.input == "patches" else 0
     patch_tokens = config.model.image.num_patches() if config.model.image is not None else 0
     watch = DivergenceWatch(train_cfg.skip_nonfinite)
@@ -443,8 +577,9 @@ def train(
         step_tokens = 0
         for accum_index in range(train_cfg.grad_accum):
             # MLM masking draws from its own generator so the global RNG stream (dropout,
-            # router jitter) is the same whatever the mode; a pure function of the position.
-            position = (train_cfg.seed * 1_000_003 + step) * 4099 + accum_index * dp + rank
+            # router jitter) is the same whatever the mode; a pure function of the position
+            # (the dp rank's: the ranks of a TP group mask alike).
+            position = (train_cfg.seed * 1_000_003 + step) * 4099 + accum_index * dp + dp_rank
             generator = torch.Generator().manual_seed(position % (2**63))
             batch = sampler.rows(step, accum_index)
             inputs, targets, mask = make_inputs(
@@ -467,10 +602,13 @@ def train(
             parts = (out.loss, out.ce_loss, out.aux_loss, out.z_loss)
             step_values.append([p.item() for p in parts] + [dropped, entropy, 1.0])
             # Images count their patch tokens (N per image), not pixels.
-            step_tokens += (
-                inputs.shape[0] * patch_tokens if patch_tokens else inputs.numel()
-            ) * dp
+            step_tokens += (inputs.shape[0] * patch_tokens if patch_tokens else inputs.numel()) * dp
         done = step + 1
+        grad_norm = (
+            engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
+        )
+        if grad_norm is not None:
+            last_grad_norm = float(grad_norm)
         applied = engine.was_step_applied() if hasattr(engine, "was_step_applied") else True
         diagnose = functools.partial(_first_nonfinite, engine, inputs, targets, mask, device)
         if watch.after_step(done, applied, [v[0] for v in step_values], diagnose, log):
@@ -492,6 +630,8 @@ def train(
                     "dropped_fraction": dropped, "router_entropy": entropy, "lr": lr,
                     "tokens_per_s": last_rate,
                 }  # fmt: skip
+                if last_grad_norm is not None:  # the engine's, over every layout's shards
+                    record["grad_norm"] = last_grad_norm
                 # Per layer and expert: load, imbalance, drops, capacity use.
                 if telemetry is not None:
                     record.update(telemetry.summary(split="train"))
@@ -530,27 +670,12 @@ def train(
             window_start = time.perf_counter()  # evaluation time is not training throughput
         every = config.checkpoint.every
         if done == end_step or (every and done % every == 0):
-            # The guard keeps non-finite updates out of the weights; this is the last line
-            # of defence for the newest checkpoint (experts differ by rank: all must agree).
-            broken = _all_reduce_sum(
-                [0.0 if parameters_finite(engine.module) else 1.0],
-                device,
-                "the weights' finiteness",
-            )
-            if broken[0]:
-                raise TrainingDiverged(
-                    f"training diverged at step {done}: a weight is not finite; the checkpoint "
-                    "of this step was not written; lower optimizer.lr"
-                )
-            checkpoint.save(
-                engine, run_dir, done, world_size=world, config_yaml=config_yaml,
-                keep_last=config.checkpoint.keep_last, extra={"ep": config.parallel.ep},
-            )  # fmt: skip
+            _save_checkpoint(run, done, config_yaml, device)
             window_start = time.perf_counter()
     if progress is not None:
         progress.close()
     result = TrainResult(
-        run_dir=run_dir,
+        run_dir=run.run_dir,
         step=max(end_step, start_step),
         loss=last_loss,
         val_loss=last_val,
@@ -560,5 +685,23 @@ def train(
         val_accuracy=last_accuracy,
     )
     if rank == 0:
-        print_summary(result, counts, mode)
+        print_summary(result, run.counts, mode)
     return result
+
+
+def _save_checkpoint(run: Run, done: int, config_yaml: str, device: torch.device) -> None:
+    # The guard keeps non-finite updates out of the weights; this is the last line of
+    # defence for the newest checkpoint (experts and shards differ by rank: all must agree).
+    broken = _all_reduce_sum(
+        [0.0 if parameters_finite(run.engine.module) else 1.0], device, "the weights' finiteness"
+    )
+    if broken[0]:
+        raise TrainingDiverged(
+            f"training diverged at step {done}: a weight is not finite; the checkpoint "
+            "of this step was not written; lower optimizer.lr"
+        )
+    checkpoint.save(
+        run.engine, run.run_dir, done, world_size=run.world, config_yaml=config_yaml,
+        keep_last=run.config.checkpoint.keep_last, groups=run.groups,
+        extra=checkpoint.layout_of(run.groups),
+    )  # fmt: skip

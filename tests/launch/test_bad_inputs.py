@@ -62,6 +62,31 @@ CASES: list[tuple[list[str], str, str | None]] = [
     (["train", "--set", "parallel.ep=3"], "parallel.ep", None),
     (["train", "--set", "parallel.ep=2"], "parallel.ep", None),
     (["train", "--set", "parallel.tp=2"], "parallel.tp", None),
+    (["train", "--set", "parallel.tp=2"], "parallel.tp", "world3"),
+    (["train", "--set", "parallel.tp=4", "--set", "model.num_heads=2"], "parallel.tp", "world4"),
+    (["train", "--set", "parallel.tp=4", "--set", "model.d_ff=130"], "parallel.tp", "world4"),
+    (["train", "--set", "parallel.tp=2", "--set", "parallel.ep=4"], "parallel.ep", "world2"),
+    (["train", "--set", "parallel.tp=2", "--set", "parallel.ep=3"], "parallel.ep", "world6"),
+    (
+        ["train", "--set", "parallel.tp=2", "--set", "moe.router=expert_choice"],
+        "moe.router",
+        "world2",
+    ),
+    (
+        [
+            "train",
+            "--set",
+            "parallel.tp=2",
+            "--set",
+            "train.micro_batch=1",
+            "--set",
+            "data.seq_len=127",
+        ],
+        "parallel.tp",
+        "world2",
+    ),  # fmt: skip
+    (["train", "--set", "parallel.pp=2"], "parallel.pp", "world2"),
+    (["train", "--set", "parallel.tp=2", "--set", "attention.name=evolving"], "evolving", "world2"),
     (["train", "--set", "parallel.zero_stage=3"], "parallel.zero_stage", None),
     (["train", "--set", "parallel.zero_stage=4"], "parallel.zero_stage", None),
     (["train", "--set", "parallel.backend=mpi"], "parallel.backend", None),
@@ -220,6 +245,9 @@ def apply_setup(setup: str | None, data: Path, monkeypatch) -> None:
             found = getattr(module, name)
             builtin = {k: v for k, v in found.items() if not k.startswith("test_")}
             monkeypatch.setattr(module, name, builtin)
+    elif setup is not None and setup.startswith("world"):  # as one rank of a larger launch
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("WORLD_SIZE", setup[len("world") :])
     elif setup == "cpu":  # the same answer on a machine with GPUs
         monkeypatch.setattr(preflight.torch.cuda, "is_available", lambda: False)
     elif setup == "unwritable":  # root may write anywhere: deny the folder by hand
@@ -273,6 +301,8 @@ def table_rows(data: Path, monkeypatch, capsys) -> list[str]:
             "builtin": "",
             "unwritable": " (DATA/locked read-only)",
         }.get(case[2] or "", "")
+        if (case[2] or "").startswith("world"):
+            note = f" (as one of {case[2][len('world') :]} ranks)"
         message = lines[0].removeprefix("moeforge: error: ").replace("|", "\\|")
         rows.append(f"| {index} | `{command}`{note} | `{message}` | {status} |")
     return rows
@@ -451,6 +481,29 @@ def test_torchrun_shows_only_the_line_and_exits_2(bad_data):
     cases = [
         [*torchrun, "-m", "launch.cli", "train", "--set", "moe.top_k=9"],
         [*torchrun, "-m", "launch.cli", "train", "--set", f"data.path={bad_data}/garbage.txt"],
+        # a layout the model cannot take: refused on both ranks before any collective
+        [
+            *torchrun,
+            "-m",
+            "launch.cli",
+            "train",
+            "--set",
+            "parallel.tp=2",
+            "--set",
+            "parallel.ep=4",
+        ],
+        [
+            *torchrun,
+            "-m",
+            "launch.cli",
+            "train",
+            "--set",
+            "parallel.tp=2",
+            "--set",
+            "model.num_heads=1",
+            "--set",
+            "model.d_model=64",
+        ],
         # a user error is not retried: the same config fails the same way
         [*torchrun, "--max-restarts=1", "-m", "launch.cli", "train", "--resum"],
     ]

@@ -158,8 +158,12 @@ def test_resume_at_ep2_and_ep1_and_back_continues_with_the_same_losses(tmp_path)
     for before, after, count, source in (
         (4, 2, 2, "portable.pt"), (4, 1, 2, "portable.pt"), (1, 2, 1, "the engine's files"),
     ):  # fmt: skip
+
+        def layout(ep: int) -> str:
+            return "dp=4" if ep == 1 else f"dp=4, ep={ep}"
+
         line = (
-            f"resuming a run saved at ep={before} at ep={after} "
+            f"resuming a run saved at {layout(before)} at {layout(after)} "
             f"(weights and Adam state from {source})"
         )
         assert messages.count(line) == count, messages
@@ -168,7 +172,7 @@ def test_resume_at_ep2_and_ep1_and_back_continues_with_the_same_losses(tmp_path)
     assert "parallel.zero_stage (0 -> 1)" in refused["zero_stage"]
     assert "moe.num_experts (4 -> 8)" in refused["num_experts"]
     assert refused["no_portable"].startswith("cannot resume")
-    assert "saved at ep=4 without portable.pt" in refused["no_portable"]
+    assert "saved at parallel.ep=4 without portable.pt" in refused["no_portable"]
     assert all("\n" not in message for message in refused.values())
     assert result["saved_ep"] == {
         "z0_ep4": 4, "z0_ep4_to_ep2": 2, "z0_ep4_to_ep1": 1, "z0_ep1_to_ep2": 2,
@@ -217,7 +221,8 @@ def test_another_ep_needs_the_portable_file(tmp_path):
         checkpoint.check_ep_change(tmp_path / "without", 2)
     message = str(err.value)
     assert message.startswith("cannot resume") and "\n" not in message
-    assert "saved at ep=4 without portable.pt" in message and "parallel.ep=4" in message
+    assert "saved at parallel.ep=4 without portable.pt" in message
+    assert message.endswith("resume at parallel.ep=4")
     write_checkpoint(tmp_path / "old", ep=2, portable=False, record_ep=False)
     assert checkpoint.saved_ep(tmp_path / "old") == 2  # from the saved config
     assert checkpoint.saved_ep(tmp_path / "none") is None
