@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from attention.base import Attention, AttentionOptions, check_padding_mask, zero_padded_queries
+from attention.base import Attention, AttentionOptions
 from attention.registry import register
 
 
@@ -169,26 +169,29 @@ class EvolvingAttention(Attention):
         self.make_qkv_projections(self.options.bias)
         self.conv = nn.Conv2d(num_heads, num_heads, kernel_size=3, bias=True)
 
-    def forward(
+    def attend(
         self,
-        x: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
         *,
-        key_padding_mask: torch.Tensor | None = None,
-        state: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None,
+        state: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, n, D], mask bool [B, n], state [B, H, n, n] or None -> (y [B, n, D], A)."""
-        check_padding_mask(x, key_padding_mask)
-        batch, n, _ = x.shape
+        """q, k, v [B, H, n, d], mask bool [B, n], state [B, H, n, n] or None -> (y, A).
+
+        y [B, H, n, d] in the dtype of v; A fp32 (fp64 for fp64 inputs) [B, H, n, n].
+        """
+        batch, _, n, _ = q.shape
         expected = (batch, self.num_heads, n, n)
         if state is not None and tuple(state.shape) != expected:
             raise ValueError(
                 f"evolving attention state has shape {tuple(state.shape)}, expected "
                 f"[B, H, n, n] = {expected}; consecutive layers need the same heads and length"
             )
-        q, k, v = self.project_qkv(x)
-        compute_dtype = torch.promote_types(x.dtype, torch.float32)
-        keep, allowed = self._masks(key_padding_mask, n, x.device)
-        with torch.autocast(x.device.type, enabled=False):
+        compute_dtype = torch.promote_types(q.dtype, torch.float32)
+        keep, allowed = self._masks(key_padding_mask, n, q.device)
+        with torch.autocast(q.device.type, enabled=False):
             q = q.to(compute_dtype) / math.sqrt(self.head_dim)
             logits = q @ k.to(compute_dtype).transpose(-1, -2)
             previous = None if state is None else state.to(compute_dtype)
@@ -207,8 +210,7 @@ class EvolvingAttention(Attention):
             probs = torch.softmax(scores, dim=-1)
         if self.training and self.options.dropout > 0.0:
             probs = F.dropout(probs, p=self.options.dropout)
-        y = probs.to(v.dtype) @ v
-        return zero_padded_queries(self.project_out(y), key_padding_mask), evolved
+        return probs.to(v.dtype) @ v, evolved
 
     def _masks(
         self, key_padding_mask: torch.Tensor | None, n: int, device: torch.device

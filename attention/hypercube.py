@@ -29,9 +29,7 @@ from pydantic import Field
 from attention.base import (
     Attention,
     AttentionOptions,
-    check_padding_mask,
     pad_to_multiple,
-    zero_padded_queries,
 )
 from attention.registry import register
 
@@ -170,18 +168,25 @@ class HypercubeAttention(Attention):
         super().__init__(d_model, num_heads, **kwargs)
         self.make_qkv_projections(self.options.bias)
 
-    def forward(
+    def attend(
         self,
-        x: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
         *,
-        key_padding_mask: torch.Tensor | None = None,
-        state: Any = None,
+        key_padding_mask: torch.Tensor | None,
+        state: Any,
     ) -> tuple[torch.Tensor, None]:
-        """x [B, n, D], key_padding_mask bool [B, n] -> (y [B, n, D], None)."""
-        check_padding_mask(x, key_padding_mask)
-        x_padded, mask_padded, n = pad_to_multiple(x, key_padding_mask, self.options.block_size)
-        q, k, v = self.project_qkv(x_padded)
+        """q, k, v [B, H, n, d], key_padding_mask bool [B, n] -> ([B, H, n, d], None).
+
+        The sequence is right-padded to a multiple of the block; padded keys are masked and
+        padded queries dropped, so zero padding of q, k, v is as good as projecting zeros.
+        """
+        n, block = q.shape[2], self.options.block_size
+        padded, mask = [], key_padding_mask
+        for t in (q, k, v):  # pad_to_multiple pads dim 1: lay the tensors out [B, n, H, d]
+            t_padded, mask, _ = pad_to_multiple(t.transpose(1, 2), key_padding_mask, block)
+            padded.append(t_padded.transpose(1, 2))
         dropout = self.options.dropout if self.training else 0.0
-        y = hypercube_attention(q, k, v, self.options.block_size, mask_padded, dropout)
-        y = self.project_out(y)[:, :n]
-        return zero_padded_queries(y, key_padding_mask), None
+        y = hypercube_attention(*padded, block, mask, dropout)
+        return y[:, :, :n], None

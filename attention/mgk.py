@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from attention.base import Attention, AttentionOptions, check_padding_mask, zero_padded_queries
+from attention.base import Attention, AttentionOptions
 from attention.registry import register
 
 PRIOR_FLOOR = 1e-6
@@ -319,7 +319,6 @@ class MixtureGaussianKeysAttention(Attention):
         state: Any = None,
     ) -> tuple[torch.Tensor, None]:
         """x [B, n, D], key_padding_mask bool [B, n] -> (y [B, n, D], None)."""
-        check_padding_mask(x, key_padding_mask)
         n = x.shape[1]
         opts = self.options
         if opts.prior_per_position and n > opts.max_len:
@@ -328,14 +327,30 @@ class MixtureGaussianKeysAttention(Attention):
                 "priors; raise max_len or set prior_per_position=False"
             )
         self._apply_pending_prior()
+        return super().forward(x, key_padding_mask=key_padding_mask, state=state)
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, n, D] -> q [B, H, n, d], keys [M, B, H, n, d] (one per component), v."""
         projected = self.qkv(x).chunk(2 + self.num_components, dim=-1)
+        keys = torch.stack([self.split_heads(t) for t in projected[1:-1]])
+        return self.split_heads(projected[0]), keys, self.split_heads(projected[-1])
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        key_padding_mask: torch.Tensor | None,
+        state: Any,
+    ) -> tuple[torch.Tensor, None]:
+        """q, v [B, H, n, d] and the component keys k [M, B, H, n, d] -> ([B, H, n, d], None)."""
+        n, out_dtype, opts = q.shape[2], q.dtype, self.options
         # fp32 island (spec §0.3.6): exp-based scores never run in bf16.
-        compute_dtype = torch.promote_types(x.dtype, torch.float32)
-        with torch.autocast(x.device.type, enabled=False):
-            q = self.split_heads(projected[0]).to(compute_dtype)
-            keys = torch.stack([self.split_heads(t) for t in projected[1:-1]]).to(compute_dtype)
-            v = self.split_heads(projected[-1]).to(compute_dtype)
-            allowed, counted = self._masks(key_padding_mask, n, x.device)
+        compute_dtype = torch.promote_types(q.dtype, torch.float32)
+        with torch.autocast(q.device.type, enabled=False):
+            q, keys, v = (t.to(compute_dtype) for t in (q, k, v))
+            allowed, counted = self._masks(key_padding_mask, n, q.device)
             log_prior = self._log_prior(n, compute_dtype)
             variances = self.variances.to(compute_dtype)
             dropout = opts.dropout if self.training else 0.0
@@ -345,8 +360,7 @@ class MixtureGaussianKeysAttention(Attention):
                 q, keys, v, variances=variances, log_prior=log_prior, allowed=allowed,
                 dropout=dropout,
             )  # fmt: skip
-        y = self.project_out(y.to(projected[0].dtype))
-        return zero_padded_queries(y, key_padding_mask), None
+        return y.to(out_dtype), None
 
     def _masks(
         self, key_padding_mask: torch.Tensor | None, n: int, device: torch.device
