@@ -114,6 +114,40 @@ def test_base_optimizer_and_partitioned_master_without_zero():
     assert bridge.base_optimizer(Engine()) is adamw
 
 
+def test_engine_reads_the_mpu_expert_dicts_and_fp32_clip_the_bridge_relies_on():
+    """Contracts 2, 12 and 13, read in the source: the expert dicts ``register_expert_groups``
+    fills, the ZeRO 0 fp32 clip hook the bridge replaces, and no sequence-parallel method on
+    our mpu (the engine would divide its data-parallel size)."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.utils import groups as ds_groups
+
+    from parallel.layout import ModelParallelUnit
+
+    for name in (
+        "_EXPERT_PARALLEL_GROUP",
+        "_EXPERT_PARALLEL_GROUP_RANKS",
+        "_EXPERT_DATA_PARALLEL_GROUP",
+        "_EXPERT_DATA_PARALLEL_GROUP_RANKS",
+    ):
+        assert isinstance(getattr(ds_groups, name), dict), name
+    step = inspect.getsource(DeepSpeedEngine._take_model_step)
+    assert "self.clip_fp32_gradients()" in step
+    assert "not (self.fp16_enabled() or self.bfloat16_enabled() or self.zero_optimization())" in (
+        step
+    )
+    assert "hasattr(mpu, 'initialize_sequence_parallel')" in inspect.getsource(
+        ds_groups._get_data_parallel_world_size
+    )
+    assert not [n for n in dir(ModelParallelUnit) if "sequence" in n]
+    for name in (
+        "get_data_parallel_group_ranks",
+        "get_model_parallel_group",
+        "get_tensor_model_parallel_rank",
+        "get_pipeline_model_parallel_world_size",
+    ):
+        assert hasattr(ModelParallelUnit, name), name
+
+
 def test_global_grad_norm_counts_every_gradient_once_over_the_layout():
     """Contract 13 arithmetic, no processes: on dp=2 x tp=2 with ep=2, summing what each of
     the 4 ranks counts gives every value once (dense on rank 0, each TP shard on dp rank 0,
