@@ -74,13 +74,33 @@ def tensor_parallel_dim(param: nn.Parameter) -> int | None:
     over TP (untagged) or an expert weight (expert TP is 1: experts are split over EP only)."""
     if is_expert(param) or not getattr(param, "tensor_model_parallel", False):
         return None
-    stride = getattr(param, "partition_stride", 1)
-    if stride != 1:
+    return int(getattr(param, "partition_dim", 0))
+
+
+def partition_stride(param: nn.Parameter) -> int:
+    """How many strided blocks a TP shard holds (Megatron's ``partition_stride``): with stride
+    s the full tensor, cut into s * tp equal blocks along the partition dim, gives TP rank r
+    the blocks r, tp + r, ..., (s - 1) * tp + r, in that order (fused q/k/v, swiglu's gate and
+    up: each rank holds the matching rows of every part)."""
+    stride = int(getattr(param, "partition_stride", 1))
+    if stride < 1 or param.shape[tensor_parallel_dim(param) or 0] % stride != 0:
         raise ValueError(
             f"a tensor-parallel parameter of shape {tuple(param.shape)} has partition_stride "
-            f"{stride}; portable checkpoints read contiguous shards only (partition_stride 1)"
+            f"{stride}, which does not divide its partition dim"
         )
-    return int(getattr(param, "partition_dim", 0))
+    return stride
+
+
+def _join_shards(shards: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
+    """Every TP rank's shard (in rank order) -> the full tensor along ``dim``."""
+    parts = [shard.chunk(stride, dim=dim) for shard in shards]
+    return torch.cat([part[j] for j in range(stride) for part in parts], dim=dim)
+
+
+def _cut_shard(full: torch.Tensor, dim: int, stride: int, tp: int, rank: int) -> torch.Tensor:
+    """TP rank ``rank``'s shard of the full tensor (the inverse of ``_join_shards``)."""
+    blocks = full.chunk(stride * tp, dim=dim)
+    return torch.cat([blocks[j * tp + rank] for j in range(stride)], dim=dim)
 
 
 def _check_no_pipeline(groups: ProcessGroups) -> None:
@@ -185,8 +205,9 @@ def _gather_full(
     dim = tensor_parallel_dim(param)
     if dim is None or groups.tp_size == 1:
         return entry
+    stride = partition_stride(param)
     return {
-        k: torch.cat(all_gather_tensor(v, groups.tp_group).unbind(0), dim=dim)
+        k: _join_shards(list(all_gather_tensor(v, groups.tp_group).unbind(0)), dim, stride)
         for k, v in entry.items()
     }
 
@@ -213,7 +234,7 @@ def _local_piece(
             f"({groups.tp_size}) x this rank's shard {width}; the model's sizes must match "
             "the saved run's"
         )
-    return value.narrow(dim, groups.tp_rank * width, width)
+    return _cut_shard(value, dim, partition_stride(param), groups.tp_size, groups.tp_rank)
 
 
 def save_portable(engine: Any, model: nn.Module, groups: ProcessGroups, path: Path) -> None:

@@ -276,7 +276,13 @@ def test_save_at_dp2_tp2_ep2_resume_at_other_tp_and_ep(tmp_path):
 
 
 def test_tensor_parallel_dim_and_layout_free_engine_files():
-    from parallel.expert_checkpoint import engine_files_are_layout_free, tensor_parallel_dim
+    from parallel.expert_checkpoint import (
+        _cut_shard,
+        _join_shards,
+        engine_files_are_layout_free,
+        partition_stride,
+        tensor_parallel_dim,
+    )
     from parallel.layout import ParallelLayout, ProcessGroups
     from parallel.tensor_parallel import mark_tensor_parallel
 
@@ -287,9 +293,15 @@ def test_tensor_parallel_dim_and_layout_free_engine_files():
     expert = mark_expert(nn.Parameter(torch.zeros(E, D, D)))
     mark_tensor_parallel(expert, partition_dim=0)  # e.g. tagged for the gradient norm
     assert tensor_parallel_dim(expert) is None  # experts are EP-split, never TP-split
-    row.weight.partition_stride = 2
-    with pytest.raises(ValueError, match="partition_stride 2"):
-        tensor_parallel_dim(row.weight)
+    row.weight.partition_stride = 3  # FF / tp columns do not split into 3 blocks
+    with pytest.raises(ValueError, match="partition_stride 3"):
+        partition_stride(row.weight)
+    # strided shards (fused q/k/v, swiglu gate/up): rank r holds blocks r, tp + r, ... of the
+    # full tensor; joining every rank's shard and cutting it again are inverses
+    full = torch.arange(24.0).reshape(12, 2)
+    shards = [_cut_shard(full, 0, 3, 2, r) for r in range(2)]
+    assert shards[0][:, 0].tolist() == [0, 2, 8, 10, 16, 18]  # q, k, v rows of rank 0
+    assert torch.equal(_join_shards(shards, 0, 3), full)
 
     model = nn.Linear(D, D)
     engine = SimpleNamespace(
