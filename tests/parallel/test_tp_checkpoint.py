@@ -99,7 +99,7 @@ class TinyTPModel(nn.Module):
         self.embed = nn.Embedding(VOCAB, D)
         self.up = nn.Linear(D, FF)
         self.down = nn.Linear(FF, D)
-        self.experts = ExpertMix()  # ".experts." in the name: the bridge's expert tagging
+        self.experts = ExpertMix()  # its weights carry mark_expert
         self.head = nn.Linear(D, VOCAB)
 
     def parallelize(self, groups) -> None:
