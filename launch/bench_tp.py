@@ -5,9 +5,9 @@
     moeforge bench tp --json tp.json                   # the rows as JSON too
 
 On 2 CPU cores tensor parallelism cannot be faster than tp=1, so this counts instead of
-timing. The command spawns ``tp`` processes itself (gloo on CPU; do not start it under
-torchrun) for each ``--tp`` value and runs one training step (forward + backward of the
-loss, fp32) of two models that differ only in their FFNs: every block dense, and every block
+timing. The command spawns max(--tp) processes itself (gloo on CPU; do not start it under
+torchrun); for each ``--tp`` value the first tp of them form the TP group and run one
+training step (forward + backward of the loss, fp32) of two models that differ only in their FFNs: every block dense, and every block
 MoE. During the step every tensor collective of ``torch.distributed`` is wrapped and its
 payload recorded: an all-reduce's tensor, an all-gather's gathered output (what every rank
 ends up holding), an all-to-all's sent rows. Payloads of exactly one activation
@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue as queue_module
 import tempfile
 import time
 import traceback
@@ -245,17 +246,24 @@ def measure(kind: str, args: argparse.Namespace, group: Any, tp: int) -> dict[st
     }
 
 
-def _rank_main(rank: int, tp: int, store_path: str, args: argparse.Namespace, queue: Any) -> None:
-    """One process of a TP group: measure every model kind, send the results to the parent."""
+def _rank_main(
+    rank: int, world: int, store_path: str, args: argparse.Namespace, queue: Any
+) -> None:
+    """One process: for each ``--tp`` value, the first tp ranks form the TP group and measure
+    every model kind (the others wait); the results go to the parent, keyed by tp."""
     try:
         torch.set_num_threads(args.threads)
-        store = dist.FileStore(store_path, tp)
+        store = dist.FileStore(store_path, world)
         dist.init_process_group(
-            "gloo", store=store, rank=rank, world_size=tp, timeout=timedelta(seconds=120)
+            "gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=120)
         )
         try:
-            group = dist.new_group(list(range(tp))) if tp > 1 else None
-            results = {kind: measure(kind, args, group, tp) for kind in KINDS}
+            results = {}
+            for tp in args.tp:
+                # Every rank of the world takes part in creating each group (torch requires it).
+                group = dist.new_group(list(range(tp))) if tp > 1 else None
+                if rank < tp:
+                    results[tp] = {kind: measure(kind, args, group, tp) for kind in KINDS}
         finally:
             dist.destroy_process_group()
         queue.put((rank, "ok", results))
@@ -263,31 +271,50 @@ def _rank_main(rank: int, tp: int, store_path: str, args: argparse.Namespace, qu
         queue.put((rank, "error", traceback.format_exc()))
 
 
-def run_group(tp: int, args: argparse.Namespace, timeout: float = 300.0) -> list[dict]:
-    """Spawn ``tp`` ranks, return each rank's results (rank order)."""
+def run_ranks(world: int, args: argparse.Namespace, timeout: float = 300.0) -> list[dict]:
+    """Spawn ``world`` ranks (gloo, a FileStore in a temporary folder) that run every ``--tp``
+    value in turn; returns each rank's results by tp, in rank order. One set of processes for
+    all tp values: most of a small run's time is each process importing torch."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="bench_tp_") as tmp:
         store_path = os.path.join(tmp, "store")
         procs = [
-            ctx.Process(target=_rank_main, args=(r, tp, store_path, args, queue)) for r in range(tp)
+            ctx.Process(target=_rank_main, args=(r, world, store_path, args, queue))
+            for r in range(world)
         ]
         for proc in procs:
             proc.start()
         results: dict[int, dict] = {}
         deadline = time.monotonic() + timeout
+        gone_since: float | None = None
         try:
-            while len(results) < tp:
-                rank, status, payload = queue.get(timeout=max(deadline - time.monotonic(), 1))
+            while len(results) < world:
+                try:
+                    rank, status, payload = queue.get(timeout=1.0)
+                except queue_module.Empty:
+                    # A rank that died without a word (killed, out of memory) must not leave
+                    # the parent waiting for the whole timeout; its last message may still be
+                    # in the pipe, so it gets a few seconds.
+                    gone = [r for r, p in enumerate(procs) if r not in results and not p.is_alive()]
+                    if not gone:
+                        gone_since = None
+                    elif gone_since is None:
+                        gone_since = time.monotonic()
+                    late = gone_since is not None and time.monotonic() - gone_since > 5
+                    if late or time.monotonic() > deadline:
+                        what = f"ranks {gone} exited" if gone else f"timed out after {timeout:.0f}s"
+                        raise RuntimeError(f"bench tp: {what} without reporting") from None
+                    continue
                 if status != "ok":
-                    raise RuntimeError(f"bench tp: rank {rank} of tp={tp} failed:\n{payload}")
+                    raise RuntimeError(f"bench tp: rank {rank} failed:\n{payload}")
                 results[rank] = payload
         finally:
             for proc in procs:
-                proc.join(timeout=30 if len(results) == tp else 2)
+                proc.join(timeout=30 if len(results) == world else 2)
                 if proc.is_alive():
                     proc.kill()
-    return [results[r] for r in range(tp)]
+    return [results[r] for r in range(world)]
 
 
 def analytic(kind: str, tp: int, args: argparse.Namespace, element_size: int = 4) -> dict:
@@ -406,9 +433,10 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("moeforge bench tp starts its own processes; run it without torchrun")
+    per_rank = run_ranks(max(args.tp), args)
     rows = []
-    for tp in args.tp:
-        ranks = run_group(tp, args)
+    for tp in dict.fromkeys(args.tp):
+        ranks = [results[tp] for results in per_rank[:tp]]
         rows.extend(summarize(kind, tp, ranks, args) for kind in KINDS)
     rows.sort(key=lambda r: (KINDS.index(r["blocks"]), r["tp"]))
     print(
