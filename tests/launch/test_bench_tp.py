@@ -5,6 +5,7 @@ import io
 import json
 
 import pytest
+import torch
 
 from launch import bench_tp
 from launch.errors import UserError
@@ -25,6 +26,17 @@ def test_analytic_figure_is_four_activations_per_block():
     moe = bench_tp.analytic("moe", 4, args)
     assert [moe[k] for k in KEYS] == [1, 1, 1, 1]
     assert moe["bytes"] == 4 * ACTIVATION
+
+
+def test_payload_is_what_every_rank_ends_up_holding():
+    piece = torch.zeros(3, 4)  # 48 bytes
+    assert bench_tp.payload_bytes("all_reduce", (piece,), {}) == 48
+    assert bench_tp.payload_bytes("all_reduce", (), {"tensor": piece}) == 48
+    gathered = [torch.zeros(3, 4), torch.zeros(3, 4)]
+    assert bench_tp.payload_bytes("all_gather", (gathered, piece), {}) == 96
+    whole = torch.zeros(6, 4, dtype=torch.float64)
+    assert bench_tp.payload_bytes("all_gather_into_tensor", (whole, piece), {}) == 192
+    assert bench_tp.payload_bytes("all_to_all_single", (whole, piece), {}) == 48  # sent rows
 
 
 @pytest.mark.parametrize(
