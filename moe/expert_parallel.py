@@ -128,31 +128,20 @@ def local_expert_block(full: torch.Tensor, ep_size: int, ep_rank: int) -> torch.
 def apply_expert_parallel(
     model: nn.Module,
     groups: Any,
-    legacy_ep: int | None = None,
     *,
     log: Any = None,
     timeout: timedelta = COLLECTIVE_TIMEOUT,
 ) -> Any:
     """The trainer's hook: shard every MoE layer over ``groups.ep_group`` when
-    ``groups.layout.ep`` > 1 (rank 0 logs ``groups.report``); returns ``groups``, or None
-    when nothing was sharded (no groups, ep == 1, no MoE layer).
+    ``groups.layout.ep`` > 1 (rank 0 logs ``groups.report`` when given ``log``); returns
+    ``groups``, or None when nothing was sharded (no groups, ep == 1, no MoE layer).
 
-    ``groups`` is the run's ``parallel.layout.ProcessGroups``, built once by the caller; this
-    function builds none. ``timeout`` bounds every token exchange (``parallel.timeout_s``).
-    Call after the model is built on every rank from the same seed (and after
-    ``apply_tensor_parallel``), before the engine.
-
-    ``legacy_ep``: transitional form ``apply_expert_parallel(model, num_experts, ep)`` of a
-    caller that has no groups yet; the layout is then built here as before.
+    ``groups`` is the run's ``parallel.layout.ProcessGroups``, built once by the caller and
+    handed on to whatever else needs it (checkpoints); this function builds none.
+    ``timeout`` bounds every token exchange (``parallel.timeout_s``). Call after the model is
+    built on every rank from the same seed (and after ``apply_tensor_parallel``), before the
+    engine.
     """
-    if legacy_ep is not None:
-        num_experts = groups
-        if legacy_ep == 1 or num_experts is None or not moe_layers(model):
-            return None
-        from parallel.layout import ParallelLayout
-
-        world = dist.get_world_size()
-        groups = ParallelLayout.from_world(world, ep=legacy_ep).build(num_experts)
     if groups is None or groups.layout.ep == 1:
         return None
     layers = moe_layers(model)
@@ -162,7 +151,4 @@ def apply_expert_parallel(
     if log is not None and dist.get_rank() == 0:
         log.info(groups.report(num_experts))
     shard_experts(model, groups.ep_group, timeout=timeout)
-    # launch/checkpoint.py reads this to save the experts of every EP rank (rank 0's module
-    # state alone holds only its own block).
-    model.expert_parallel_groups = groups
     return groups
