@@ -7,8 +7,8 @@
 On 2 CPU cores tensor parallelism cannot be faster than tp=1, so this counts instead of
 timing. The command spawns max(--tp) processes itself (gloo on CPU; do not start it under
 torchrun); for each ``--tp`` value the first tp of them form the TP group and run one
-training step (forward + backward of the loss, fp32) of two models that differ only in their FFNs: every block dense, and every block
-MoE. During the step every tensor collective of ``torch.distributed`` is wrapped and its
+training step (forward + backward of the loss, fp32) of two models that differ only in
+their FFNs: every block dense, and every block MoE. During the step every tensor collective of ``torch.distributed`` is wrapped and its
 payload recorded: an all-reduce's tensor, an all-gather's gathered output (what every rank
 ends up holding), an all-to-all's sent rows. Payloads of exactly one activation
 (B * n * D elements) are the TP traffic; anything else (routing statistics, row counts) is
@@ -48,10 +48,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from launch.arguments import ArgumentParser
+from launch.data import SPECIAL_TOKENS
 from launch.errors import UserError
 from moe.tensor_parallel import apply_tensor_parallel
 
-BYTE_VOCAB = 260  # the byte tokenizer's size: 256 bytes + 4 specials (launch/data.py)
+BYTE_VOCAB = 256 + len(SPECIAL_TOKENS)  # the byte tokenizer's vocabulary
 NON_EXPERT_LIMIT = 0.55  # per-rank non-expert parameters at tp=2 over tp=1
 KINDS = ("dense", "moe")
 # The torch.distributed collectives a TP step may call, wrapped while a step is measured.
