@@ -309,7 +309,9 @@ class RowParallelLinear(_ShardedLinear):
         if not self.input_is_parallel:
             x = scatter_to_region(x, self.group, self.timeout)
         y = reduce_from_region(F.linear(x, self.weight), self.group, self.timeout)
-        return y + self.bias if self.bias is not None else y
+        # Under autocast the partial products are bf16; nn.Linear would return bf16 too, so
+        # the fp32 bias joins in their dtype instead of promoting the output to fp32.
+        return y + self.bias.to(y.dtype) if self.bias is not None else y
 
     def extra_repr(self) -> str:
         return (
