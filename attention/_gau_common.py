@@ -69,6 +69,14 @@ class GatedUnitCore(nn.Module):
             else None
         )
 
+    def check_tensor_parallel(self, name: str, tp: int) -> None:
+        """Raise a one-line ValueError when the expanded width cannot be cut over tp ranks."""
+        if self.hidden_dim % tp != 0:
+            raise ValueError(
+                f"attention '{name}' expanded width (expansion * model.d_model = "
+                f"{self.hidden_dim}) must be divisible by parallel.tp ({tp})"
+            )
+
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """x [B, n, D] -> U [B, n, e], V [B, n, e] (e / tp each under TP), P views [B, n, s] of Z."""
         gate, value = F.silu(self.to_gate_value(x)).chunk(2, dim=-1)

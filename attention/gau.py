@@ -20,6 +20,7 @@ still the sequence's real length: it is known when training on fixed-length bloc
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import torch.nn.functional as F
@@ -40,6 +41,8 @@ from attention.base import (
     zero_padded_queries,
 )
 from attention.registry import register
+from parallel.collectives import COLLECTIVE_TIMEOUT
+from parallel.tensor_parallel import group_size_and_rank
 
 
 class GAUOptions(GatedUnitOptions):
@@ -66,6 +69,10 @@ class GatedAttentionUnit(Attention):
     def __init__(self, d_model: int, num_heads: int, **kwargs: Any) -> None:
         super().__init__(d_model, num_heads, **kwargs)
         self.core = GatedUnitCore(d_model, self.options, num_views=2)
+
+    def parallelize(self, group: Any, *, timeout: timedelta = COLLECTIVE_TIMEOUT) -> None:
+        self.core.check_tensor_parallel(self.name, group_size_and_rank(group)[0])
+        super().parallelize(group, timeout=timeout)
 
     def forward(self, x, *, key_padding_mask=None, state=None):
         """x [B, n, D] (mask bool [B, n], True = real) -> (y [B, n, D], None)."""

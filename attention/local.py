@@ -34,9 +34,7 @@ from torch import nn
 from attention.base import (
     Attention,
     AttentionOptions,
-    check_padding_mask,
     default_scale,
-    zero_padded_queries,
 )
 from attention.registry import register
 from parallel.tensor_parallel import mark_tensor_parallel
@@ -210,9 +208,16 @@ class LocalAttention(Attention):
         if self.position_bias is not None:
             self.position_bias.keep_heads(self.local_head_slice())
 
-    def local(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
-        """Local attention with its projections: x [B, n, D] -> [B, n, D] (replicated)."""
-        q, k, v = self.project_qkv(x)
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        key_padding_mask: torch.Tensor | None,
+        state: Any,
+    ) -> tuple[torch.Tensor, None]:
+        """q, k, v [B, H, n, d], key_padding_mask bool [B, n] -> ([B, H, n, d], None)."""
         y = local_window_attention(
             q,
             k,
@@ -223,11 +228,10 @@ class LocalAttention(Attention):
             position_bias=self.position_bias,
             dropout=self.options.dropout if self.training else 0.0,
         )
-        return self.project_out(y)
+        return y, None
 
-    def forward(
-        self, x: torch.Tensor, *, key_padding_mask: torch.Tensor | None = None, state: Any = None
-    ) -> tuple[torch.Tensor, None]:
-        """x [B, n, D], key_padding_mask bool [B, n] -> (y [B, n, D], None)."""
-        check_padding_mask(x, key_padding_mask)
-        return zero_padded_queries(self.local(x, key_padding_mask), key_padding_mask), None
+    def local(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+        """Local attention with its projections: x [B, n, D] -> [B, n, D] (replicated)."""
+        q, k, v = self.project_qkv(x)
+        y, _ = self.attend(q, k, v, key_padding_mask=key_padding_mask, state=None)
+        return self.project_out(y)

@@ -105,6 +105,18 @@ def test_check_tensor_parallel_messages() -> None:
     attention.check_tensor_parallel("gau", 3, 2)  # single-head unit: heads are not split
 
 
+@pytest.mark.parametrize("name", ["gau", "flash"])
+def test_gated_units_name_the_expanded_width_that_tp_must_divide(name: str) -> None:
+    module = attention.build(name, d_model=6, num_heads=1, expansion=2)
+    with pytest.raises(ValueError) as err:
+        module.core.check_tensor_parallel(name, 5)
+    assert str(err.value) == (
+        f"attention '{name}' expanded width (expansion * model.d_model = 12) must be "
+        "divisible by parallel.tp (5)"
+    )
+    module.core.check_tensor_parallel(name, 4)
+
+
 @pytest.mark.parametrize("name", ["full", "deberta", "evolving", "gau"])
 def test_parallelize_without_a_group_is_a_no_op(name: str) -> None:
     torch.manual_seed(0)
