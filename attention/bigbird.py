@@ -37,10 +37,8 @@ from pydantic import Field, model_validator
 from attention.base import (
     Attention,
     AttentionOptions,
-    check_padding_mask,
     default_scale,
     pad_to_multiple,
-    zero_padded_queries,
 )
 from attention.registry import register
 
@@ -235,19 +233,35 @@ class BigBirdAttention(Attention):
             mask[:, prefix : n - suffix, prefix : n - suffix] = local
         return mask
 
-    def forward(self, x, *, key_padding_mask=None, state=None):
-        check_padding_mask(x, key_padding_mask)
-        n_in = x.shape[1]
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        key_padding_mask: torch.Tensor | None,
+        state: Any,
+    ) -> tuple[torch.Tensor, None]:
+        """q, k, v [B, H, n, d], key_padding_mask bool [B, n] -> ([B, H, n, d], None).
+
+        The sequence is right-padded to whole blocks (after the ETC prefix); padded keys are
+        masked and padded queries dropped, so zero padding of q, k, v is as good as
+        projecting zeros.
+        """
+        n_in = q.shape[2]
         prefix, suffix, padded = self.layout(n_in)
         if padded != n_in:
             etc_prefix = prefix if self.options.variant == "etc" else 0
-            x, key_padding_mask = pad_layout(
-                x, key_padding_mask, etc_prefix, self.options.block_size
-            )
-        q, k, v = self.project_qkv(x)
+            mask, tensors = key_padding_mask, []
+            for t in (q, k, v):  # pad_layout pads dim 1: lay the tensors out [B, n, H, d]
+                t, mask = pad_layout(
+                    t.transpose(1, 2), key_padding_mask, etc_prefix, self.options.block_size
+                )
+                tensors.append(t.transpose(1, 2))
+            q, k, v = tensors
+            key_padding_mask = mask
         y = self.attend_blocks(q, k, v, key_padding_mask, prefix, suffix)
-        y = zero_padded_queries(self.project_out(y), key_padding_mask)
-        return y[:, :n_in], None
+        return y[:, :, :n_in], None
 
     def gather_plan(
         self, nl: int, prefix: int, suffix: int, device: torch.device
