@@ -39,9 +39,7 @@ from torch import nn
 from attention.base import (
     Attention,
     AttentionOptions,
-    check_padding_mask,
     upcast,
-    zero_padded_queries,
 )
 from attention.registry import register
 
@@ -166,26 +164,34 @@ class DebertaAttention(Attention):
         assert isinstance(options, DebertaOptions), f"expected DebertaOptions, got {options!r}"
         return RelativePositionTable(d_model, 2 * options.span, options.norm_rel_embeddings)
 
-    def forward(self, x, *, key_padding_mask=None, state=None):
-        """x [B, n, D] (mask bool [B, n], True = real) -> (y [B, n, D], None)."""
-        check_padding_mask(x, key_padding_mask)
-        batch, length, _ = x.shape
-        query, key, value = (
-            self.split_heads(proj(x)) for proj in (self.query, self.key, self.value)
-        )
-        with torch.autocast(device_type=x.device.type, enabled=False):
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, n, D] -> q, k, v [B, H, n, d] through the separate content projections."""
+        query, key, value = (self.split_heads(p(x)) for p in (self.query, self.key, self.value))
+        return query, key, value
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        key_padding_mask: torch.Tensor | None,
+        state: Any,
+    ) -> tuple[torch.Tensor, None]:
+        """q, k, v [B, H, n, d] (mask bool [B, n], True = real) -> ([B, H, n, d], None)."""
+        length, out_dtype = q.shape[2], q.dtype
+        with torch.autocast(device_type=q.device.type, enabled=False):
             # The official code keeps scores and its softmax in fp32 (spec §10 pitfalls).
-            query, key, value = (upcast(t) for t in (query, key, value))
+            query, key, value = (upcast(t) for t in (q, k, v))
             scores = self.disentangled_scores(query, key, self.position_projections(length))
-            allowed = self.allowed_keys(key_padding_mask, length, x.device)
+            allowed = self.allowed_keys(key_padding_mask, length, q.device)
             if allowed is not None:
                 scores.masked_fill_(~allowed, torch.finfo(scores.dtype).min)
             probs = torch.softmax(scores, dim=-1)
             if self.training and self.options.dropout > 0:
                 probs = F.dropout(probs, p=self.options.dropout)
             mixed = probs @ value
-        y = self.project_out(mixed.to(x.dtype))
-        return zero_padded_queries(y, key_padding_mask), None
+        return mixed.to(out_dtype), None
 
     def position_projections(self, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """K^r and Q^r [H_local, r, d] for the table rows this length uses, and δ [n, n]."""
