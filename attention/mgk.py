@@ -36,6 +36,7 @@ chunks of ``query_chunk`` queries, without gradients).
 from __future__ import annotations
 
 import math
+from datetime import timedelta
 from typing import Any, Literal
 
 import torch
@@ -46,6 +47,8 @@ from torch import nn
 
 from attention.base import Attention, AttentionOptions
 from attention.registry import register
+from parallel.collectives import COLLECTIVE_TIMEOUT
+from parallel.tensor_parallel import group_size_and_rank
 
 PRIOR_FLOOR = 1e-6
 
@@ -246,6 +249,17 @@ class MixtureGaussianKeysAttention(Attention):
         # parallelism the model builder must set the data-parallel group (heads differ
         # across tensor-parallel ranks).
         self.em_group: Any = None
+
+    def parallelize(self, group: Any, *, timeout: timedelta = COLLECTIVE_TIMEOUT) -> None:
+        if group_size_and_rank(group)[0] > 1 and self.options.prior == "soft_em":
+            if self.em_group is None:
+                # The default group would sum the E-step statistics of different heads.
+                raise ValueError(
+                    "attention 'mgk' with prior='soft_em' under tensor parallelism needs "
+                    "em_group set to the data-parallel group (the ranks holding the same "
+                    "heads) before parallelize"
+                )
+        super().parallelize(group, timeout=timeout)
 
     def shard_heads(self) -> None:
         if self.prior is not None:

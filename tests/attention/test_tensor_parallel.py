@@ -16,7 +16,8 @@ Which methods support tensor parallelism (``supports_tensor_parallel``) and why:
 The slow test runs every supported method in one spawn of two gloo processes (about 10 s):
 fp32, forward and backward with a padding mask (and causal where supported); outputs and
 input gradients to atol 1e-5, each sharded parameter's gradient against the matching slice of
-the reference gradient (by ``partition_dim``), replicated ones against the whole.
+the reference gradient (by ``partition_dim``), replicated ones against the whole. mgk's
+soft-EM priors are also checked in training mode (E-step of the local heads).
 """
 
 from __future__ import annotations
@@ -219,6 +220,35 @@ def _compare(label: str, method: str, causal: bool, options: dict, rank: int) ->
     return failures
 
 
+def _mgk_soft_em(rank: int) -> list[str]:
+    """Training-mode soft-EM priors: the E-step of the local heads, over a one-rank em_group
+    (here the data-parallel group is each rank alone), then the updated prior in use."""
+    singletons = [dist.new_group([r]) for r in range(dist.get_world_size())]
+    torch.manual_seed(0)
+    reference = attention.build("mgk", d_model=D, num_heads=H, causal=True, prior="soft_em")
+    model = copy.deepcopy(reference)
+    try:
+        model.parallelize(dist.group.WORLD)
+        return ["mgk/soft_em: parallelize without em_group did not raise"]
+    except ValueError as err:
+        if "em_group" not in str(err):
+            return [f"mgk/soft_em: unexpected message {err}"]
+    reference.em_group = singletons[rank]
+    model.em_group = singletons[rank]
+    model.parallelize(dist.group.WORLD)
+    failures = []
+    for step in range(2):  # the second forward uses the prior the first E-step computed
+        x = torch.randn(B, N, D)
+        y_ref, _ = reference(x)
+        y_tp, _ = model(x)
+        if not torch.allclose(y_tp, y_ref, atol=ATOL, rtol=0):
+            failures.append(f"mgk/soft_em step {step}: output differs")
+    heads = slice(rank * H // 2, (rank + 1) * H // 2)
+    if not torch.allclose(model.prior_pending, reference.prior_pending[:, heads], atol=1e-6):
+        failures.append("mgk/soft_em: the E-step of the local heads differs")
+    return failures
+
+
 def _all_methods(rank: int, world_size: int) -> list[str]:
     torch.set_num_threads(1)
     failures = []
@@ -234,6 +264,7 @@ def _all_methods(rank: int, world_size: int) -> list[str]:
     except ValueError as err:
         if "attention 'evolving' does not support tensor parallelism" not in str(err):
             failures.append(f"evolving: unexpected message {err}")
+    failures += _mgk_soft_em(rank)
     six_heads = attention.build("full", d_model=24, num_heads=6)
     six_heads.parallelize(dist.group.WORLD)
     if six_heads.num_local_heads != 3:
