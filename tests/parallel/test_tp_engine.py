@@ -2,21 +2,25 @@
 
 A small hand-built model: embedding -> column-parallel linear -> relu -> row-parallel
 linear (+ residual) -> stacked "expert" weights (+ residual) -> head, cross-entropy on the
-next token. Token t goes to expert t % E (fixed routing, so the test is about the engine,
-not the router). Two expert arrangements at tp=2, dp=1:
+next token. Global row t goes to expert t % E (fixed routing, so the test is about the
+engine, not the router). Two expert arrangements:
 
-* ``ep``: ep=2 folded over the two TP ranks; each rank holds one expert and computes it for
-  its tokens of the replicated input (copy to / reduce from the EP group), so expert
-  gradients live on one rank each and the EDP groups are single ranks;
-* ``rows``: ep=1, every rank holds both experts and computes 1/tp of the token rows (the
-  rows are gathered back), so expert gradients are partial sums the engine adds over the
-  EDP group {0, 1}, which spans the TP group.
+* ``ep``: EP = the TP group; the rows are replicated over it, each rank computes its experts
+  for them (copy to / reduce from the EP group), so an expert's gradient lives on one rank
+  of its TP group;
+* ``fold``: the issue's MoE under TP in miniature: each TP rank takes 1/tp of its rows, the
+  rows of the EP group are gathered, each rank runs its experts on them, the outputs are
+  summed over the EP group and every rank keeps its own rows, which TP gathers back. With
+  ep=1 every rank holds every expert and the engine adds the partial expert gradients over
+  the EDP group (spanning TP); with EP across the data-parallel replicas each expert lives
+  on one rank of the world.
 
-``gradient_clipping`` is 0.05, below every step's gradient norm, so clipping bites, at ZeRO 0
-(the bridge's exact-norm clip) and ZeRO 1 (DeepSpeed's norm with experts tagged
-model-parallel). Ten AdamW steps: each step's loss and ``engine.get_global_grad_norm()``
-equal the tp=1 run's (one process, the same bridge.initialize with a dp=1 layout) within
-atol 1e-5, and both TP ranks report the same values.
+``gradient_clipping`` is 0.05, below every step's gradient norm, so clipping bites: at ZeRO 0
+through the bridge's exact-norm clip, at ZeRO 1/2 through DeepSpeed's norm with experts
+tagged model-parallel. Ten AdamW steps: each step's loss (averaged over the data-parallel
+ranks) and ``engine.get_global_grad_norm()`` on every rank equal one process running the
+whole global batch (the same bridge.initialize with a dp=1 layout) within atol 1e-5.
+2 ranks: tp=2 (dp=1); 4 ranks: dp=2 x tp=2 with ep=2 and ep=4.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import os
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -40,8 +45,44 @@ from parallel.tensor_parallel import (
 )
 from tests.dist import run_ranks
 
-V, D, FF, E, B, S, STEPS, CLIP = 32, 16, 32, 2, 4, 8, 10, 0.05
-CASES = [("ep", 0), ("ep", 1), ("rows", 0), ("rows", 1)]
+V, D, FF, E, B, S, STEPS, CLIP = 32, 16, 32, 4, 4, 8, 10, 0.05
+
+
+class _GatherRows(torch.autograd.Function):
+    """x [T, D] -> [ep * T, D] in group-rank order; backward: the gradient summed over the
+    group (every rank's outputs used every row), this rank's rows kept."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        rows = grad.shape[0] // dist.get_world_size(ctx.group)
+        rank = dist.get_rank(ctx.group)
+        return grad[rank * rows : (rank + 1) * rows], None
+
+
+class _SumOverGroup(torch.autograd.Function):
+    """Forward and backward both sum over the group (each rank keeps its own rows after)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        x = x.contiguous().clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 class TinyTPModel(nn.Module):
@@ -58,6 +99,7 @@ class TinyTPModel(nn.Module):
         self.tp_group = groups.tp_group if groups.tp_size > 1 else None
         self.ep_group = groups.ep_group if groups.ep_size > 1 else None
         self.tp, self.tp_rank = groups.tp_size, groups.tp_rank
+        self.ep, self.ep_rank, self.ep_block = groups.ep_size, groups.ep_rank, groups.edp_rank
         self.up = ColumnParallelLinear.from_linear(up, self.tp_group)
         self.down = RowParallelLinear.from_linear(down, self.tp_group)
         local = E // groups.ep_size
@@ -80,16 +122,23 @@ class TinyTPModel(nn.Module):
             y = reduce_from_region(
                 self._experts(copy_to_region(h, self.ep_group), 0), self.ep_group
             )
-        else:  # experts replicated, rows split over TP and gathered back
-            mine = scatter_to_region(h.T, self.tp_group).T
-            first = self.tp_rank * (h.shape[0] // self.tp)
-            y = gather_from_region(self._experts(mine, first).T.contiguous(), self.tp_group).T
+        else:  # rows split over TP, exchanged over EP, gathered back over TP
+            mine = scatter_to_region(h.T, self.tp_group).T  # [T / tp, D]
+            rows = mine.shape[0]
+            if self.ep_group is not None:
+                mine = _GatherRows.apply(mine, self.ep_group)  # the EP group's rows
+            # Global row ids: the stage's ranks hold consecutive row blocks, EP groups too.
+            out = self._experts(mine, self.ep_block * self.ep * rows)
+            if self.ep_group is not None:
+                out = _SumOverGroup.apply(out, self.ep_group)
+                out = out[self.ep_rank * rows : (self.ep_rank + 1) * rows]
+            y = gather_from_region(out.T.contiguous(), self.tp_group).T
         return self.head((h + y).reshape(tokens.shape[0], -1, D))
 
 
-def ds_config(stage: int) -> dict:
+def ds_config(stage: int, micro_batch: int = B) -> dict:
     return {
-        "train_micro_batch_size_per_gpu": B,
+        "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": CLIP,
         "zero_optimization": {"stage": stage},
@@ -98,41 +147,72 @@ def ds_config(stage: int) -> dict:
     }
 
 
-def _train_body(rank: int, world_size: int, cases: list[tuple[str, int]]) -> dict:
+def _train_body(rank: int, world_size: int, shards: int, cases: list) -> dict:
+    """Each (mode, ep, stage) of ``cases`` for STEPS steps on dp = ``shards`` data-parallel
+    replicas x tp = world / dp; one process (world 1) runs them at dp = tp = ep = 1 on the
+    whole global batch of ``shards`` x B sequences."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     from parallel import deepspeed_bridge as bridge
 
+    dp = shards if world_size > 1 else 1
+    micro = B * shards // dp
     results = {}
-    for mode, stage in cases:
-        ep = world_size if mode == "ep" else 1
-        groups = ParallelLayout(dp=1, tp=world_size, ep=ep).build(num_experts=E)
+    for mode, ep, stage in cases:
+        layout = ParallelLayout(dp=dp, tp=world_size // dp, ep=ep if world_size > 1 else 1)
+        groups = layout.build(num_experts=E)
         model = TinyTPModel(groups, mode)
         engine = bridge.initialize(
-            model, ds_config(stage), groups=groups, num_experts_per_layer=[E], zero_stage=stage
+            model,
+            ds_config(stage, micro),
+            groups=groups,
+            num_experts_per_layer=[E],
+            zero_stage=stage,
         )
         losses, norms = [], []
         for step in range(STEPS):
-            tokens = torch.randint(0, V, (B, S + 1), generator=torch.Generator().manual_seed(step))
+            generator = torch.Generator().manual_seed(step)
+            batch = torch.randint(0, V, (B * shards, S + 1), generator=generator)
+            tokens = batch[groups.dp_rank * micro : (groups.dp_rank + 1) * micro]
             logits = engine(tokens[:, :-1])
             loss = F.cross_entropy(logits.reshape(-1, V), tokens[:, 1:].reshape(-1))
             engine.backward(loss)
             engine.step()
             losses.append(loss.item())
             norms.append(float(engine.get_global_grad_norm()))
-        results[(mode, stage)] = {"losses": losses, "norms": norms}
+        results[(mode, ep, stage)] = {"losses": losses, "norms": norms}
     return results
+
+
+def _check(reference: dict, ranks: list[dict], cases: list) -> None:
+    for case in cases:
+        want = reference[case]
+        assert min(want["norms"]) > 2 * CLIP, case  # clipping changes every step
+        # Rows of every data-parallel shard are equal in number: the global loss is the mean.
+        mean = [sum(r[case]["losses"][i] for r in ranks) / len(ranks) for i in range(STEPS)]
+        assert mean == pytest.approx(want["losses"], abs=1e-5), case
+        for rank, got in enumerate(ranks):
+            assert got[case]["norms"] == pytest.approx(want["norms"], abs=1e-5), (case, rank)
 
 
 @pytest.mark.slow
 def test_tp2_equals_tp1_losses_and_clipped_grad_norms(tmp_path):
+    cases = [("ep", 2, 0), ("ep", 2, 1), ("fold", 1, 0), ("fold", 1, 1), ("fold", 1, 2)]
     # One FileStore directory per launch: a second launch must not read the first's keys.
     (tmp_path / "tp1").mkdir()
     (tmp_path / "tp2").mkdir()
-    (reference,) = run_ranks(1, _train_body, tmp_path / "tp1", CASES, timeout=120)
-    tp2 = run_ranks(2, _train_body, tmp_path / "tp2", CASES, timeout=120)
-    for case in CASES:
-        want = reference[case]
-        assert min(want["norms"]) > 2 * CLIP, case  # clipping changes every step
-        for rank, got in enumerate(tp2):
-            assert got[case]["losses"] == pytest.approx(want["losses"], abs=1e-5), (case, rank)
-            assert got[case]["norms"] == pytest.approx(want["norms"], abs=1e-5), (case, rank)
+    (reference,) = run_ranks(1, _train_body, tmp_path / "tp1", 1, cases, timeout=120)
+    tp2 = run_ranks(2, _train_body, tmp_path / "tp2", 1, cases, timeout=120)
+    _check(reference, tp2, cases)
+
+
+@pytest.mark.slow
+def test_dp2_x_tp2_with_folded_ep_equals_one_process(tmp_path):
+    """dp=2 x tp=2 with ep=2 (EP = the TP pair) and ep=4 (each expert on one rank of the
+    world, EP across the data-parallel replicas: DeepSpeed's own ZeRO 0 clip would average
+    the norm's square root over dp there)."""
+    cases = [("ep", 2, 1), ("fold", 4, 0), ("fold", 4, 1)]
+    (tmp_path / "one").mkdir()
+    (tmp_path / "four").mkdir()
+    (reference,) = run_ranks(1, _train_body, tmp_path / "one", 2, cases, timeout=120)
+    four = run_ranks(4, _train_body, tmp_path / "four", 2, cases, timeout=180)
+    _check(reference, four, cases)
