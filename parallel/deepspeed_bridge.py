@@ -318,6 +318,12 @@ def initialize(
                 f"({groups.ep_size}); pass the layout's groups only"
             )
         ep_size = groups.ep_size
+    else:
+        # The engine hands its mpu to utils/groups.py only when it has one; an earlier
+        # engine's would otherwise still answer for the data-parallel group.
+        from deepspeed.utils import groups as ds_groups
+
+        ds_groups.mpu = None
     ep_size = 1 if ep_size is None else ep_size
     tp_size = 1 if groups is None else groups.tp_size
     has_experts = bool(num_experts_per_layer)

@@ -148,6 +148,16 @@ def test_engine_reads_the_mpu_expert_dicts_and_fp32_clip_the_bridge_relies_on():
         assert hasattr(ModelParallelUnit, name), name
 
 
+def test_ep_size_must_agree_with_the_layout():
+    from parallel.layout import ParallelLayout, ProcessGroups
+
+    groups = ProcessGroups(layout=ParallelLayout(dp=4, ep=2), mesh=None, rank=0)
+    with pytest.raises(ValueError, match=r"^ep_size \(4\) differs from the layout's parallel.ep"):
+        bridge.initialize(
+            torch.nn.Linear(2, 2), {}, groups=groups, num_experts_per_layer=[4], ep_size=4
+        )
+
+
 def test_global_grad_norm_counts_every_gradient_once_over_the_layout():
     """Contract 13 arithmetic, no processes: on dp=2 x tp=2 with ep=2, summing what each of
     the 4 ranks counts gives every value once (dense on rank 0, each TP shard on dp rank 0,
@@ -157,7 +167,7 @@ def test_global_grad_norm_counts_every_gradient_once_over_the_layout():
     from parallel.tensor_parallel import mark_tensor_parallel
 
     layout = ParallelLayout(dp=2, tp=2, ep=2)
-    dense, shards, experts = torch.tensor([3.0]), [1.0, 2.0], [4.0, 5.0]  # by tp / ep rank
+    dense, shards, experts = [3.0], [1.0, 2.0], [4.0, 5.0]  # by tp / ep rank
     total = 0.0
     for rank in range(4):
         groups = ProcessGroups(layout=layout, mesh=None, rank=rank)
