@@ -111,37 +111,60 @@ class PartedColumnParallelLinear(nn.Module):
     """A fused column projection (q|k|v, ...) cut part by part over the TP group.
 
     Cutting the fused weight [parts * d_out, d_in] in one piece would hand rank 0 all the
-    queries and rank 1 the keys; cutting each part keeps every rank's heads together. The
-    output [..., parts * d_out / tp] is [part 0 shard | part 1 shard | ...], so ``chunk(parts)``
-    still gives each part for the local heads. ``parts.i`` is a ``ColumnParallelLinear`` whose
-    weight is the contiguous shard (partition_dim 0) of rows [i * d_out, (i + 1) * d_out).
+    queries and rank 1 the keys; cutting each part keeps every rank's heads together. Rank r
+    holds one strided shard, the rows of block r of every part, [part 0 block r | part 1
+    block r | ...], so the output [..., parts * d_out / tp] still splits into the parts of
+    the local heads with ``chunk(parts)``. The shard keeps the fused layer's names
+    (``weight``, ``bias``) and is tagged ``partition_stride = parts`` (Megatron's convention,
+    which the layout-free checkpoint joins and cuts), so a checkpoint holds the tp=1 tensor.
+    One input all-reduce in the backward serves every part.
     """
 
     def __init__(self, linear: HeadLinear, group: Any, *, timeout: timedelta) -> None:
         super().__init__()
+        self.tp, self.tp_rank = group_size_and_rank(group)
+        self.group, self.timeout = group, timeout
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.parts = linear.parts
         width = linear.out_features // linear.parts
-        self.parts = nn.ModuleList()
-        for index in range(linear.parts):
-            rows = slice(index * width, (index + 1) * width)
-            # On the meta device: a full-size piece would draw from (and advance) the RNG.
-            piece = nn.Linear(
-                linear.in_features, width, bias=linear.bias is not None, device="meta"
+        if width % self.tp != 0:
+            raise ValueError(
+                f"each of the {self.parts} parts ({width} features) of a fused projection must "
+                f"be divisible by the tensor-parallel size tp ({self.tp})"
             )
-            piece.weight = nn.Parameter(linear.weight.detach()[rows])
-            if linear.bias is not None:
-                piece.bias = nn.Parameter(linear.bias.detach()[rows])
-            self.parts.append(
-                ColumnParallelLinear.from_linear(piece, group, gather_output=False, timeout=timeout)
-            )
+        shard = width // self.tp
+        rows = torch.cat(
+            [
+                torch.arange(
+                    i * width + self.tp_rank * shard, i * width + (self.tp_rank + 1) * shard
+                )
+                for i in range(self.parts)
+            ]
+        ).to(linear.weight.device)
+        self.weight = nn.Parameter(linear.weight.detach()[rows].clone())
+        self.bias: nn.Parameter | None = None
+        if linear.bias is not None:
+            self.bias = nn.Parameter(linear.bias.detach()[rows].clone())
+        for param in (self.weight, self.bias):
+            if param is not None:
+                mark_tensor_parallel(param, partition_dim=0)
+                param.partition_stride = self.parts
 
     def forward_part(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """Part ``index`` for the local heads: x [..., d_in] -> [..., d_out / (parts * tp)]."""
-        return self.parts[index](x)
+        weight = self.weight.chunk(self.parts, dim=0)[index]
+        bias = None if self.bias is None else self.bias.chunk(self.parts)[index]
+        return F.linear(copy_to_region(x, self.group, self.timeout), weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., d_in] -> [..., parts * d_out / tp] (the parts' local shards side by side)."""
-        return torch.cat([part(x) for part in self.parts], dim=-1)
+        return F.linear(copy_to_region(x, self.group, self.timeout), self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, tp={self.tp}, "
+            f"parts={self.parts}, bias={self.bias is not None}"
+        )
 
 
 def tensor_parallel_error(

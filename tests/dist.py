@@ -17,6 +17,7 @@ names the ranks that never reported.
 from __future__ import annotations
 
 import faulthandler
+import itertools
 import os
 import sys
 import time
@@ -61,12 +62,17 @@ def _worker(
         faulthandler.cancel_dump_traceback_later()
 
 
+_LAUNCHES = itertools.count()
+
+
 def run_ranks(
     world_size: int, body: Callable, tmp_path: Path, *args: Any, timeout: float = 300.0
 ) -> list[Any]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    store_path = str(Path(tmp_path) / f"store_{os.getpid()}_{id(body)}")
+    # A fresh store per launch: a later launch in the same tmp_path must not read the keys
+    # (and stale addresses) an earlier one left in its file.
+    store_path = str(Path(tmp_path) / f"store_{os.getpid()}_{next(_LAUNCHES)}")
     procs = [
         ctx.Process(target=_worker, args=(r, world_size, store_path, body, args, queue, timeout))
         for r in range(world_size)
