@@ -437,7 +437,9 @@ def parallelize(run: Run) -> None:
     timeout = timedelta(seconds=run.config.parallel.timeout_s)
     whole = _dense_parameter_bytes(run.model)
     if run.groups.tp_size > 1:
-        apply_tensor_parallel(run.model, run.groups.tp_group, timeout=timeout)
+        apply_tensor_parallel(
+            run.model, run.groups.tp_group, timeout=timeout, data_group=run.groups.dp_group
+        )
         here = _dense_parameter_bytes(run.model)
         if run.rank == 0:
             run.log.info(

@@ -299,10 +299,18 @@ def parallelize_moe_layer(layer: MoELayer, group: Any, *, timeout: timedelta) ->
 
 
 def apply_tensor_parallel(
-    model: nn.Module, group: Any, *, timeout: timedelta = COLLECTIVE_TIMEOUT
+    model: nn.Module,
+    group: Any,
+    *,
+    timeout: timedelta = COLLECTIVE_TIMEOUT,
+    data_group: Any = None,
 ) -> int:
     """Split ``model`` (a Transformer, or any module holding MoELayers / DenseFFNs) over the
     TP ``group`` in place; returns the number of modules changed (0 without TP).
+
+    ``data_group``: the ranks that hold the same heads (the layout's data-parallel group),
+    for attention that reduces statistics of its heads across ranks (MGK's soft-EM prior,
+    ``em_group``); the default group would mix different heads under TP.
 
     Every TP rank must call it on the same full model (same seed). Attention modules are
     split by their own ``parallelize`` (heads); DenseFFN by width; MoELayer routes 1/tp of the
@@ -315,6 +323,8 @@ def apply_tensor_parallel(
     # The list is taken first: the loop swaps submodules of the modules it visits.
     for module in list(model.modules()):
         if isinstance(module, TransformerBlock):
+            if data_group is not None and hasattr(module.attention, "em_group"):
+                module.attention.em_group = data_group
             parallelize = getattr(module.attention, "parallelize", None)
             if parallelize is not None:
                 parallelize(group, timeout=timeout)
