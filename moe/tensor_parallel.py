@@ -48,12 +48,14 @@ from moe.layer import MoELayer
 from moe.losses import balance_from_fractions, router_entropy
 from moe.router import ExpertChoiceRouter, Routing
 from moe.simulate import SimulatedDispatcher
-from parallel.collectives import COLLECTIVE_TIMEOUT, all_gather_tensor, all_reduce_sum
+from parallel.collectives import COLLECTIVE_TIMEOUT, all_reduce_sum
 from parallel.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
+    gather_from_region,
     group_size_and_rank,
     reduce_from_region,
+    scatter_to_region,
 )
 
 
@@ -100,62 +102,13 @@ def check_tensor_parallel(model: Any, moe: Any, attention_config: Any, tp: int) 
 # ---- token rows over the TP group -------------------------------------------------------
 
 
-def _row_block(num_rows: int, tp: int, rank: int) -> slice:
+def check_token_rows(num_rows: int, tp: int) -> None:
+    """One-line ValueError unless the ``num_rows`` tokens split evenly over ``tp`` ranks."""
     if num_rows % tp != 0:
         raise ValueError(
             f"an MoE layer under tensor parallelism splits its {num_rows} tokens (batch x "
             f"sequence) over parallel.tp ({tp}) ranks; make batch x sequence divisible by {tp}"
         )
-    rows = num_rows // tp
-    return slice(rank * rows, (rank + 1) * rows)
-
-
-def _gather_rows(x: torch.Tensor, group: Any, timeout: timedelta) -> torch.Tensor:
-    """[R, ...] on each rank -> [tp * R, ...] in group-rank order."""
-    return all_gather_tensor(x.contiguous(), group, timeout).flatten(0, 1)
-
-
-class _ScatterRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, timeout):  # noqa: ANN001, ANN205
-        ctx.group, ctx.timeout = group, timeout
-        tp, rank = group_size_and_rank(group)
-        return x[_row_block(x.shape[0], tp, rank)].clone()
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001, ANN205
-        return _gather_rows(grad, ctx.group, ctx.timeout), None, None
-
-
-class _GatherRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, timeout):  # noqa: ANN001, ANN205
-        ctx.tp, ctx.rank = group_size_and_rank(group)
-        return _gather_rows(x, group, timeout)
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001, ANN205
-        return grad[_row_block(grad.shape[0], ctx.tp, ctx.rank)].contiguous(), None, None
-
-
-def scatter_rows(
-    x: torch.Tensor, group: Any, timeout: timedelta = COLLECTIVE_TIMEOUT
-) -> torch.Tensor:
-    """Replicated x [T, ...] -> this rank's rows [T / tp, ...]; backward all-gathers the rows'
-    gradients (every rank's upstream is replicated and needs the gradient of all T rows)."""
-    if group_size_and_rank(group)[0] == 1:
-        return x
-    return _ScatterRows.apply(x, group, timeout)
-
-
-def gather_rows(
-    x: torch.Tensor, group: Any, timeout: timedelta = COLLECTIVE_TIMEOUT
-) -> torch.Tensor:
-    """This rank's rows [T / tp, ...] -> [T, ...] in group-rank order; backward keeps own rows
-    (the replicated downstream gives every rank the same gradient of all T rows)."""
-    if group_size_and_rank(group)[0] == 1:
-        return x
-    return _GatherRows.apply(x, group, timeout)
 
 
 class RoutingTotals(NamedTuple):
@@ -180,12 +133,13 @@ class TokenSplit:
         self.tp, self.rank = group_size_and_rank(group)
 
     def scatter(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [T, d] replicated -> this rank's [T / tp, d]."""
-        return scatter_rows(tokens, self.group, self.timeout)
+        """tokens [T, d] replicated -> this rank's [T / tp, d] (backward: all-gather)."""
+        check_token_rows(tokens.shape[0], self.tp)
+        return scatter_to_region(tokens, self.group, self.timeout, dim=0)
 
     def gather(self, rows: torch.Tensor) -> torch.Tensor:
-        """[T / tp, d] -> [T, d] replicated."""
-        return gather_rows(rows, self.group, self.timeout)
+        """[T / tp, d] -> [T, d] replicated (backward: keep own rows)."""
+        return gather_from_region(rows, self.group, self.timeout, dim=0)
 
     def totals(self, routing: Routing, *, dropless: bool) -> RoutingTotals:
         """Losses and counts of the whole TP group from this rank's ``routing`` of T / tp rows.

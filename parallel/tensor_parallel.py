@@ -16,8 +16,10 @@ one member):
 
     copy_to_region(x)      forward identity                backward all-reduce (sum)
     reduce_from_region(x)  forward all-reduce (sum)        backward identity
-    gather_from_region(x)  forward all-gather, last dim    backward keep own slice
-    scatter_to_region(x)   forward keep own slice          backward all-gather, last dim
+    gather_from_region(x)  forward all-gather along dim    backward keep own slice
+    scatter_to_region(x)   forward keep own slice          backward all-gather along dim
+
+(``dim`` defaults to the last, features; MoE layers under TP split token rows, dim 0.)
 
 ``group=None`` means "no tensor parallelism", not the default group. Every rank of a TP
 group must build the layers from the same full weights (same seed, or ``from_linear`` of the
@@ -62,15 +64,16 @@ def _shard_size(layer: str, dim_name: str, size: int, tp: int) -> int:
     return size // tp
 
 
-def _own_slice(x: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
-    """This rank's contiguous shard [..., d / tp] of the last dim of x [..., d]."""
-    if x.shape[-1] % tp != 0:
+def _own_slice(x: torch.Tensor, tp: int, rank: int, dim: int) -> torch.Tensor:
+    """This rank's contiguous shard of x along ``dim`` (size d -> d / tp)."""
+    size = x.shape[dim]
+    if size % tp != 0:
         raise ValueError(
-            f"the last dim ({x.shape[-1]}) of a tensor split over the TP group must be "
-            f"divisible by the tensor-parallel size tp ({tp})"
+            f"dim {dim} ({size}) of a tensor split over the TP group must be divisible by the "
+            f"tensor-parallel size tp ({tp})"
         )
-    width = x.shape[-1] // tp
-    return x[..., rank * width : (rank + 1) * width].contiguous()
+    width = size // tp
+    return x.narrow(dim, rank * width, width).contiguous()
 
 
 def _all_reduce(x: torch.Tensor, group: Any, timeout: timedelta) -> torch.Tensor:
@@ -78,9 +81,9 @@ def _all_reduce(x: torch.Tensor, group: Any, timeout: timedelta) -> torch.Tensor
     return all_reduce_sum(x.clone(memory_format=torch.contiguous_format), group, timeout)
 
 
-def _all_gather_last_dim(x: torch.Tensor, group: Any, timeout: timedelta) -> torch.Tensor:
-    """[..., d / tp] on each rank -> [..., d], pieces in group-rank order."""
-    return torch.cat(all_gather_tensor(x, group, timeout).unbind(0), dim=-1)
+def _all_gather_dim(x: torch.Tensor, group: Any, timeout: timedelta, dim: int) -> torch.Tensor:
+    """d / tp along ``dim`` on each rank -> d, pieces in group-rank order."""
+    return torch.cat(all_gather_tensor(x.contiguous(), group, timeout).unbind(0), dim=dim)
 
 
 class _CopyToRegion(torch.autograd.Function):
@@ -106,34 +109,39 @@ class _ReduceFromRegion(torch.autograd.Function):
 
 class _GatherFromRegion(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group, timeout):  # noqa: ANN001, ANN205
+    def forward(ctx, x, group, timeout, dim):  # noqa: ANN001, ANN205
         ctx.tp, ctx.rank = group_size_and_rank(group)
-        return _all_gather_last_dim(x, group, timeout)
+        ctx.dim = dim
+        return _all_gather_dim(x, group, timeout, dim)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
-        return _own_slice(grad, ctx.tp, ctx.rank), None, None
+        return _own_slice(grad, ctx.tp, ctx.rank, ctx.dim), None, None, None
 
 
 class _ScatterToRegion(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group, timeout):  # noqa: ANN001, ANN205
-        ctx.group, ctx.timeout = group, timeout
+    def forward(ctx, x, group, timeout, dim):  # noqa: ANN001, ANN205
+        ctx.group, ctx.timeout, ctx.dim = group, timeout, dim
         tp, rank = group_size_and_rank(group)
-        return _own_slice(x, tp, rank)
+        return _own_slice(x, tp, rank, dim)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
-        return _all_gather_last_dim(grad, ctx.group, ctx.timeout), None, None
+        return _all_gather_dim(grad, ctx.group, ctx.timeout, ctx.dim), None, None, None
 
 
 def _apply(
-    function: type[torch.autograd.Function], x: torch.Tensor, group: Any, timeout: timedelta
+    function: type[torch.autograd.Function],
+    x: torch.Tensor,
+    group: Any,
+    timeout: timedelta,
+    *extra: Any,
 ) -> torch.Tensor:
     """``function`` over the group; the identity (the same tensor) without tensor parallelism."""
     if group_size_and_rank(group)[0] == 1:
         return x
-    return function.apply(x, group, timeout)
+    return function.apply(x, group, timeout, *extra)
 
 
 def copy_to_region(
@@ -151,17 +159,21 @@ def reduce_from_region(
 
 
 def gather_from_region(
-    x: torch.Tensor, group: Any, timeout: timedelta = COLLECTIVE_TIMEOUT
+    x: torch.Tensor, group: Any, timeout: timedelta = COLLECTIVE_TIMEOUT, dim: int = -1
 ) -> torch.Tensor:
-    """[..., d / tp] -> [..., d] by all-gather in group-rank order; backward keeps own slice."""
-    return _apply(_GatherFromRegion, x, group, timeout)
+    """d / tp along ``dim`` -> d by all-gather in group-rank order; backward keeps own slice.
+
+    ``dim=-1``: features (a column layer's output); ``dim=0``: token rows (an MoE layer
+    under TP, whose downstream is replicated)."""
+    return _apply(_GatherFromRegion, x, group, timeout, dim)
 
 
 def scatter_to_region(
-    x: torch.Tensor, group: Any, timeout: timedelta = COLLECTIVE_TIMEOUT
+    x: torch.Tensor, group: Any, timeout: timedelta = COLLECTIVE_TIMEOUT, dim: int = -1
 ) -> torch.Tensor:
-    """[..., d] -> this rank's [..., d / tp]; backward all-gathers the grads along the last dim."""
-    return _apply(_ScatterToRegion, x, group, timeout)
+    """Replicated x -> this rank's d / tp along ``dim``; backward all-gathers the grads (the
+    replicated upstream needs the gradient of the whole tensor)."""
+    return _apply(_ScatterToRegion, x, group, timeout, dim)
 
 
 def mark_tensor_parallel(param: nn.Parameter, partition_dim: int) -> None:

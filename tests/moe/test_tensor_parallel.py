@@ -23,12 +23,11 @@ from moe.expert_parallel import apply_expert_parallel, gather_expert_weights, sh
 from moe.experts import DenseFFN
 from moe.layer import MoELayer
 from moe.tensor_parallel import (
+    TokenSplit,
     _interleave_gate_up,
-    _row_block,
     apply_tensor_parallel,
     check_tensor_parallel,
-    gather_rows,
-    scatter_rows,
+    check_token_rows,
 )
 from moe.transformer import AttentionConfig, ModelConfig, Transformer, count_parameters
 from parallel.markers import expert_names, is_expert
@@ -105,9 +104,10 @@ def test_expert_marker_and_counts() -> None:
 
 def test_row_split_without_group_and_uneven_rows() -> None:
     x = torch.randn(6, 3)
-    assert scatter_rows(x, None) is x and gather_rows(x, None) is x
+    split = TokenSplit(None)
+    assert split.scatter(x) is x and split.gather(x) is x
     with pytest.raises(ValueError, match=r"15 tokens .* parallel.tp \(2\)"):
-        _row_block(15, 2, 0)
+        check_token_rows(15, 2)
 
 
 def test_swiglu_reorder_keeps_gate_up_pairs() -> None:

@@ -92,8 +92,10 @@ def test_sizes_not_divisible_by_tp_fail_in_one_line(monkeypatch):
         full = f"{message} by the tensor-parallel size tp (3)"
         with pytest.raises(ValueError, match=f"^{re.escape(full)}$"):
             layer_cls(8, 8, group=object())
-    with pytest.raises(ValueError, match=r"last dim \(8\) .* tensor-parallel size tp \(3\)"):
-        tpl._own_slice(torch.zeros(2, 8), 3, 0)
+    with pytest.raises(ValueError, match=r"dim -1 \(8\) .* tensor-parallel size tp \(3\)"):
+        tpl._own_slice(torch.zeros(2, 8), 3, 0, -1)
+    with pytest.raises(ValueError, match=r"dim 0 \(2\) .* tensor-parallel size tp \(3\)"):
+        tpl._own_slice(torch.zeros(2, 8), 3, 0, 0)
 
 
 def test_init_from_must_match_the_layer():
