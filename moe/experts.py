@@ -2,10 +2,27 @@
 
 Shape letters: N routed rows (kept assignments, grouped by expert), E experts, C capacity,
 d model width, f expert hidden width.
+
+Which kernel runs the grouped matmuls (``default_impl``), by device, compute dtype (the
+autocast dtype under autocast, else the input's) and layout (x [N, k] row-major, weight
+[E, k, n] row-major, int32 offsets on the device: the layout the real call uses):
+
+* CPU (and any device that is not CUDA): "loop", never probed. torch's CPU grouped kernel
+  is itself a loop followed by a copy of every result.
+* CUDA, bfloat16, compute capability 9.x or 10.x (torch's single CUTLASS kernel): "grouped",
+  when the one-time probe on that device and dtype passes (forward and backward equal
+  per-expert matmuls, an empty expert's weight gradient exactly 0) and both widths k and n
+  make rows of a multiple of 16 bytes; otherwise "loop".
+* CUDA, any other dtype or architecture, or a ROCm build: "loop". torch's ``_grouped_mm``
+  there falls back to a per-expert loop that copies the offsets to the host on every call
+  (three calls per matmul with its backward); the loop here reads the sizes once per layer.
+
+Every fallback to the loop on CUDA logs its reason once (logger "moeforge").
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -15,30 +32,127 @@ from torch import nn
 from parallel.markers import mark_expert
 
 ACTIVATIONS = ("relu", "gelu", "swiglu")
+IMPLS = ("auto", "grouped", "loop")
+
+logger = logging.getLogger("moeforge")
+
+# torch._grouped_mm reads rows through TMA: every row stride and base pointer is a multiple
+# of 16 bytes (aten/src/ATen/native/GroupedMMUtils.h, check_valid_strides_and_return_transposed).
+_ALIGN_BYTES = 16
+
+# (device, compute dtype) -> None when the grouped kernel is used there, else why not.
+_GROUPED_MM: dict[tuple[torch.device, torch.dtype], str | None] = {}
+_LOGGED: set[str] = set()
 
 
-def _grouped_mm_works() -> bool:
-    """torch._grouped_mm exists and runs forward and backward here (checked once)."""
+def _log_once(message: str) -> None:
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        logger.info(message)
+
+
+def _single_kernel_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why torch._grouped_mm would not run as one kernel on device and dtype, or None.
+
+    torch runs one grouped GEMM (no host sync) only for bfloat16 inputs and output on compute
+    capability 9.x and 10.x (``_grouped_mm_cuda``'s fast path); everything else goes through
+    ``_grouped_mm_fallback``, a per-expert loop that copies the offsets to the host first.
+    """
+    if device.type != "cuda":
+        return f"{device.type} has no single-kernel torch._grouped_mm"
     if not hasattr(torch, "_grouped_mm"):
-        return False
+        return f"torch {torch.__version__} has no torch._grouped_mm"
+    if torch.version.hip:
+        return "ROCm's torch._grouped_mm is a per-expert loop with a host sync"
+    if dtype != torch.bfloat16:
+        return (
+            f"torch._grouped_mm is one kernel for bfloat16 only; {dtype} would run its "
+            "per-expert loop with a host sync on every call"
+        )
+    major, minor = torch.cuda.get_device_capability(device)
+    if major not in (9, 10):
+        return (
+            f"torch._grouped_mm is one kernel on compute capability 9.x/10.x only; {device} "
+            f"is {major}.{minor}"
+        )
+    return None
+
+
+def _probe(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Run torch._grouped_mm forward and backward on device and dtype in the real call's layout
+    (x [N, k] and weight [E, k, n] row-major, int32 offsets on the device, an empty expert);
+    None when it equals per-expert fp32 matmuls, else why not."""
+    sizes = [3, 0, 5]
     try:
-        x = torch.randn(3, 2, requires_grad=True)
-        w = torch.randn(2, 2, 2, requires_grad=True)
-        y = torch._grouped_mm(x, w, offs=torch.tensor([1, 3], dtype=torch.int32))
-        y.backward(torch.ones_like(y))
-        ref = torch.cat([x[:1] @ w[0], x[1:] @ w[1]])
-        return bool(torch.allclose(y, ref))
-    except (RuntimeError, TypeError, NotImplementedError):
-        return False
+        with torch.inference_mode(False), torch.enable_grad():
+            gen = torch.Generator().manual_seed(0)
+            x = torch.randn(8, 16, generator=gen).to(device, dtype).requires_grad_()
+            w = torch.randn(3, 16, 32, generator=gen).to(device, dtype).requires_grad_()
+            grad = torch.randn(8, 32, generator=gen).to(device, dtype)
+            offs = torch.tensor([3, 3, 8], dtype=torch.int32, device=device)
+            with torch.autocast(device.type, enabled=False):
+                y = torch._grouped_mm(x, w, offs=offs)
+                y.backward(grad)
+            xf, wf, gf = x.detach().float(), w.detach().float(), grad.float()
+            ref_y, ref_gx, ref_gw = torch.empty_like(gf), torch.empty_like(xf), torch.zeros_like(wf)
+            start = 0
+            for e, n in enumerate(sizes):
+                rows = slice(start, start + n)
+                ref_y[rows] = xf[rows] @ wf[e]
+                ref_gx[rows] = gf[rows] @ wf[e].t()
+                ref_gw[e] = xf[rows].t() @ gf[rows]
+                start += n
+            # bf16/fp16 round the result; fp32 may run as TF32 on tensor cores.
+            tol = 2e-2 if dtype in (torch.bfloat16, torch.float16) else 5e-3
+            pairs = ((y, ref_y), (x.grad, ref_gx), (w.grad, ref_gw))
+            agree = all(
+                got is not None and torch.allclose(got.float(), ref, rtol=tol, atol=tol)
+                for got, ref in pairs
+            )
+            if not agree or bool(w.grad[1].abs().max() != 0):
+                return f"torch._grouped_mm on {device} {dtype} disagrees with per-expert matmuls"
+    except (RuntimeError, TypeError, ValueError, NotImplementedError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return f"torch._grouped_mm fails on {device} {dtype}: {first}"
+    return None
 
 
-_GROUPED_MM: bool | None = None
+def grouped_kernel_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    """None when the grouped kernel serves (device, dtype), else why the loop runs instead.
+
+    Decided once per key: the dtype and architecture rules first, then a probe on that device
+    (never a CPU tensor answering for a GPU)."""
+    key = (device, dtype)
+    if key not in _GROUPED_MM:
+        _GROUPED_MM[key] = _single_kernel_reason(device, dtype) or _probe(device, dtype)
+    return _GROUPED_MM[key]
 
 
-def _aligned(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """torch._grouped_mm needs row strides that are multiples of 16 bytes."""
-    size = x.element_size()
-    return (x.shape[-1] * size) % 16 == 0 and (weight.shape[-1] * size) % 16 == 0
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the expert matmuls run in: the autocast dtype when autocast is on, else x's."""
+    device = x.device.type
+    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def misalignment(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> str | None:
+    """Why x [N, k] times weight [E, k, n] in dtype breaks torch._grouped_mm's 16-byte row
+    alignment, or None. Both widths matter: the backward multiplies by weight's transpose
+    (rows of k) and by x's transpose (rows of N, strided by k)."""
+    size = dtype.itemsize
+    for name, width in (("input width", x.shape[-1]), ("output width", weight.shape[-1])):
+        if (width * size) % _ALIGN_BYTES:
+            return (
+                f"{name} {width} x {size} bytes ({dtype}) is not a multiple of {_ALIGN_BYTES} bytes"
+            )
+    return None
+
+
+def _kernel_layout(t: torch.Tensor) -> torch.Tensor:
+    """t contiguous with a 16-byte aligned base (a view at an odd offset is copied)."""
+    t = t.contiguous()
+    return t.clone() if t.device.type != "cpu" and t.data_ptr() % _ALIGN_BYTES else t
 
 
 class _LoopGroupedMatmul(torch.autograd.Function):
@@ -154,14 +268,42 @@ def _autocast(x: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, ..
 
 
 def default_impl(x: torch.Tensor, weight: torch.Tensor) -> str:
-    """One grouped kernel on accelerators (torch._grouped_mm, no host sync); the loop on CPU,
-    where torch's grouped kernel is itself a loop followed by a copy of every result."""
-    global _GROUPED_MM
-    if x.device.type == "cpu":
+    """The kernel for x [N, k] times weight [E, k, n] under the current autocast state:
+    "grouped" (one torch._grouped_mm kernel, no host sync) or "loop"; the table is in the
+    module docstring.
+
+    CPU never probes. A CUDA fallback logs its reason once."""
+    if x.device.type != "cuda":
         return "loop"
-    if _GROUPED_MM is None:
-        _GROUPED_MM = _grouped_mm_works()
-    return "grouped" if _GROUPED_MM and _aligned(x, weight) else "loop"
+    dtype = compute_dtype(x)
+    reason = grouped_kernel_reason(x.device, dtype) or misalignment(x, weight, dtype)
+    if reason is None:
+        return "grouped"
+    _log_once(f"grouped experts use the per-expert loop on {x.device}: {reason}")
+    return "loop"
+
+
+def _grouped_kernel(
+    x: torch.Tensor, weight: torch.Tensor, group_sizes: torch.Tensor
+) -> torch.Tensor:
+    """torch._grouped_mm with the loop path's autocast cast, autocast off for the call."""
+    x, weight = _autocast(x, weight)
+    reason = misalignment(x, weight, x.dtype)
+    if reason is not None:
+        raise ValueError(
+            f"impl='grouped' needs torch._grouped_mm's 16-byte rows: {reason}; "
+            "use impl='auto' or 'loop', or widths that are multiples of 8 (bf16) / 4 (fp32)"
+        )
+    # On the device, cumsum and the int32 cast queue behind the router: no host sync.
+    offsets = torch.cumsum(group_sizes.to(x.device, non_blocking=True), 0, dtype=torch.int32)
+    with torch.autocast(x.device.type, enabled=False):
+        return torch._grouped_mm(_kernel_layout(x), _kernel_layout(weight), offs=offsets)
+
+
+def _loop_matmul(x: torch.Tensor, weight: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    x, weight = _autocast(x, weight)
+    with torch.autocast(x.device.type, enabled=False):
+        return _LoopGroupedMatmul.apply(x, weight, sizes)
 
 
 def grouped_matmul(
@@ -170,19 +312,17 @@ def grouped_matmul(
     """Rows of x [N, d_in], grouped by expert, times that expert's weight [E, d_in, d_out].
 
     group_sizes [E] int64 sum to N. ``impl``: "grouped" (torch._grouped_mm, one kernel, no
-    host synchronisation), "loop" (one matmul per expert into preallocated outputs; needs
-    the sizes on the host) or "auto" (see ``default_impl``).
+    host synchronisation on CUDA bf16 sm90/sm100), "loop" (one matmul per expert into
+    preallocated outputs; reads the sizes on the host: one sync) or "auto" (see
+    ``default_impl``). Both cast x and weight to the autocast dtype under autocast.
     """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
         impl = default_impl(x, weight)
     if impl == "grouped":
-        offsets = torch.cumsum(group_sizes, 0).to(torch.int32)
-        return torch._grouped_mm(x.contiguous(), weight, offs=offsets)
-    if impl != "loop":
-        raise ValueError(f"impl must be 'auto', 'grouped' or 'loop', got {impl!r}")
-    x, weight = _autocast(x, weight)
-    with torch.autocast(x.device.type, enabled=False):
-        return _LoopGroupedMatmul.apply(x, weight, group_sizes.tolist())
+        return _grouped_kernel(x, weight, group_sizes)
+    return _loop_matmul(x, weight, group_sizes.tolist())
 
 
 class GroupedExperts(nn.Module):
@@ -229,16 +369,30 @@ class GroupedExperts(nn.Module):
     ) -> torch.Tensor:
         """x [N, d] grouped by expert (group_sizes [E] rows each) -> [N, d], no padding.
 
-        relu experts on the loop path run as one fused function (``_LoopReluMLP``).
+        On the loop path the sizes are read on the host once for all matmuls of the call
+        (one sync); relu experts on CPU run as one fused function (``_LoopReluMLP``, tuned
+        for CPU caches; on CUDA the unfused matmuls around ``F.relu`` run instead).
         """
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         resolved = default_impl(x, self.w1) if impl == "auto" else impl
-        if self.activation == "relu" and resolved == "loop":
-            x, w1, w2 = _autocast(x, self.w1, self.w2)
-            with torch.autocast(x.device.type, enabled=False):
-                return _LoopReluMLP.apply(x, w1, w2, group_sizes.tolist())
-        h3 = grouped_matmul(x, self.w3, group_sizes, impl=impl) if self.w3 is not None else None
-        h = self._hidden(grouped_matmul(x, self.w1, group_sizes, impl=impl), h3)
-        return grouped_matmul(h, self.w2, group_sizes, impl=impl)
+        if resolved == "grouped":
+
+            def matmul(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+                return _grouped_kernel(t, w, group_sizes)
+
+        else:
+            sizes = group_sizes.tolist()
+            if self.activation == "relu" and x.device.type == "cpu":
+                x, w1, w2 = _autocast(x, self.w1, self.w2)
+                with torch.autocast(x.device.type, enabled=False):
+                    return _LoopReluMLP.apply(x, w1, w2, sizes)
+
+            def matmul(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+                return _loop_matmul(t, w, sizes)
+
+        h3 = matmul(x, self.w3) if self.w3 is not None else None
+        return matmul(self._hidden(matmul(x, self.w1), h3), self.w2)
 
     def forward_buffer(self, buffer: torch.Tensor) -> torch.Tensor:
         """buffer [E, C, d] (one row block per expert, padded to capacity) -> [E, C, d]."""
