@@ -33,3 +33,22 @@ def launcher_variables_as_at_start():
     _reset_launcher_variables()
     yield
     _reset_launcher_variables()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` are collected everywhere and skipped, with the reason, where
+    torch sees no CUDA device, unless MOEFORGE_TEST_DEVICE names a non-CUDA device to run them
+    on instead (tests/gpu/device.py)."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_items or not os.environ.get("MOEFORGE_TEST_DEVICE", "cuda").startswith("cuda"):
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(
+        reason="gpu: torch.cuda.is_available() is False (no CUDA device or a CPU-only torch); "
+        "MOEFORGE_TEST_DEVICE=cpu runs these tests on the CPU"
+    )
+    for item in gpu_items:
+        item.add_marker(skip)
