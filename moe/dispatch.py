@@ -51,34 +51,48 @@ class DispatchPlan:
         return self.tokens_per_expert.numel()
 
 
-def make_plan(routing: Routing, *, trim_buffer: bool = False) -> DispatchPlan:
-    """Turn a Routing into sorted index vectors (one argsort over the kept assignments).
+def make_plan(
+    routing: Routing, *, trim_buffer: bool = False, num_kept: int | None = None
+) -> DispatchPlan:
+    """Turn a Routing into sorted index vectors (one argsort over every (token, choice) pair).
 
     ``trim_buffer``: cut the buffer layout to the fullest expert's kept count R when it is
     below the capacity (kept slots are 0..count-1, so only the stride changes): the experts'
     batched matmul then skips rows that would only hold padding. It reads that count on the
     host, so only CPU callers ask for it; the expert-parallel exchange needs C.
+
+    ``num_kept``: N when the caller already holds it on the host (the expert-parallel plan
+    reads its split sizes there). Otherwise N is read from the device: the one host sync of
+    a plan, since the grouped layout's row count depends on the routing. Everything else is
+    sized by T * k or computed on the device (no boolean-mask indexing, no ``nonzero``).
     """
     num_tokens, top_k = routing.slot.shape
+    total = num_tokens * top_k
     slot = routing.slot.reshape(-1)
     kept = slot >= 0
-    token = torch.arange(num_tokens, device=slot.device).repeat_interleave(top_k)[kept]
     rows = routing.capacity
     if trim_buffer and routing.tokens_per_expert.numel():
         fullest = int(routing.tokens_per_expert.max())
         rows = fullest if 0 < fullest < rows else rows
-    buffer_index = routing.expert_index.reshape(-1)[kept] * rows + slot[kept]
-    order = torch.argsort(buffer_index)
-    num_kept = order.numel()
-    inverse = torch.zeros(num_tokens * top_k, dtype=torch.long, device=slot.device)
-    inverse[kept.nonzero().squeeze(1)[order]] = torch.arange(num_kept, device=slot.device)
+    device = slot.device
+    position = torch.arange(total, device=device)
+    # Kept pairs sort by buffer row (expert, slot); dropped ones after all of them, in flat
+    # order. Keys are unique, so the split at N gives both index vectors from one argsort.
+    past_end = routing.tokens_per_expert.numel() * rows
+    key = torch.where(kept, routing.expert_index.reshape(-1) * rows + slot, past_end + position)
+    order_all = torch.argsort(key)
+    if num_kept is None:
+        num_kept = int(kept.sum())
+    order = order_all[:num_kept]
+    inverse = torch.zeros(total, dtype=torch.long, device=device)
+    inverse.index_copy_(0, order, position[:num_kept])
     return DispatchPlan(
-        token_index=token[order],
-        buffer_index=buffer_index[order],
-        gate=routing.gate.reshape(-1)[kept][order],
+        token_index=torch.div(order, top_k, rounding_mode="floor"),
+        buffer_index=key.index_select(0, order),
+        gate=routing.gate.reshape(-1).index_select(0, order),
         tokens_per_expert=routing.tokens_per_expert,
         inverse=inverse.view(num_tokens, top_k),
-        dropped=(~kept).nonzero().squeeze(1),
+        dropped=order_all[num_kept:],
         num_tokens=num_tokens,
         capacity=routing.capacity,
         buffer_rows=rows,

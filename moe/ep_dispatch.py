@@ -82,13 +82,17 @@ class ExpertParallelPlan(DispatchPlan):
     padded: bool
 
 
-def source_to_expert_order(recv_counts: torch.Tensor) -> torch.Tensor:
-    """Index that reorders rows received source-major ([ep, E_l] counts) to expert-major."""
+def source_to_expert_order(recv_counts: torch.Tensor, total: int | None = None) -> torch.Tensor:
+    """Index that reorders rows received source-major ([ep, E_l] counts) to expert-major.
+
+    ``total``: the number of rows, when the caller knows it on the host; then nothing here
+    reads the device (the counts may live on the GPU)."""
     flat = recv_counts.reshape(-1)
     starts = (torch.cumsum(flat, 0) - flat).view_as(recv_counts)
     counts_em = recv_counts.t().reshape(-1)
     starts_em = starts.t().reshape(-1)
-    total = int(flat.sum())
+    if total is None:
+        total = int(flat.sum())
     within = torch.arange(total, device=flat.device) - torch.repeat_interleave(
         torch.cumsum(counts_em, 0) - counts_em, counts_em, output_size=total
     )
@@ -184,36 +188,51 @@ class AllToAllDispatcher(LocalDispatcher):
         return routing
 
     def plan(self, routing: Routing) -> ExpertParallelPlan:
-        """Index vectors plus split sizes; gathers capacities only for per_rank with uneven T."""
-        base = make_plan(routing)
+        """Index vectors plus split sizes; gathers capacities only for per_rank with uneven T.
+
+        Host syncs on a GPU: the split sizes of the kept-rows exchange (dropless, grouped,
+        global scope) are read once, as ``all_to_all_single`` takes Python lists, and they
+        also give this rank's kept count N; the fixed-buffer path reads the gathered
+        capacities (not with ``equal_tokens``) and N (``make_plan``). The reorder indices
+        and group sizes are built on the device from device counts (no host-to-device copy).
+        """
         ep, local = self.ep_size, self.num_local_experts
         mine = slice(self.expert_offset, self.expert_offset + local)
+        device = routing.slot.device
+        num_kept = None
         if routing.group_tokens_per_expert is not None:
             counts = routing.group_tokens_per_expert.to(torch.long)
-            send_counts = counts[self.ep_rank].view(ep, local)
+            host = counts.cpu()  # the one sync: the exchange's split sizes
+            send_host = host[self.ep_rank].view(ep, local)
+            recv_host = host[:, mine]
             recv_counts = counts[:, mine]
+            num_kept = int(send_host.sum())
             padded = False
         else:
             if self.equal_tokens:
-                capacities = torch.full((ep,), routing.capacity, dtype=torch.long)
+                capacities = [routing.capacity] * ep
+                recv_counts = torch.full((ep, local), routing.capacity, device=device)
             else:
-                capacity = torch.tensor([routing.capacity], dtype=torch.long)
-                capacities = all_gather_tensor(capacity, self.group, self.timeout).view(-1)
-            send_counts = torch.full((ep, local), routing.capacity, dtype=torch.long)
-            recv_counts = capacities.cpu()[:, None].expand(ep, local)
+                # Created on the routing's device: NCCL gathers device tensors only.
+                capacity = torch.tensor([routing.capacity], dtype=torch.long, device=device)
+                gathered = all_gather_tensor(capacity, self.group, self.timeout).view(-1)
+                capacities = gathered.tolist()  # receive sizes differ per rank: on the host
+                recv_counts = gathered[:, None].expand(ep, local)
+            send_host = torch.full((ep, local), routing.capacity, dtype=torch.long)
+            recv_host = torch.tensor(capacities, dtype=torch.long)[:, None].expand(ep, local)
             padded = True
-        send_counts, recv_counts = send_counts.cpu(), recv_counts.cpu()
-        local_order = source_to_expert_order(recv_counts)
+        base = make_plan(routing, num_kept=num_kept)
+        total = int(recv_host.sum())
+        local_order = source_to_expert_order(recv_counts.to(torch.long), total)
         inverse_order = torch.empty_like(local_order)
-        inverse_order[local_order] = torch.arange(local_order.numel())
-        device = base.token_index.device
+        inverse_order.index_copy_(0, local_order, torch.arange(total, device=device))
         return ExpertParallelPlan(
             **{f.name: getattr(base, f.name) for f in dataclasses.fields(DispatchPlan)},
-            send_splits=send_counts.sum(1).tolist(),
-            recv_splits=recv_counts.sum(1).tolist(),
-            local_order=local_order.to(device),
-            inverse_order=inverse_order.to(device),
-            local_group_sizes=recv_counts.sum(0).to(device),
+            send_splits=send_host.sum(1).tolist(),
+            recv_splits=recv_host.sum(1).tolist(),
+            local_order=local_order,
+            inverse_order=inverse_order,
+            local_group_sizes=recv_counts.sum(0).to(torch.long),
             padded=padded,
         )
 
