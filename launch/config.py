@@ -109,6 +109,13 @@ class TrainConfig(BaseModel):
         ge=0,
         description="steps with a non-finite loss or gradient to skip before stopping the run",
     )
+    peak_tflops: float | None = Field(
+        default=None,
+        gt=0.0,
+        allow_inf_nan=False,
+        description="one GPU's peak dense bf16 TFLOP/s for the MFU the trainer prints; None: "
+        "from moe/accounting.py's table of known GPUs",
+    )
 
 
 class LoggingConfig(BaseModel):

@@ -25,6 +25,13 @@ import os
 import socket
 
 MPI_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE")
+# Where job starters other than torchrun and the deepspeed launcher put the rank on this node.
+LOCAL_RANK_VARIABLES = (
+    "OMPI_COMM_WORLD_LOCAL_RANK",
+    "MPI_LOCALRANKID",
+    "MV2_COMM_WORLD_LOCAL_RANK",
+    "SLURM_LOCALID",
+)
 
 
 def free_port() -> int:
@@ -47,9 +54,17 @@ def host_address() -> str:
 
 
 def discover_environment() -> str:
-    """Fill RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT; returns the launcher name."""
+    """Fill RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT; returns the launcher name.
+
+    LOCAL_RANK picks this process's GPU (parallel/rendezvous.py ``select_device``): torchrun
+    and the deepspeed launcher set it, under mpirun it is this rank's index among the ranks
+    on its host; a starter that sets RANK and WORLD_SIZE only gets its own local-rank
+    variable (``LOCAL_RANK_VARIABLES``), else 0.
+    """
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        os.environ.setdefault("LOCAL_RANK", os.environ.get("LOCAL_RANK", "0"))
+        if "LOCAL_RANK" not in os.environ:
+            found = (os.environ[key] for key in LOCAL_RANK_VARIABLES if key in os.environ)
+            os.environ["LOCAL_RANK"] = next(found, "0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
         return (

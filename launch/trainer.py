@@ -7,7 +7,10 @@ Shape letters: B micro batch, L sequence length, V vocabulary.
 Per logged step, ``RUN_DIR/metrics.jsonl`` gets one JSON object with step, loss (the total
 that is back-propagated), ce_loss, aux_loss, z_loss (sums over MoE layers), dropped_fraction
 and router_entropy (means over MoE layers), lr, tokens_per_s (all ranks) and grad_norm (the
-engine's global gradient norm of the window's last step, when it computes one); evaluations add
+engine's global gradient norm of the window's last step, when it computes one), the
+cumulative tokens and model FLOPs of the run (moe/accounting.py's FLOPs per token) and, on
+CUDA, mfu (model FLOPs utilisation: FLOPs per token x tokens_per_s over the peak of all
+ranks' GPUs, from train.peak_tflops or the table of known GPUs); evaluations add
 records with val_loss (nats per token) and val_bpb (bits per byte of the targets' text),
 plus val_accuracy in classify mode (images: launch/images.py).
 Values are averaged over the micro steps of the step and over data-parallel ranks.
@@ -49,7 +52,13 @@ import torch.nn.functional as F
 import yaml
 
 from launch import checkpoint
-from launch.config import RunConfig, deepspeed_config, incompatible_fields, save_resolved
+from launch.config import (
+    RunConfig,
+    deepspeed_config,
+    incompatible_fields,
+    save_resolved,
+    tokens_per_micro_batch,
+)
 from launch.data import (
     BatchSampler,
     Data,
@@ -67,6 +76,7 @@ from launch.log import get_logger, quiet_deepspeed
 from launch.metrics import MetricsWriter, eval_words, example_words, print_summary
 from launch.precision import emulated_bf16_warning, resolve_precision
 from launch.preflight import preflight
+from moe.accounting import Accounting, account, mfu, peak_tflops
 from moe.expert_parallel import apply_expert_parallel
 from moe.telemetry import RoutingTelemetry
 from moe.tensor_parallel import apply_tensor_parallel
@@ -90,6 +100,7 @@ class TrainResult:
     tokens_per_s: float | None
     seconds: float
     val_accuracy: float | None = None
+    mfu: float | None = None  # model FLOPs utilisation of the last log window (CUDA only)
 
 
 def make_inputs(
@@ -334,6 +345,7 @@ class Run:
     data: Data | None = None
     model: Transformer | None = None
     counts: dict[str, int] = field(default_factory=dict)  # of the whole (tp=1) model
+    accounting: Accounting | None = None  # parameters and FLOPs per token, whole model
     experts: list[int] = field(default_factory=list)  # experts of each MoE layer
     engine: Any = None
     precision: Any = None
@@ -425,6 +437,8 @@ def build_model_data(run: Run) -> None:
         if is_moe_block(i, config.moe) and run.model.blocks[i].ffn is not None
     ]
     run.counts = count_parameters(run.model)
+    seq_len = tokens_per_micro_batch(config) // config.train.micro_batch
+    run.accounting = account(run.model, seq_len)
 
 
 def _dense_parameter_bytes(model: torch.nn.Module) -> int:
@@ -527,6 +541,29 @@ def _report_start(run: Run) -> None:
         counts["active"] / 1e6, len(data.train), len(data.val), example_words(config),
         run.run_dir, f" | resuming at step {run.start_step}" if run.resumed is not None else "",
     )  # fmt: skip
+    if run.accounting is not None:
+        run.log.info("accounting: %s", run.accounting.describe())
+
+
+def peak_flops(run: Run, device: torch.device) -> float | None:
+    """One device's peak FLOP/s for the MFU: ``train.peak_tflops``, else the table's figure
+    for this GPU (moe/accounting.py). None on a CPU (no MFU there, said nowhere) and, with
+    one warning on rank 0, for a GPU the table does not know."""
+    if device.type != "cuda":
+        return None
+    if run.config.train.peak_tflops is not None:
+        return run.config.train.peak_tflops * 1e12
+    name = torch.cuda.get_device_name(device)
+    tflops = peak_tflops(name)
+    if tflops is None:
+        if run.rank == 0:
+            run.log.warning(
+                "no MFU: the peak bf16 throughput of %s is not in moe/accounting.py's table; "
+                "set --set train.peak_tflops=<its dense bf16 TFLOP/s> to report it",
+                name,
+            )
+        return None
+    return tflops * 1e12
 
 
 def train_loop(run: Run, started: float) -> TrainResult:
@@ -572,6 +609,15 @@ def train_loop(run: Run, started: float) -> TrainResult:
     last_loss = last_val = last_bpb = last_rate = last_accuracy = last_grad_norm = None
     augment_shift = config.data.augment_shift if config.model.input == "patches" else 0
     patch_tokens = config.model.image.num_patches() if config.model.image is not None else 0
+    # Cumulative tokens and model FLOPs (metrics "tokens", "flops"), counted as tokens_per_s
+    # counts them (patch tokens for images, whose class token the FLOPs per token carry);
+    # a resumed run starts from its checkpoint's step, every step having the same batch.
+    seq_len = run.accounting.seq_len
+    counted_len = patch_tokens or seq_len
+    flops_per_token = run.accounting.training.total * seq_len / counted_len
+    tokens_total = start_step * train_cfg.micro_batch * train_cfg.grad_accum * dp * counted_len
+    peak = peak_flops(run, device)
+    last_mfu = None
     watch = DivergenceWatch(train_cfg.skip_nonfinite)
     for step in range(start_step, end_step):
         notify_step(engine.module, step)
@@ -606,6 +652,7 @@ def train_loop(run: Run, started: float) -> TrainResult:
             # Images count their patch tokens (N per image), not pixels.
             step_tokens += (inputs.shape[0] * patch_tokens if patch_tokens else inputs.numel()) * dp
         done = step + 1
+        tokens_total += step_tokens
         grad_norm = (
             engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
         )
@@ -630,8 +677,11 @@ def train_loop(run: Run, started: float) -> TrainResult:
                 record = {
                     "step": done, "loss": loss, "ce_loss": ce, "aux_loss": aux, "z_loss": z,
                     "dropped_fraction": dropped, "router_entropy": entropy, "lr": lr,
-                    "tokens_per_s": last_rate,
+                    "tokens_per_s": last_rate, "tokens": tokens_total,
+                    "flops": tokens_total * flops_per_token,
                 }  # fmt: skip
+                if peak is not None:
+                    last_mfu = record["mfu"] = mfu(flops_per_token, last_rate, peak, run.world)
                 if last_grad_norm is not None:  # the engine's, over every layout's shards
                     record["grad_norm"] = last_grad_norm
                 # Per layer and expert: load, imbalance, drops, capacity use.
@@ -645,6 +695,7 @@ def train_loop(run: Run, started: float) -> TrainResult:
                         aux=f"{aux:.3f}",
                         drop=f"{dropped:.1%}",
                         tok_s=f"{last_rate:,.0f}",
+                        **({} if last_mfu is None else {"mfu": f"{last_mfu:.1%}"}),
                         refresh=sys.stderr.isatty(),  # redirected logs: tqdm's own interval only
                     )
             totals = [0.0] * 7
@@ -685,9 +736,16 @@ def train_loop(run: Run, started: float) -> TrainResult:
         tokens_per_s=last_rate,
         seconds=time.perf_counter() - started,
         val_accuracy=last_accuracy,
+        mfu=last_mfu,
     )
     if rank == 0:
         print_summary(result, run.counts, mode)
+        if last_mfu is not None:
+            log.info(
+                "MFU %.1f%% (last log): %.3g FLOPs per token x %.0f tokens/s over %d x %.0f "
+                "TFLOP/s peak",
+                100 * last_mfu, flops_per_token, last_rate, run.world, peak / 1e12,
+            )  # fmt: skip
     return result
 
 

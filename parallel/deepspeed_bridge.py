@@ -255,13 +255,20 @@ def attach_moe_markers(model: nn.Module, num_experts_per_layer: list[int], ep_si
 
 
 def fused_adam() -> Callable[..., torch.optim.Optimizer] | None:
-    """apex's FusedAdam (AdamW mode) when importable on CUDA, else None (use torch's AdamW)."""
+    """A fused AdamW on CUDA: apex's FusedAdam (AdamW mode) when importable, else torch's
+    ``AdamW(fused=True)`` (one kernel over all parameters instead of the per-tensor loop
+    DeepSpeed's ``torch_adam`` builds); None on CPU, where the engine builds the AdamW that
+    ``ds_config`` names. Both are optimizers DeepSpeed's ZeRO accepts.
+
+    torch's fused AdamW checks its parameters' device at the first step, not when built, so
+    it may be built over the model before the engine moves it to the GPU.
+    """
     if not torch.cuda.is_available():
         return None
     try:
         from apex.optimizers import FusedAdam  # type: ignore[import-not-found]
     except ImportError:
-        return None
+        return lambda groups, **kw: torch.optim.AdamW(groups, fused=True, **kw)
     return lambda groups, **kw: FusedAdam(groups, adam_w_mode=True, **kw)
 
 
@@ -308,7 +315,7 @@ def initialize(
     Without it the engine makes its own groups over the whole world, as with dp only.
     ``num_experts_per_layer``: experts of each MoE layer, in order (empty for a dense model).
     ``ep_size``: the EP degree (``groups.ep_size`` when groups are given; it must agree).
-    The optimizer is AdamW: apex FusedAdam when available, else the one ``ds_config`` names.
+    The optimizer is AdamW: fused on CUDA (``fused_adam``), else the one ``ds_config`` names.
     """
     deepspeed = import_deepspeed()
     if groups is not None:

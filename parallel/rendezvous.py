@@ -31,6 +31,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d
 
@@ -104,13 +105,37 @@ def _generation(store: dist.Store, rank: int, world_size: int, timeout: timedelt
     return generation
 
 
+def select_device(backend: str) -> torch.device | None:
+    """Bind this process to its GPU before the process group exists: ``cuda:LOCAL_RANK``
+    (launch/launcher.py fills LOCAL_RANK under torchrun, the deepspeed launcher and mpirun).
+
+    NCCL creates each communicator on the current device, so a rank left on device 0 would
+    put every local rank's communicator (and DeepSpeed, which reads LOCAL_RANK too, would
+    put its tensors) on different GPUs. None without CUDA or with gloo on CPU tensors.
+    """
+    if not torch.cuda.is_available():
+        return None
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    count = torch.cuda.device_count()
+    if not 0 <= local_rank < count:
+        raise ValueError(
+            f"LOCAL_RANK ({local_rank}) has no GPU: this process sees {count} "
+            "(CUDA_VISIBLE_DEVICES); start at most that many processes per node"
+        )
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank) if backend == "nccl" else None
+
+
 def join(backend: str, timeout: timedelta) -> StorePlace:
     """Initialise the default process group from the environment with ``timeout``; returns
     where its store is, with a key prefix private to this start of the run's processes.
 
     Reads RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT (launch/launcher.py fills them for
     every launcher). ``timeout`` bounds the rendezvous and every collective of the group.
+    On CUDA the process is bound to ``cuda:LOCAL_RANK`` first (``select_device``), and NCCL
+    is told that device (``device_id``) rather than guessing it from the global rank.
     """
+    device = select_device(backend)
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     agent_store = under_torchelastic_agent_store()
@@ -132,6 +157,7 @@ def join(backend: str, timeout: timedelta) -> StorePlace:
         rank=rank,
         world_size=world_size,
         timeout=timeout,
+        **({} if device is None else {"device_id": device}),
     )
     return StorePlace(host, port, f"{prefix}/run")
 
