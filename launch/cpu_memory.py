@@ -12,7 +12,8 @@ from the heap and are reused) and no trimming of the heap's top. Peak resident m
 unchanged; freed memory is kept for reuse instead of going back to the OS.
 
 ``MOEFORGE_RETAIN_FREED_MEMORY=0`` turns it off. It does nothing off Linux/glibc, and
-nothing when CUDA is available (device tensors do not use malloc).
+nothing for a run on CUDA: ``device`` of type "cuda", or no device given while CUDA is
+available (device tensors do not use malloc, and a GPU process keeps glibc's defaults).
 """
 
 from __future__ import annotations
@@ -31,10 +32,17 @@ _ENV = "MOEFORGE_RETAIN_FREED_MEMORY"
 _applied: bool | None = None
 
 
-def retain_freed_memory(*, force: bool = False) -> bool:
+def _runs_on_cpu(device: str | torch.device | None) -> bool:
+    if device is None:
+        return not torch.cuda.is_available()
+    return torch.device(device).type == "cpu"
+
+
+def retain_freed_memory(device: str | torch.device | None = None, *, force: bool = False) -> bool:
     """Apply the malloc settings once; returns whether they are in effect.
 
-    ``force`` applies them even when CUDA is available (benchmarks of CPU code).
+    ``device``: where the run computes; only "cpu" applies them. None: CPU unless CUDA is
+    available. ``force`` applies them whatever the device (benchmarks of CPU code).
     """
     global _applied
     if _applied is not None:
@@ -42,7 +50,7 @@ def retain_freed_memory(*, force: bool = False) -> bool:
     _applied = False
     if os.environ.get(_ENV, "1") == "0" or not sys.platform.startswith("linux"):
         return False
-    if torch.cuda.is_available() and not force:
+    if not force and not _runs_on_cpu(device):
         return False
     name = ctypes.util.find_library("c")
     if name is None:

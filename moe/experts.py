@@ -22,6 +22,7 @@ Every fallback to the loop on CUDA logs its reason once (logger "moeforge").
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 
@@ -90,7 +91,7 @@ def _probe(device: torch.device, dtype: torch.dtype) -> str | None:
             w = torch.randn(3, 16, 32, generator=gen).to(device, dtype).requires_grad_()
             grad = torch.randn(8, 32, generator=gen).to(device, dtype)
             offs = torch.tensor([3, 3, 8], dtype=torch.int32, device=device)
-            with torch.autocast(device.type, enabled=False):
+            with _no_autocast(device.type):
                 y = torch._grouped_mm(x, w, offs=offs)
                 y.backward(grad)
             xf, wf, gf = x.detach().float(), w.detach().float(), grad.float()
@@ -130,10 +131,7 @@ def grouped_kernel_reason(device: torch.device, dtype: torch.dtype) -> str | Non
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the expert matmuls run in: the autocast dtype when autocast is on, else x's."""
-    device = x.device.type
-    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return x.dtype
+    return _autocast_dtype(x.device.type) or x.dtype
 
 
 def misalignment(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> str | None:
@@ -152,7 +150,7 @@ def misalignment(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> s
 def _kernel_layout(t: torch.Tensor) -> torch.Tensor:
     """t contiguous with a 16-byte aligned base (a view at an odd offset is copied)."""
     t = t.contiguous()
-    return t.clone() if t.device.type != "cpu" and t.data_ptr() % _ALIGN_BYTES else t
+    return t.clone() if t.data_ptr() % _ALIGN_BYTES else t
 
 
 class _LoopGroupedMatmul(torch.autograd.Function):
@@ -258,12 +256,28 @@ class _LoopReluMLP(torch.autograd.Function):
         return grad_x, grad_w1, grad_w2, None
 
 
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype on device_type when autocast is on there; None when it is off or
+    the device type has no autocast (meta)."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return None
+    return torch.get_autocast_dtype(device_type) if enabled else None
+
+
+def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast off on device_type for a kernel fed already-cast tensors."""
+    if device_type in ("cpu", "cuda"):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _autocast(x: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Cast to the autocast dtype when autocast is on: a custom Function is not autocast by torch."""
-    device = x.device.type
-    if not torch.is_autocast_enabled(device):
+    dtype = _autocast_dtype(x.device.type)
+    if dtype is None:
         return (x, *weights)
-    dtype = torch.get_autocast_dtype(device)
     return tuple(t.to(dtype) for t in (x, *weights))
 
 
@@ -296,13 +310,13 @@ def _grouped_kernel(
         )
     # On the device, cumsum and the int32 cast queue behind the router: no host sync.
     offsets = torch.cumsum(group_sizes.to(x.device, non_blocking=True), 0, dtype=torch.int32)
-    with torch.autocast(x.device.type, enabled=False):
+    with _no_autocast(x.device.type):
         return torch._grouped_mm(_kernel_layout(x), _kernel_layout(weight), offs=offsets)
 
 
 def _loop_matmul(x: torch.Tensor, weight: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     x, weight = _autocast(x, weight)
-    with torch.autocast(x.device.type, enabled=False):
+    with _no_autocast(x.device.type):
         return _LoopGroupedMatmul.apply(x, weight, sizes)
 
 
@@ -385,7 +399,7 @@ class GroupedExperts(nn.Module):
             sizes = group_sizes.tolist()
             if self.activation == "relu" and x.device.type == "cpu":
                 x, w1, w2 = _autocast(x, self.w1, self.w2)
-                with torch.autocast(x.device.type, enabled=False):
+                with _no_autocast(x.device.type):
                     return _LoopReluMLP.apply(x, w1, w2, sizes)
 
             def matmul(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
