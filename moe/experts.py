@@ -85,15 +85,16 @@ def _probe(device: torch.device, dtype: torch.dtype) -> str | None:
     None when it equals per-expert fp32 matmuls, else why not."""
     sizes = [3, 0, 5]
     try:
-        with torch.inference_mode(False), torch.enable_grad():
+        # Callers may be in no_grad, inference mode or autocast (the first forward decides);
+        # the probe needs gradients and exact dtypes for the kernel and its fp32 reference.
+        with torch.inference_mode(False), torch.enable_grad(), _no_autocast(device.type):
             gen = torch.Generator().manual_seed(0)
             x = torch.randn(8, 16, generator=gen).to(device, dtype).requires_grad_()
             w = torch.randn(3, 16, 32, generator=gen).to(device, dtype).requires_grad_()
             grad = torch.randn(8, 32, generator=gen).to(device, dtype)
             offs = torch.tensor([3, 3, 8], dtype=torch.int32, device=device)
-            with _no_autocast(device.type):
-                y = torch._grouped_mm(x, w, offs=offs)
-                y.backward(grad)
+            y = torch._grouped_mm(x, w, offs=offs)
+            y.backward(grad)
             xf, wf, gf = x.detach().float(), w.detach().float(), grad.float()
             ref_y, ref_gx, ref_gw = torch.empty_like(gf), torch.empty_like(xf), torch.zeros_like(wf)
             start = 0

@@ -4,6 +4,7 @@ dispatch plan, and CPU-only tuning never selected for CUDA."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from types import SimpleNamespace
 
@@ -391,3 +392,35 @@ def test_malloc_tuning_on_a_cpu_machine(fake_libc, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert cpu_memory.retain_freed_memory() is True
     assert len(fake_libc) == 2
+
+
+def test_make_plan_with_num_kept_needs_no_tensor_data():
+    """Meta tensors hold no data, so any host read raises: given N, the plan is built from
+    device-side work alone (shapes and dtypes as on CPU); without N it must read N."""
+    torch.manual_seed(0)
+    layer = MoELayer(D, FF, E, top_k=2, capacity_factor=0.5, min_capacity=1)
+    routing = routing_for(layer, torch.randn(24, D))
+    num_kept = int(routing.tokens_per_expert.sum())
+    on_cpu = dispatch.make_plan(routing, num_kept=num_kept)
+    meta = dataclasses.replace(
+        routing,
+        **{
+            name: getattr(routing, name).to("meta")
+            for name in ("expert_index", "gate", "slot", "tokens_per_expert")
+        },
+    )
+    plan = dispatch.make_plan(meta, num_kept=num_kept)
+    for name in ("token_index", "buffer_index", "gate", "inverse", "dropped"):
+        got, want = getattr(plan, name), getattr(on_cpu, name)
+        assert got.device.type == "meta" and got.shape == want.shape and got.dtype == want.dtype
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        dispatch.make_plan(meta)
+
+
+def test_probe_is_unaffected_by_the_callers_grad_and_autocast_state():
+    """The first forward decides; it may run under no_grad or autocast."""
+    cpu = torch.device("cpu")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert experts._probe(cpu, torch.float32) is None
+    with torch.inference_mode():
+        assert experts._probe(cpu, torch.float32) is None
