@@ -298,9 +298,12 @@ def default_impl(x: torch.Tensor, weight: torch.Tensor) -> str:
     return "loop"
 
 
-def _grouped_kernel(
-    x: torch.Tensor, weight: torch.Tensor, group_sizes: torch.Tensor
-) -> torch.Tensor:
+def _offsets(group_sizes: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """int32 end row of each expert's group, computed on the device (no host sync)."""
+    return torch.cumsum(group_sizes.to(device, non_blocking=True), 0, dtype=torch.int32)
+
+
+def _grouped_kernel(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """torch._grouped_mm with the loop path's autocast cast, autocast off for the call."""
     x, weight = _autocast(x, weight)
     reason = misalignment(x, weight, x.dtype)
@@ -309,8 +312,6 @@ def _grouped_kernel(
             f"impl='grouped' needs torch._grouped_mm's 16-byte rows: {reason}; "
             "use impl='auto' or 'loop', or widths that are multiples of 8 (bf16) / 4 (fp32)"
         )
-    # On the device, cumsum and the int32 cast queue behind the router: no host sync.
-    offsets = torch.cumsum(group_sizes.to(x.device, non_blocking=True), 0, dtype=torch.int32)
     with _no_autocast(x.device.type):
         return torch._grouped_mm(_kernel_layout(x), _kernel_layout(weight), offs=offsets)
 
@@ -336,7 +337,7 @@ def grouped_matmul(
     if impl == "auto":
         impl = default_impl(x, weight)
     if impl == "grouped":
-        return _grouped_kernel(x, weight, group_sizes)
+        return _grouped_kernel(x, weight, _offsets(group_sizes, x.device))
     return _loop_matmul(x, weight, group_sizes.tolist())
 
 
@@ -392,9 +393,10 @@ class GroupedExperts(nn.Module):
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         resolved = default_impl(x, self.w1) if impl == "auto" else impl
         if resolved == "grouped":
+            offsets = _offsets(group_sizes, x.device)  # shared by the two or three matmuls
 
             def matmul(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-                return _grouped_kernel(t, w, group_sizes)
+                return _grouped_kernel(t, w, offsets)
 
         else:
             sizes = group_sizes.tolist()
