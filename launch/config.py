@@ -57,7 +57,8 @@ class ParallelConfig(BaseModel):
 
 
 class OptimizerConfig(BaseModel):
-    """AdamW (apex FusedAdam when importable on CUDA, torch's otherwise)."""
+    """AdamW: on CUDA fused (apex FusedAdam when importable, else torch's fused AdamW);
+    torch's AdamW on a CPU (parallel/deepspeed_bridge.py ``fused_adam``)."""
 
     model_config = ConfigDict(extra="forbid")
 
