@@ -41,3 +41,10 @@ bench: setup
 
 lint: setup
 	$(VENV)/bin/ruff check moe parallel attention launch tests
+
+# The prepared device check on one CUDA GPU (docs/gpu.md): its own venv (.venv-gpu, a CUDA
+# torch from PyPI on first use), the gpu tests, both benches on CUDA and a short training run
+# with MFU; writes gpu-check/summary.md. ARGS=--dry-run prints the plan.
+.PHONY: gpu-check
+gpu-check:
+	VENV=.venv-gpu TORCH_EXTENSIONS_DIR=$(abspath .venv-gpu)/torch_extensions tools/gpu_check.sh $(ARGS)
