@@ -742,7 +742,7 @@ def train_loop(run: Run, started: float) -> TrainResult:
         print_summary(result, run.counts, mode)
         if last_mfu is not None:
             log.info(
-                "MFU %.1f%% (last log): %.3g FLOPs per token x %.0f tokens/s over %d x %.0f "
+                "MFU %.1f%% (last log): %.3g FLOPs per token x %.0f tokens/s over %d x %g "
                 "TFLOP/s peak",
                 100 * last_mfu, flops_per_token, last_rate, run.world, peak / 1e12,
             )  # fmt: skip
