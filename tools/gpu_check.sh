@@ -17,9 +17,9 @@
 # (default gpu-check/summary.md) gets the results, and the exit status is 1 if any failed.
 #
 # Settings (environment): VENV, TORCH_SPEC, PYTHON (for the venv, default python3), OUT,
-# STEPS (training steps, 100), GPU_TEST_ARGS (extra pytest arguments), BENCH_MOE_ARGS,
-# BENCH_ATTENTION_ARGS, and the timeouts in seconds T_SETUP, T_ENV, T_TESTS, T_BENCH_MOE,
-# T_BENCH_ATTENTION, T_TRAIN.
+# STEPS (training steps, 100), TRAIN_ARGS (extra `moeforge train` arguments), GPU_TEST_ARGS
+# (extra pytest arguments), BENCH_MOE_ARGS, BENCH_ATTENTION_ARGS, and the timeouts in seconds
+# T_SETUP, T_ENV, T_TESTS, T_BENCH_MOE, T_BENCH_ATTENTION, T_TRAIN.
 set -uo pipefail # no -e: a failed part is recorded and the next one still runs
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
@@ -74,6 +74,7 @@ if ((ALLOW_CPU)); then # the flow on a small CPU: gpu tests on the CPU, tiny ben
 	ATTENTION_DEFAULT="--methods full,local,performer --lengths 128,256 --repeats 1 --no-memory"
 fi
 read -r -a TEST_ARGS <<<"${GPU_TEST_ARGS:-}" # extra pytest arguments, e.g. test paths
+read -r -a TRAIN_EXTRA <<<"${TRAIN_ARGS:-}" # e.g. --set=train.peak_tflops=989 for a GPU not in the table
 BENCH_MOE_ARGS=${BENCH_MOE_ARGS:-$MOE_DEFAULT}
 BENCH_ATTENTION_ARGS=${BENCH_ATTENTION_ARGS:-$ATTENTION_DEFAULT}
 
@@ -169,9 +170,9 @@ bench() {
 # reports it on CUDA only); the lines go to $OUT/mfu.txt for the summary.
 check_mfu() {
 	{
-		grep -i "mfu" "$OUT/train.log"
+		grep -iE "mfu[ =:]*[0-9][0-9.]*%" "$OUT/train.log" # a figure, not "no MFU: ..."
 		"$PY" tools/gpu_mfu.py "$OUT/train_run"
-	} >"$OUT/mfu.txt" 2>&1
+	} >"$OUT/mfu.txt" 2>"$OUT/mfu_errors.log"
 	if [[ -s $OUT/mfu.txt ]]; then
 		record "train MFU" pass 0 mfu.txt
 	elif ((ALLOW_CPU)); then
@@ -186,7 +187,7 @@ if ((DRY_RUN)); then
 else
 	mkdir -p "$OUT"
 	[[ -e $OUT/.gitignore ]] || echo "*" >"$OUT/.gitignore"
-	rm -f "$OUT"/*.log "$OUT"/*.md "$OUT"/*.xml
+	rm -f "$OUT"/*.log "$OUT"/*.md "$OUT"/*.xml "$OUT"/*.txt
 fi
 CHECK_START=$SECONDS
 
@@ -204,7 +205,7 @@ if part environment "$T_ENV" environment.md "$PY" tools/gpu_env.py "${ENV_ARGS[@
 		checkpoint.every=0 logging.progress=false logging.tensorboard=false
 	)
 	part train "$T_TRAIN" train.log "$VENV/bin/moeforge" train configs/tiny.yaml \
-		--run-dir "$OUT/train_run" --fresh "${TRAIN_SETS[@]/#/--set=}"
+		--run-dir "$OUT/train_run" --fresh "${TRAIN_SETS[@]/#/--set=}" "${TRAIN_EXTRA[@]}"
 	((DRY_RUN)) || check_mfu
 else
 	echo "no usable CUDA device (see $OUT/environment.md): the other parts are not run"
@@ -235,8 +236,8 @@ section() { # section TITLE FILE [FALLBACK]: FILE's text under a heading
 	[[ -s $OUT/bench_moe.md ]] && printf '\n%s\n' "$(grep -m1 "^MoE layer" "$OUT/bench_moe.log")"
 	section "bench attention" "$OUT/bench_attention.md"
 	printf '\n## Training (configs/tiny.yaml, %s steps)\n\n```\n' "$STEPS"
-	cat "$OUT/mfu.txt" 2>/dev/null
-	grep -iE "tokens/s|loss|precision" "$OUT/train.log" 2>/dev/null | tail -n 8
+	grep -iE "mfu|tokens/s|loss|precision" "$OUT/train.log" 2>/dev/null | tail -n 10
+	grep "^metrics.jsonl" "$OUT/mfu.txt" 2>/dev/null
 	printf '```\n'
 } >"$OUT/summary.md"
 echo "wrote $OUT/summary.md ($( ((FAILED)) && echo FAIL || echo PASS))"
