@@ -52,7 +52,14 @@ def main() -> int:
             )
         lines.append(f"bf16 supported: {torch.cuda.is_bf16_supported()}; driver {_driver()}")
     else:
-        lines.append("no CUDA device: torch.cuda.is_available() is False")
+        lines.append(
+            "no CUDA device: torch.cuda.is_available() is False"
+            + (
+                " (a CPU-only torch build: remove the venv and rerun, or pip install a CUDA torch)"
+                if torch.version.cuda is None
+                else ""
+            )
+        )
     print("\n".join(f"- {line}" for line in lines))
     return 0 if cuda or args.allow_cpu else 1
 
