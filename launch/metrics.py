@@ -124,6 +124,8 @@ def print_summary(result: TrainResult, counts: dict[str, int], mode: str = "caus
         table.add_row("val accuracy", fmt(result.val_accuracy, ".2%"))
     words = "patch tokens/s" if mode == "classify" else "tokens/s"  # images count patches
     table.add_row(f"{words} (last log)", fmt(result.tokens_per_s, ",.0f"))
+    if getattr(result, "mfu", None) is not None:  # CUDA runs: model FLOPs utilisation
+        table.add_row("MFU (last log)", fmt(result.mfu, ".1%"))
     table.add_row(
         "params total / active", f"{counts['total'] / 1e6:.2f}M / {counts['active'] / 1e6:.2f}M"
     )
