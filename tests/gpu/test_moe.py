@@ -15,15 +15,16 @@ expert choice; expert 3 receives no token, the case a grouped kernel gets wrong 
 
 from __future__ import annotations
 
+import copy
 import functools
 from typing import Any
 
 import pytest
 import torch
 
-from moe.experts import GroupedExperts, grouped_matmul
+from moe.experts import GroupedExperts, grouped_kernel_reason, grouped_matmul
 from moe.layer import MoELayer, MoEOutput
-from tests.gpu.device import DEVICE, assert_close, assert_same_grads, on_device
+from tests.gpu.device import DEVICE, assert_close, assert_same_grads, grads, on_device
 
 pytestmark = pytest.mark.gpu
 
@@ -194,3 +195,39 @@ def test_bf16_autocast_keeps_router_and_losses_fp32(layout: str) -> None:
     assert_close(out.output.float(), want.output, "bf16 output", atol=3e-2 * scale, rtol=3e-2)
     for name, p in layer.named_parameters():
         assert p.grad is not None and bool(p.grad.isfinite().all()), f"{name}: grad not finite"
+
+
+def test_grouped_kernel_serves_bf16_on_hopper_and_blackwell() -> None:
+    """On compute capability 9.x/10.x the probe must accept bf16: a silent fallback to the
+    loop there would pass every comparison above while losing the one-kernel path."""
+    if DEVICE.type != "cuda":
+        pytest.skip(f"{DEVICE.type} never runs the grouped kernel")
+    major, minor = torch.cuda.get_device_capability(DEVICE)
+    if major not in (9, 10):
+        pytest.skip(f"compute capability {major}.{minor}: torch._grouped_mm is a loop there")
+    reason = grouped_kernel_reason(DEVICE, torch.bfloat16)
+    assert reason is None, f"the grouped kernel refused bf16 on {major}.{minor}: {reason}"
+
+
+def test_layer_grouped_kernel_equals_loop_under_bf16_autocast() -> None:
+    """The whole layer (swiglu, top-2, drops) under bf16 autocast: torch._grouped_mm forced and
+    the loop forced agree in output and every gradient to bf16 rounding. (On the CPU, forced,
+    torch._grouped_mm is torch's own per-expert fallback: the test's code runs, not a kernel.)"""
+    reason = grouped_kernel_reason(DEVICE, torch.bfloat16)
+    if DEVICE.type == "cuda" and reason is not None:
+        pytest.skip(reason)
+    base = on_device(make_layer(expert_layout="grouped", **CASES["top2_drop_swiglu"]))
+    x, upstream = make_batch()
+    x, upstream = x.to(DEVICE), upstream.to(DEVICE)
+    results = {}
+    for impl in ("grouped", "loop"):
+        layer = force_impl(copy.deepcopy(base), impl)
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            out = layer(x)
+            loss = (out.output.float() * upstream).sum() + AUX * out.aux_loss + Z * out.z_loss
+        loss.backward()
+        results[impl] = {"output": out.output.float(), **grads(layer)}
+    for name, want in results["loop"].items():
+        scale = max(want.abs().max().item(), 1e-6)
+        got = results["grouped"][name]
+        assert_close(got, want, f"bf16 grouped vs loop: {name}", atol=2e-2 * scale, rtol=2e-2)
