@@ -170,7 +170,7 @@ bench() {
 # reports it on CUDA only); the lines go to $OUT/mfu.txt for the summary.
 check_mfu() {
 	{
-		grep -iE "mfu[ =:]*[0-9][0-9.]*%" "$OUT/train.log" # a figure, not "no MFU: ..."
+		grep -iE "mfu[^0-9a-z]*[0-9][0-9.]*%" "$OUT/train.log" # a figure, not "no MFU: ..."
 		"$PY" tools/gpu_mfu.py "$OUT/train_run"
 	} >"$OUT/mfu.txt" 2>"$OUT/mfu_errors.log"
 	if [[ -s $OUT/mfu.txt ]]; then
