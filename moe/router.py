@@ -256,6 +256,8 @@ def assign_slots(
     order = priority_order(expert_index, priority_key, priority)
     rank, counts = rank_within_expert(expert_index, order, num_experts)
     if is_dropless(capacity_factor):
+        # A host read (a device sync on GPUs): the dropless capacity is the largest expert's
+        # count, which sizes the buffers after it; inherent to dropless routing.
         capacity = int(counts.max()) if num_tokens > 0 else 0
     else:
         capacity = compute_capacity(num_tokens, num_experts, top_k, capacity_factor, min_capacity)

@@ -130,6 +130,8 @@ def all_gather_rows(
     Exchanges the row counts first, then pads every piece to the largest count.
     """
     count = torch.tensor([rows.shape[0]], dtype=torch.long, device=rows.device)
+    # A host read (a device sync on GPUs): gathering rows of unequal counts needs the counts
+    # as Python ints to size and cut the pieces.
     counts = all_gather_tensor(count, group, timeout).view(-1).tolist()
     longest = max(counts)
     padded = rows.new_zeros((longest, *rows.shape[1:]))
