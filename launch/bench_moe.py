@@ -2,13 +2,15 @@
 
     moeforge bench moe                        # the full table (a few minutes on 2 cores)
     moeforge bench moe --experts 8 --dtypes fp32 --repeats 3
+    moeforge bench moe --device cuda --tokens 16384 --d-model 1024 --d-ff 4096
     python -m launch.bench_moe --markdown docs/bench_moe.md
 
 Forward + backward of one layer at 4096 tokens, d=512, ff=2048, capacity factor 1.25,
 top-1, relu, interleaved (each repetition runs every contender once, in turn) and reported
 as medians with the ratio to the dense FFN of the same per-token FLOPs (d -> ff -> d).
 Memory: activation bytes saved for backward (saved-tensor hooks, distinct storages), at
-4096 and 16384 tokens; on CUDA also the allocator's peak.
+4096 and 16384 tokens; on CUDA (``--device cuda``) also the allocator's peak over one
+forward + backward, above what was allocated before it.
 """
 
 from __future__ import annotations
@@ -32,11 +34,39 @@ from moe.layer import MoELayer
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+CUDA_MISSING = (
+    "--device cuda needs a CUDA GPU and torch.cuda.is_available() is False; use --device cpu"
+)
+
+
+def bench_device(name: str) -> torch.device:
+    """The device the benchmark runs on; ValueError (one line) for CUDA on a machine without it."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(CUDA_MISSING)
+    return device
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels, so that a host clock reads their time too."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def make_deepspeed_moe(
-    d_model: int, d_ff: int, num_experts: int, capacity_factor: float
+    d_model: int,
+    d_ff: int,
+    num_experts: int,
+    capacity_factor: float,
+    device: str | torch.device = "cpu",
 ) -> nn.Module | None:
-    """DeepSpeed's MoE layer (k=1, no random token selection), or None if unavailable."""
-    if not torch.cuda.is_available():
+    """DeepSpeed's MoE layer (k=1, no random token selection), or None if unavailable.
+
+    Built on the CPU; the caller moves it. DeepSpeed's accelerator and process group follow
+    ``device`` (cpu + gloo, or cuda + nccl), chosen on first use in the process.
+    """
+    on_cuda = torch.device(device).type == "cuda"
+    if not on_cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         import deepspeed
@@ -51,9 +81,7 @@ def make_deepspeed_moe(
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
-        deepspeed.init_distributed(
-            dist_backend="gloo" if not torch.cuda.is_available() else "nccl", verbose=False
-        )
+        deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo", verbose=False)
     expert = nn.Sequential(nn.Linear(d_model, d_ff), nn.ReLU(), nn.Linear(d_ff, d_model))
     layer = MoE(
         hidden_size=d_model,
@@ -107,6 +135,7 @@ class _ExpertsAlone(nn.Module):
         with torch.no_grad():
             plan = layer.dispatcher.plan(layer.dispatcher.route(layer.router, x))
         self.sizes = plan.tokens_per_expert
+        self.device = x.device
         self.shape = (
             (int(self.sizes.sum()), x.shape[-1])
             if self.grouped
@@ -114,8 +143,11 @@ class _ExpertsAlone(nn.Module):
         )
 
     def inputs(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Random rows and upstream gradient of the experts' input shape."""
-        return torch.randn(self.shape, dtype=dtype), torch.randn(self.shape, dtype=dtype)
+        """Random rows and upstream gradient of the experts' input shape, on the input's device."""
+        return (
+            torch.randn(self.shape, dtype=dtype, device=self.device),
+            torch.randn(self.shape, dtype=dtype, device=self.device),
+        )
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         if self.grouped:
@@ -129,11 +161,11 @@ def fwd_bwd(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[
     def run() -> float:
         module.zero_grad(set_to_none=True)
         xi = x.detach().requires_grad_(True)
+        synchronize(x.device)  # the previous contender's kernels are not this one's time
         start = time.perf_counter()
         out = module(xi)
         out.backward(grad)
-        if x.is_cuda:
-            torch.cuda.synchronize()
+        synchronize(x.device)
         return (time.perf_counter() - start) * 1e3
 
     return run
@@ -148,8 +180,10 @@ def weight_traffic_ms(layer: MoELayer, repeats: int) -> tuple[float, float]:
     """
     weights = [w for w in (layer.experts.w1, layer.experts.w2, layer.experts.w3) if w is not None]
     grads = [torch.empty_like(w) for w in weights]
+    device = weights[0].device
 
     def traffic() -> float:
+        synchronize(device)
         start = time.perf_counter()
         with torch.no_grad():
             for _ in range(2):
@@ -157,6 +191,7 @@ def weight_traffic_ms(layer: MoELayer, repeats: int) -> tuple[float, float]:
                     w.sum()
             for g in grads:
                 g.fill_(1.0)
+        synchronize(device)
         return (time.perf_counter() - start) * 1e3
 
     traffic()
@@ -183,31 +218,43 @@ def saved_activation_bytes(module: nn.Module, x: torch.Tensor) -> int:
 def contenders(
     num_experts: int, dtype: torch.dtype, args: argparse.Namespace
 ) -> dict[str, nn.Module]:
-    mods: dict[str, nn.Module] = {
-        "dense FFN": DenseFFN(args.d_model, args.d_ff),
-        "moeforge": _OursCall(
-            MoELayer(
-                args.d_model,
-                args.d_ff,
-                num_experts,
-                capacity_factor=args.capacity_factor,
-                expert_layout=args.expert_layout,
-            )
-        ),
-    }
+    """The dense FFN, moeforge's layer and (unless --no-deepspeed) DeepSpeed's, on args.device.
+
+    Ours are made on the device itself (a 64-expert layer's init on the host would take
+    seconds of the check's time); DeepSpeed's is made on the CPU and moved.
+    """
+    device = torch.device(args.device)
+    with device:
+        mods: dict[str, nn.Module] = {
+            "dense FFN": DenseFFN(args.d_model, args.d_ff),
+            "moeforge": _OursCall(
+                MoELayer(
+                    args.d_model,
+                    args.d_ff,
+                    num_experts,
+                    capacity_factor=args.capacity_factor,
+                    expert_layout=args.expert_layout,
+                )
+            ),
+        }
     if not args.no_deepspeed:
-        ds = make_deepspeed_moe(args.d_model, args.d_ff, num_experts, args.capacity_factor)
+        ds = make_deepspeed_moe(args.d_model, args.d_ff, num_experts, args.capacity_factor, device)
         if ds is not None:
             mods["deepspeed MoE"] = _DeepSpeedCall(ds)
-    return {name: m.to(dtype) for name, m in mods.items()}
+    return {name: m.to(device=device, dtype=dtype) for name, m in mods.items()}
+
+
+def bench_inputs(args: argparse.Namespace, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer input [tokens, d_model] and its upstream gradient, on args.device."""
+    x = torch.randn(args.tokens, args.d_model, dtype=dtype, device=args.device)
+    return x, torch.randn_like(x)
 
 
 def bench_point(num_experts: int, dtype_name: str, args: argparse.Namespace) -> dict[str, float]:
     dtype = DTYPES[dtype_name]
     torch.manual_seed(0)
     mods = contenders(num_experts, dtype, args)
-    x = torch.randn(args.tokens, args.d_model, dtype=dtype)
-    grad = torch.randn_like(x)
+    x, grad = bench_inputs(args, dtype)
     runners = {name: fwd_bwd(m, x, grad) for name, m in mods.items()}
     alone = _ExpertsAlone(mods["moeforge"].layer, x)
     runners["experts alone"] = fwd_bwd(alone, *alone.inputs(dtype))
@@ -248,15 +295,46 @@ def format_table(rows: list[tuple[int, str, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
+def cuda_peak_bytes(module: nn.Module, x: torch.Tensor) -> int:
+    """CUDA allocator's peak over one forward + backward, above what was allocated before it.
+
+    Counts activations, saved tensors, gradients and the kernels' workspaces; the parameters
+    and the input are allocated already and so left out.
+    """
+    module.zero_grad(set_to_none=True)
+    xi = x.detach().requires_grad_(True)
+    torch.cuda.synchronize(x.device)
+    before = torch.cuda.memory_allocated(x.device)
+    torch.cuda.reset_peak_memory_stats(x.device)
+    module(xi).sum().backward()
+    torch.cuda.synchronize(x.device)
+    peak = torch.cuda.max_memory_allocated(x.device) - before
+    module.zero_grad(set_to_none=True)
+    return peak
+
+
 def memory_table(args: argparse.Namespace) -> str:
-    lines = ["| tokens | saved activations (MiB) | per token (KiB) |", "|---:|---:|---:|"]
-    layer = _OursCall(
-        MoELayer(args.d_model, args.d_ff, max(args.experts), capacity_factor=args.capacity_factor)
-    )
+    """Saved activations of moeforge's layer (fp32, largest E) at 4096 and 16384 tokens."""
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    lines = [
+        "| tokens | saved activations (MiB) | per token (KiB) |"
+        + (" CUDA peak fwd+bwd (MiB) |" if cuda else ""),
+        "|---:|---:|---:|" + ("---:|" if cuda else ""),
+    ]
+    with device:
+        layer = _OursCall(
+            MoELayer(
+                args.d_model, args.d_ff, max(args.experts), capacity_factor=args.capacity_factor
+            )
+        )
     for tokens in (4096, 16384):
-        x = torch.randn(tokens, args.d_model)
+        x = torch.randn(tokens, args.d_model, device=device)
         nbytes = saved_activation_bytes(layer, x)
-        lines.append(f"| {tokens} | {nbytes / 2**20:.1f} | {nbytes / tokens / 1024:.2f} |")
+        row = f"| {tokens} | {nbytes / 2**20:.1f} | {nbytes / tokens / 1024:.2f} |"
+        if cuda:
+            row += f" {cuda_peak_bytes(layer, x) / 2**20:.1f} |"
+        lines.append(row)
     return "\n".join(lines)
 
 
@@ -286,23 +364,50 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="leave glibc's malloc at its defaults (large tensors page-faulted on every call; "
         "see launch/cpu_memory.py)",
     )
+    p.add_argument(
+        "--device", default="cpu", choices=["cpu", "cuda"],
+        help="where every contender, input and gradient lives (cuda: the current GPU)",
+    )  # fmt: skip
     p.add_argument("--markdown", help="also write the tables to this file")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        bench_device(args.device)
+    except ValueError as err:
+        p.error(str(err))
+    return args
+
+
+def describe_device(device: torch.device, retained: bool) -> str:
+    """The header's account of where it ran: CPU threads and malloc, or the GPU's name."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
+    return (
+        f"CPU, {torch.get_num_threads()} threads, freed host memory "
+        f"{'retained' if retained else 'returned to the OS'}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    native = native_bf16(torch.device("cpu"))
+    device = torch.device(args.device)
+    native = native_bf16(device)
     if args.dtypes is None:
         args.dtypes = ["fp32", "bf16"] if native else ["fp32"]
         if not native:
-            print("bf16 rows skipped: this CPU has no native bf16 (--dtypes fp32 bf16 to force)")
-    retained = False if args.no_retain_memory else retain_freed_memory(force=True)
+            kind = "GPU" if device.type == "cuda" else "CPU"
+            print(
+                f"bf16 rows skipped: this {kind} has no native bf16 (--dtypes fp32 bf16 to force)"
+            )
+    # glibc's malloc settings matter to host tensors only; a CUDA run leaves them alone.
+    retained = (
+        device.type == "cpu"
+        and not args.no_retain_memory
+        and retain_freed_memory(device, force=True)
+    )
     print(
         f"MoE layer fwd+bwd, {args.tokens} tokens, d={args.d_model}, ff={args.d_ff}, "
         f"top-1, capacity factor {args.capacity_factor}, median of {args.repeats} "
-        f"(torch {torch.__version__}, {torch.get_num_threads()} threads, freed host memory "
-        f"{'retained' if retained else 'returned to the OS'})",
+        f"(torch {torch.__version__}, {describe_device(device, retained)})",
         flush=True,
     )
     rows = []
