@@ -1,6 +1,7 @@
-"""Attention benchmark: forward+backward time and peak memory of every method, on CPU.
+"""Attention benchmark: forward+backward time and peak memory of every method, CPU or CUDA.
 
     moeforge bench attention                                  # all methods, n = 1024..8192
+    moeforge bench attention --device cuda --lengths 1024,2048,4096
     python -m launch.bench_attention --lengths 256,512 --repeats 2
     python -m launch.bench_attention --methods full,bigbird,linformer --markdown docs/attention_bench.md
     python -m launch.bench_attention --causal                 # causal-capable methods only
@@ -17,7 +18,14 @@ log-log slope of time between the smallest and largest n; "vs full" is the time 
 Peak memory: a separate, untimed fwd+bwd under ``torch.profiler`` with
 ``profile_memory=True``; the peak of the running sum of every op's allocations minus frees,
 in start-time order. It counts tensors made during the step (activations, saved tensors,
-gradients), not parameters or the input, and is exact only to op granularity.
+gradients), not parameters or the input, and is exact only to op granularity. On CUDA
+(``--device cuda``; the profiler counts host allocations only) it is the CUDA allocator's
+peak during the step above what was allocated before it (so again neither parameters nor
+the input), exact up to the allocator's block rounding.
+
+``--device cuda`` puts x and every module on the current GPU, and the clock starts and stops
+after ``torch.cuda.synchronize()`` (kernels run asynchronously: without it the host would
+time the launches, not the work).
 """
 
 from __future__ import annotations
@@ -39,8 +47,14 @@ from torch import nn
 
 import attention
 from launch.arguments import ArgumentParser
+from launch.bench_moe import bench_device, synchronize
 
 D_MODEL, NUM_HEADS = 256, 4
+# How the markdown says peak memory was measured, per --device.
+PEAK_METHOD = {
+    "cpu": "running sum of allocations minus frees under torch.profiler(profile_memory=True)",
+    "cuda": "the CUDA allocator's peak during the step above what was allocated before it",
+}
 DEFAULT_LENGTHS = (1024, 2048, 4096, 8192)
 # Option names that bound the sequence length (a fixed table, e.g. Linformer's E): the
 # benchmark sets them to the largest n measured.
@@ -207,9 +221,13 @@ def build_hf_bigbird(n: int, causal: bool) -> Forward:
     masks = big_bird.BigBirdModel.create_masks_for_block_sparse_attn(
         torch.ones(1, n), config.block_size
     )
-    blocked, band, from_mask, to_mask = masks
+    on_device: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
     def forward(x: torch.Tensor) -> torch.Tensor:
+        # The masks follow x to its device once, in the warm-up call, not in the timed ones.
+        if x.device not in on_device:
+            on_device[x.device] = tuple(m.to(x.device) for m in masks)
+        blocked, band, from_mask, to_mask = on_device[x.device]
         context = attn(x, band, from_mask, to_mask, blocked, blocked)[0]
         return out(context)
 
@@ -286,17 +304,26 @@ PACKAGES: dict[str, Callable[[int, bool], Forward]] = {
 
 
 def step(forward: Forward, x: torch.Tensor) -> float:
-    """One forward+backward; returns seconds."""
+    """One forward+backward on x's device; returns seconds (queued CUDA work included)."""
     x.grad = None
+    synchronize(x.device)
     start = time.perf_counter()
     y = forward(x)
     y = y[0] if isinstance(y, tuple) else y
     y.sum().backward()
+    synchronize(x.device)
     return time.perf_counter() - start
 
 
 def peak_memory_mib(forward: Forward, x: torch.Tensor) -> float:
-    """Peak bytes allocated during one fwd+bwd (profiler op granularity), in MiB."""
+    """Peak bytes allocated during one fwd+bwd, in MiB: the CUDA allocator's on CUDA, else
+    the profiler's (op granularity)."""
+    if x.device.type == "cuda":
+        synchronize(x.device)
+        before = torch.cuda.memory_allocated(x.device)
+        torch.cuda.reset_peak_memory_stats(x.device)
+        step(forward, x)
+        return (torch.cuda.max_memory_allocated(x.device) - before) / 2**20
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
@@ -316,13 +343,19 @@ def run(
     measure_memory: bool = True,
     log: Callable[[str], None] = print,
     options: dict[str, dict[str, Any]] | None = None,
+    device: str | torch.device = "cpu",
 ) -> list[Result]:
-    """Time every method at every n (interleaved per repetition); returns one Result each."""
+    """Time every method at every n (interleaved per repetition); returns one Result each.
+
+    x and every module live on ``device``. Modules are built on the CPU, as a model would be
+    (some draw fixed random tables from a CPU generator at construction), then moved.
+    """
+    device = torch.device(device)
     results = {name: Result(name) for name in methods}
     skipped_lengths: dict[str, list[int]] = {}
     for n in lengths:
         torch.manual_seed(0)
-        x = torch.randn(1, n, D_MODEL, requires_grad=True)
+        x = torch.randn(1, n, D_MODEL, device=device, requires_grad=True)
         forwards: dict[str, Forward] = {}
         for name in methods:
             if results[name].note:
@@ -334,6 +367,7 @@ def run(
                     if builder
                     else build_registered(name, max(lengths), causal, (options or {}).get(name))
                 )
+                forward.module.to(device)
                 step(forward, x)  # warm-up (and a first error check)
                 forwards[name] = forward
             except Skip as skip:
@@ -367,11 +401,18 @@ def default_methods(causal: bool) -> list[str]:
 
 
 def header(args: argparse.Namespace) -> str:
+    """The run's setting in one line; it names the device (the GPU, or the CPU and threads)."""
+    if getattr(args, "device", "cpu") == "cuda":
+        where = f"CUDA ({torch.cuda.get_device_name()})"
+        machine = f"CUDA {torch.version.cuda}"
+    else:
+        where = "CPU"
+        machine = f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
     return (
-        f"fwd+bwd on CPU, d_model {D_MODEL}, {NUM_HEADS} heads, batch 1, "
+        f"fwd+bwd on {where}, d_model {D_MODEL}, {NUM_HEADS} heads, batch 1, "
         f"{'causal' if args.causal else 'bidirectional'}, median of {args.repeats} "
-        f"(interleaved), torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{platform.processor() or platform.machine()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+        f"(interleaved), torch {torch.__version__}, {machine}, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
     )
 
 
@@ -404,10 +445,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--causal", action="store_true", help="causal mode (capable methods)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory pass")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="where x and every method live (cuda: the current GPU); default cpu",
+    )
     parser.add_argument("--markdown", default=None, help="also write the table to this file")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    try:
+        bench_device(args.device)
+    except ValueError as err:
+        parser.error(str(err))
     if args.threads:
         torch.set_num_threads(args.threads)
     known = set(attention.available()) | set(PACKAGES)
@@ -425,7 +476,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--option {method}.{key}: '{method}' is not a registered method")
         options.setdefault(method, {})[key] = value
     results = run(
-        methods, args.lengths, args.repeats, args.causal, not args.no_memory, log, options
+        methods,
+        args.lengths,
+        args.repeats,
+        args.causal,
+        not args.no_memory,
+        log,
+        options,
+        device=args.device,
     )
     print(format_table(results, args.lengths))
     if args.markdown:
@@ -435,8 +493,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{header(args)}. Command: `moeforge bench attention"
                 f"{' ' + ' '.join(argv if argv is not None else sys.argv[1:])}`.\n\n"
                 "Exponent: log-log slope of time between the smallest and largest n. Peak MiB: "
-                "running sum of allocations minus frees under torch.profiler(profile_memory=True), "
-                "excluding parameters and the input.\n\n"
+                f"{PEAK_METHOD[args.device]}, excluding parameters and the input.\n\n"
                 f"{format_table(results, args.lengths, markdown=True)}\n"
             )
         print(f"wrote {args.markdown}")

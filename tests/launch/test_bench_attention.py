@@ -6,6 +6,7 @@ import argparse
 import math
 
 import pytest
+import torch
 
 from launch import bench_attention as bench
 from launch.bench_attention import Result
@@ -101,3 +102,53 @@ def test_options_reach_the_method() -> None:
         options={"linformer": {"k": 0}},
     )
     assert results[0].note.startswith("error at n=16") and "k" in results[0].note
+
+
+def test_run_puts_x_and_every_module_on_the_device(monkeypatch) -> None:
+    # meta stands in for a GPU: a module or input left on the host fails its step (a note).
+    seen: set[str] = set()
+    original = bench.step
+
+    def step(forward: bench.Forward, x: torch.Tensor) -> float:
+        seen.update({p.device.type for p in forward.module.parameters()} | {x.device.type})
+        return original(forward, x)
+
+    monkeypatch.setattr(bench, "step", step)
+    results = bench.run(
+        ["full", "linformer"], [16], 1, False, False, lambda line: None, device="meta"
+    )
+    assert [r.note for r in results] == ["", ""] and all(16 in r.times_ms for r in results)
+    assert seen == {"meta"}
+
+
+def test_header_names_the_device() -> None:
+    args = argparse.Namespace(causal=False, repeats=3, device="cpu")
+    assert bench.header(args).startswith("fwd+bwd on CPU, d_model 256")
+
+
+def test_device_cuda_without_cuda_is_a_one_line_error(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--device", "cuda", "--methods", "full", "--lengths", "16"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "--device cuda needs a CUDA GPU and torch.cuda.is_available() is False" in err
+    assert "use --device cpu" in err
+
+
+@pytest.mark.gpu
+def test_main_runs_on_the_test_device(tmp_path, capsys) -> None:
+    from tests.gpu.device import DEVICE
+
+    path = tmp_path / "bench.md"
+    argv = ["--methods", "full,linformer,bigbird,performer", "--lengths", "64,128"]
+    assert (
+        bench.main([*argv, "--repeats", "2", "--device", DEVICE.type, "--markdown", str(path)]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "error" not in out and "performer" in out
+    text = path.read_text()
+    assert "| performer |" in text
+    if DEVICE.type == "cuda":
+        assert "fwd+bwd on CUDA (" in out and "CUDA allocator's peak" in text
