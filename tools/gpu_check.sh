@@ -63,8 +63,8 @@ export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/$VENV/torch_extensions}
 export PYTHONUNBUFFERED=1
 DEVICE=cuda
 # The benches' GPU settings. moe: a size where one GPU is compute-bound (at the CPU table's
-# 4096 x 512 every contender is kernel-launch bound); attention: no memory pass (it counts
-# CPU allocations only) and n up to 4096.
+# 4096 x 512 every contender is kernel-launch bound); attention: n up to 4096 without the
+# memory pass (its second run of every length would not fit the part's 80 s).
 MOE_DEFAULT="--tokens 16384 --d-model 1024 --d-ff 4096 --experts 8 64 --dtypes fp32 bf16 --repeats 20"
 ATTENTION_DEFAULT="--lengths 1024,2048,4096 --repeats 5 --no-memory"
 if ((ALLOW_CPU)); then # the flow on a small CPU: gpu tests on the CPU, tiny benches
