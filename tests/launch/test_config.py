@@ -91,9 +91,7 @@ def test_validate_cross_cutting_rules():
         match=r"^moe\.num_experts \(6\) must be divisible by parallel\.ep \(4\); change one of them$",
     ):
         validate(config_from_dict(base), world_size=4)
-    with pytest.raises(
-        UserError, match=r"^parallel\.ep \(4\) must divide dp x tp \(2 x 1 = 2"
-    ):
+    with pytest.raises(UserError, match=r"^parallel\.ep \(4\) must divide dp x tp \(2 x 1 = 2"):
         validate(config_from_dict({"moe": {"num_experts": 8}, "parallel": {"ep": 4}}), world_size=2)
     with pytest.raises(
         UserError,

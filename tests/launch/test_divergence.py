@@ -143,9 +143,7 @@ def newest_weights_are_finite(run_dir: Path) -> bool:
 
 
 @pytest.mark.slow
-def test_a_diverging_run_stops_naming_the_step_and_keeps_finite_checkpoints(
-    healthy_run, tmp_path
-):
+def test_a_diverging_run_stops_naming_the_step_and_keeps_finite_checkpoints(healthy_run, tmp_path):
     config, healthy = healthy_run
     run_dir = copy_run(healthy, tmp_path / "run")
     done = moeforge(config, run_dir, "optimizer.lr=1e6")
@@ -184,9 +182,7 @@ def test_under_torchrun_a_diverged_run_is_one_line_status_3_and_not_restarted(
         f"--master_port={free_port()}", "--max-restarts=1", "-m", "launch.cli", "train",
         str(config), "--run-dir", str(tmp_path / "run"), "--set=optimizer.lr=1e6",
     ]  # fmt: skip
-    done = subprocess.run(
-        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == EXIT_DIVERGED, done.stderr[-3000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("moeforge: error")]
     assert len(errors) == 1 and "training diverged at step" in errors[0], done.stderr[-3000:]
