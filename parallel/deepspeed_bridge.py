@@ -88,6 +88,24 @@ tests/parallel/test_deepspeed_bridge.py so an upgrade that breaks one fails loud
    ``mp_world_size`` (an AssertionError for any other model). At another TP size only the
    scheduler, step counters and client state are taken from them (the same in every file),
    so ``load_training_state`` reads the first file as if the layouts matched.
+15. Pipeline (``runtime/pipe/module.py``, ``pipe/engine.py``; ``initialize_pipeline``): a
+   ``PipelineModule`` over ``PipeModelDataParallelTopology(num_pp, num_mp=tp, num_dp)``
+   (axes pipe, data, model: rank = (pp_i * dp + dp_i) * tp + tp_i, the layout's order) is
+   its own mpu (``PipelineParallelGrid``), so no ``mpu=`` is passed. Its ``parts`` (layer
+   index each stage starts at) come from ``_partition_layers``, overridden to take moeforge's
+   cut. A ``TiedLayerSpec`` module is built once per stage holding the key, broadcast from
+   the lowest stage at start, and only its ``tied_weight_attr`` gradients are summed over the
+   tied stages; non-first copies are flagged ``ds_pipe_replicated`` (counted once in the
+   norm). Activations are tuples; every float a stage outputs must require grad and receives
+   a gradient; only the last tuple element gets a bool cast (send masks as int). The last
+   stage's loss is scaled 1/GA and ``train_batch`` returns the mean over micro-batches.
+   ZeRO 1 sums the gradient norm over the pipe x tp group once per optimizer group, so every
+   stage needs the same groups (else it hangs in ``get_grad_norm_direct``) and the expert
+   marker on a stage without expert parameters asserts: MoE markers go on every stage and
+   the group names are compared across ranks before the engine is built. The pipe engine
+   asserts ZeRO < 2; its ZeRO 0 clip norm counts only the first stage (refused upstream).
+   The expert groups the marker creates read pp from ``groups.mpu`` (the grid, set by the
+   engine first), and ``utils/groups.py`` keeps them per process: one pipe layout per process.
 
 Without CUDA, ``DS_ACCELERATOR=cpu`` is set before deepspeed is imported (gloo backend).
 """
@@ -660,3 +678,90 @@ def expert_data_parallel_group(ep_size: int) -> Any:
     from deepspeed.utils import groups
 
     return groups._get_expert_data_parallel_group(expert_group_name(ep_size))
+
+
+def initialize_pipeline(
+    layers: list[Any],
+    ds_config: dict[str, Any],
+    *,
+    parts: list[int],
+    pp: int,
+    dp: int,
+    tp: int = 1,
+    loss_fn: Callable[[Any, Any], Any],
+    num_experts_per_layer: list[int],
+    ep_size: int = 1,
+    weight_decay: float = 0.0,
+) -> Any:
+    """Build a ``PipelineModule`` cut at ``parts`` over (pp, dp, tp) and its engine (contract 15).
+
+    ``layers``: nn.Modules and ``parallel.pipeline.TiedLayer``s mapping a tuple of tensors to
+    the next. Experts of this stage are tagged (contract 2); markers for every MoE layer of
+    the model go on every stage; the optimizer groups of all ranks must agree (checked
+    collectively, before the engine is built). Use ``parallel.pipeline.build_pipeline_engine``,
+    which checks the cut and the options first.
+    """
+    from parallel.pipeline import TiedLayer, check_same_groups
+
+    deepspeed = import_deepspeed()
+    from deepspeed.pipe import PipelineModule, TiedLayerSpec
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    check_zero_stage(zero_stage, bool(num_experts_per_layer))
+    if len(parts) != pp + 1 or parts[0] != 0 or parts[-1] != len(layers):
+        raise ValueError(f"parts {parts} must start at 0 and end at {len(layers)} with {pp} stages")
+
+    specs: list[Any] = []
+    for layer in layers:
+        if isinstance(layer, TiedLayer):
+            specs.append(
+                TiedLayerSpec(
+                    layer.key,
+                    _Reuse,
+                    layer.module,
+                    forward_fn=layer.forward_fn,
+                    tied_weight_attr=[f"module.{attr}" for attr in layer.weight_attrs],
+                )
+            )
+        else:
+            specs.append(layer)
+
+    class CutPipelineModule(PipelineModule):
+        """PipelineModule whose stage bounds are given (moeforge cuts between blocks)."""
+
+        def _partition_layers(self, method: str = "given") -> None:
+            self.parts = list(parts)
+            stage = self._topo.get_coord(self.global_rank).pipe
+            self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+    topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
+    module = CutPipelineModule(
+        layers=specs, topology=topology, loss_fn=loss_fn, partition_method="given"
+    )
+    if num_experts_per_layer:
+        tag_expert_parameters(module, ep_size, tp)
+        attach_moe_markers(module, num_experts_per_layer, ep_size)
+    param_groups = optimizer_param_groups(module, weight_decay)
+    names = [str(group.get("name")) for group in param_groups]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, names)
+    check_same_groups(gathered)
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, model_parameters=param_groups, config=ds_config
+    )
+    if not hasattr(engine.optimizer, "overflow"):
+        guard_nonfinite_steps(engine.optimizer)
+    return engine
+
+
+class _Reuse(nn.Module):
+    """A TiedLayerSpec's module that wraps an already built module (every stage holding the
+    tie gets the same weights it would have in the whole model)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, inputs: Any) -> Any:
+        return self.module(inputs)

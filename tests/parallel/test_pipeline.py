@@ -1,0 +1,231 @@
+"""Pipeline parallelism: stage cuts, refusals, and pp=2 through DeepSpeed's pipe engine equal
+one process (gloo, 2 ranks).
+
+The model: causal LM, d_model 16, 2 heads, 4 blocks, MoE every other block (blocks 1 and 3,
+dropless), tied embedding / head. Cut uniformly: stage 0 = embedding, blocks 0-1; stage 1 =
+blocks 2-3, head. Both stages hold an MoE block. Reference: the same seeded model in one
+process, torch AdamW, the global batch as the same micro-batches with gradient accumulation
+(loss / m) and ``clip_grad_norm_`` -- what the engine does at ZeRO 1 with clipping on.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from moe.config import MoEConfig
+from moe.pipeline import PipeBlock, no_mask, pack, pipeline_layers, unpack
+from moe.transformer import AttentionConfig, ModelConfig, Transformer
+from parallel.pipeline import (
+    TiedLayer,
+    balanced_counts,
+    block_counts,
+    check_pipeline_engine,
+    check_same_groups,
+    check_stage_experts,
+    stage_bounds,
+)
+from tests.dist import run_ranks
+
+VOCAB, SEQ, MICRO, MICRO_BATCH, STEPS, LR, CLIP = 32, 8, 2, 2, 6, 1e-2, 0.5
+
+
+def build_model() -> Transformer:
+    torch.manual_seed(0)
+    config = ModelConfig(
+        vocab_size=VOCAB, d_model=16, num_layers=4, num_heads=2, d_ff=32, max_seq_len=SEQ
+    )
+    moe = MoEConfig(num_experts=4, top_k=2, capacity_factor=None, every=2, aux_loss_coef=0.1)
+    model = Transformer(config, moe, AttentionConfig())
+    with torch.no_grad():  # a sharper router, so aux and routing matter to the result
+        for block in model.blocks:
+            if block.is_moe:
+                block.ffn.router.weight.mul_(10.0)
+    return model
+
+
+def batches(step: int) -> list[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1000 + step)
+    out = []
+    for _ in range(MICRO):
+        ids = torch.randint(0, VOCAB, (MICRO_BATCH, SEQ + 1), generator=generator)
+        out.append(((ids[:, :-1], no_mask()), ids[:, 1:]))
+    return out
+
+
+def ds_config() -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": MICRO_BATCH,
+        "gradient_accumulation_steps": MICRO,
+        "train_batch_size": MICRO_BATCH * MICRO,
+        "gradient_clipping": CLIP,
+        "zero_optimization": {"stage": 1},
+        "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.0, "torch_adam": True}},
+        "steps_per_print": 10**9,
+    }  # fmt: skip
+
+
+def reference() -> dict:
+    model = build_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    losses, norms = [], []
+    for step in range(STEPS):
+        optimizer.zero_grad()
+        total = 0.0
+        for (ids, _), targets in batches(step):
+            loss = model(ids, targets).loss / MICRO
+            loss.backward()
+            total += loss.item()
+        norms.append(float(nn.utils.clip_grad_norm_(model.parameters(), CLIP)))
+        optimizer.step()
+        losses.append(total)
+    layers = {
+        i: {k: v.detach().clone() for k, v in m.state_dict().items()}
+        for i, m in enumerate(model.layers)
+    }
+    return {"losses": losses, "norms": norms, "layers": layers}  # fmt: skip
+
+
+def pp2_body(rank: int, world_size: int) -> dict:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    from moe.pipeline import pipeline_engine
+    from parallel import deepspeed_bridge as bridge
+
+    bridge.init_distributed("gloo")
+    model = build_model()
+    engine, _, counts = pipeline_engine(model, ds_config(), pp=2, dp=1, partition="uniform")
+    losses, norms = [], []
+    for step in range(STEPS):
+        loss = engine.train_batch(iter(batches(step)))
+        losses.append(float(loss))
+        norm = engine.get_global_grad_norm()
+        norms.append(None if norm is None else float(norm))
+    # Stage 0 holds layers 0..2 (embedding, blocks 0-1), stage 1 layers 3..5 (blocks 2-3, head).
+    held = range(0, 3) if rank == 0 else range(3, len(model.layers))
+    layers = {
+        i: {k: v.detach().clone() for k, v in model.layers[i].state_dict().items()} for i in held
+    }
+    buffer = io.BytesIO()  # bytes: tensors through the queue would live in the child's shm
+    torch.save({"losses": losses, "norms": norms, "layers": layers, "counts": counts}, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.slow
+def test_pp2_equals_one_process(tmp_path):
+    raw = run_ranks(2, pp2_body, tmp_path, timeout=120)
+    results = [torch.load(io.BytesIO(r), weights_only=False) for r in raw]
+    expected = reference()
+    assert results[0]["counts"] == [2, 2]
+    for rank in range(2):
+        torch.testing.assert_close(
+            torch.tensor(results[rank]["losses"]),
+            torch.tensor(expected["losses"]),
+            atol=1e-5,
+            rtol=0,
+        )
+        norms = results[rank]["norms"]
+        assert None not in norms
+        torch.testing.assert_close(
+            torch.tensor(norms), torch.tensor(expected["norms"]), atol=1e-5, rtol=0
+        )
+    assert max(expected["norms"]) > CLIP  # clipping was active
+    # Every parameter after the updates, on the stage that holds it; the router of block 3
+    # (layer 4, stage 1) gets its gradient from the aux loss carried from stage 0's tuple too.
+    # Except the key bias (the middle third of qkv.bias): softmax ignores a shift shared by
+    # all keys, so its gradient is 0 up to ~1e-10 rounding, which Adam's normalised step
+    # turns into lr-sized updates that differ between any two summation orders (measured:
+    # up to 3e-4 after 6 steps, q and v biases within 1e-7) and never change an output.
+    for rank in range(2):
+        for index, state in results[rank]["layers"].items():
+            for key, value in state.items():
+                want = expected["layers"][index][key]
+                if key.endswith("attention.qkv.bias"):
+                    third = value.numel() // 3
+                    value = torch.cat([value[:third], value[2 * third :]])
+                    want = torch.cat([want[:third], want[2 * third :]])
+                torch.testing.assert_close(value, want, atol=1e-5, rtol=0, msg=f"{index}.{key}")
+    router = "ffn.router.weight"
+    start = build_model().layers[4].state_dict()[router]
+    assert not torch.allclose(results[1]["layers"][4][router], start)
+
+
+# Plain units (no processes) ----------------------------------------------------------------
+
+
+def test_layers_on_tuples_equal_the_model_forward():
+    model = build_model()
+    pipe = pipeline_layers(model)
+    (ids, mask), targets = batches(0)[0]
+    out = (ids, mask)
+    for layer in pipe.layers:
+        if isinstance(layer, TiedLayer):
+            wrapper = nn.Module()
+            wrapper.module = layer.module
+            out = layer.forward_fn(wrapper, out) if layer.forward_fn else layer.module(out)
+        else:
+            out = layer(out)
+    expected = model(ids, targets)
+    torch.testing.assert_close(out[0], expected.logits)
+    torch.testing.assert_close(pipe.loss_fn(out, targets), expected.loss)
+    assert out[1].requires_grad and out[2].requires_grad
+    assert pipe.moe_blocks == [1, 3] and pipe.num_experts_per_layer == [4, 4]
+
+
+def test_pack_round_trip_keeps_mask_and_none():
+    hidden = torch.randn(2, 3, 4)
+    zero = torch.zeros(())
+    acts = unpack((hidden, zero, zero, no_mask()))
+    assert acts.padding_mask is None
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    back = pack(unpack((hidden, zero, zero, mask)))
+    assert back[3].dtype == torch.int64 and torch.equal(back[3], mask)
+
+
+def test_block_keeps_routing_stats():
+    model = build_model()
+    block = PipeBlock(model.blocks[1])
+    hidden = torch.randn(2, SEQ, 16)
+    zero = hidden.sum() * 0
+    block((hidden, zero, zero, no_mask()))
+    assert block.last_routing is not None
+    assert int(block.last_routing.tokens_per_expert.sum()) == 2 * SEQ * 2  # top_k 2
+
+
+def test_cuts():
+    assert block_counts("uniform", 5, 2) == [3, 2]
+    assert balanced_counts([1, 1, 1, 9], 2) == [3, 1]
+    assert block_counts([1, 3], 4, 2) == [1, 3]
+    assert stage_bounds([2, 2], 7) == [0, 3, 7]
+    with pytest.raises(ValueError, match="pp_partition"):
+        block_counts([1, 2], 4, 2)
+    with pytest.raises(ValueError, match="lower parallel.pp"):
+        block_counts("uniform", 2, 3)
+
+
+def test_refusals():
+    with pytest.raises(ValueError, match="ZeRO 0 and 1 only"):
+        check_pipeline_engine(2, 2, 0.0)
+    with pytest.raises(ValueError, match="first stage"):
+        check_pipeline_engine(2, 0, 1.0)
+    check_pipeline_engine(2, 0, 0.0)
+    check_pipeline_engine(1, 0, 1.0)
+    with pytest.raises(ValueError, match=r"stages \[1\]"):
+        check_stage_experts([2, 0], 1)
+    check_stage_experts([1, 1], 1)
+    with pytest.raises(ValueError, match="rank 1"):
+        check_same_groups([["decay", "moe"], ["decay"]])
+
+
+def test_cross_layer_attention_is_refused():
+    config = ModelConfig(vocab_size=VOCAB, d_model=16, num_layers=2, num_heads=2, d_ff=32)
+    attn = AttentionConfig(name="evolving")
+    try:
+        model = Transformer(config, None, attn)
+    except ValueError:
+        pytest.skip("no 'evolving' attention method registered")
+    with pytest.raises(ValueError, match="cannot cross pipeline stages|shares a module"):
+        pipeline_layers(model)
