@@ -48,12 +48,23 @@ def build_model() -> Transformer:
     return model
 
 
-def batches(step: int) -> list[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]]:
+def batches(
+    step: int, masked: bool = False
+) -> list[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """MICRO micro-batches ((input_ids, int mask), targets); ``masked``: positions 2 and 3 of
+    the first row are padding (mask 0, target -100; later positions then attend to fewer
+    keys, so the mask changes the loss), else no mask (0-size)."""
     generator = torch.Generator().manual_seed(1000 + step)
     out = []
     for _ in range(MICRO):
         ids = torch.randint(0, VOCAB, (MICRO_BATCH, SEQ + 1), generator=generator)
-        out.append(((ids[:, :-1], no_mask()), ids[:, 1:]))
+        targets = ids[:, 1:].clone()
+        mask = no_mask()
+        if masked:
+            mask = torch.ones(MICRO_BATCH, SEQ, dtype=torch.int64)
+            mask[0, 2:4] = 0
+            targets[0, 2:4] = -100
+        out.append(((ids[:, :-1], mask), targets))
     return out
 
 
@@ -69,15 +80,16 @@ def ds_config() -> dict:
     }  # fmt: skip
 
 
-def reference() -> dict:
+def reference(masked: bool = False) -> dict:
     model = build_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     losses, norms = [], []
     for step in range(STEPS):
         optimizer.zero_grad()
         total = 0.0
-        for (ids, _), targets in batches(step):
-            loss = model(ids, targets).loss / MICRO
+        for (ids, mask), targets in batches(step, masked):
+            padding = mask.bool() if mask.numel() else None
+            loss = model(ids, targets, padding).loss / MICRO
             loss.backward()
             total += loss.item()
         norms.append(float(nn.utils.clip_grad_norm_(model.parameters(), CLIP)))
@@ -90,17 +102,27 @@ def reference() -> dict:
     return {"losses": losses, "norms": norms, "layers": layers}  # fmt: skip
 
 
-def pp2_body(rank: int, world_size: int) -> dict:
+def pp2_body(rank: int, world_size: int) -> bytes:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
-    from moe.pipeline import pipeline_engine
     from parallel import deepspeed_bridge as bridge
 
     bridge.init_distributed("gloo")
+    # Both engines in one spawn: the same (pp, dp) layout, so the expert groups DeepSpeed
+    # keeps per process stay right for the second.
+    results = {masked: train_pp2(rank, masked) for masked in (False, True)}
+    buffer = io.BytesIO()  # bytes: tensors through the queue would live in the child's shm
+    torch.save(results, buffer)
+    return buffer.getvalue()
+
+
+def train_pp2(rank: int, masked: bool) -> dict:
+    from moe.pipeline import pipeline_engine
+
     model = build_model()
     engine, _, counts = pipeline_engine(model, ds_config(), pp=2, dp=1, partition="uniform")
     losses, norms = [], []
     for step in range(STEPS):
-        loss = engine.train_batch(iter(batches(step)))
+        loss = engine.train_batch(iter(batches(step, masked)))
         losses.append(float(loss))
         norm = engine.get_global_grad_norm()
         norms.append(None if norm is None else float(norm))
@@ -109,17 +131,23 @@ def pp2_body(rank: int, world_size: int) -> dict:
     layers = {
         i: {k: v.detach().clone() for k, v in model.layers[i].state_dict().items()} for i in held
     }
-    buffer = io.BytesIO()  # bytes: tensors through the queue would live in the child's shm
-    torch.save({"losses": losses, "norms": norms, "layers": layers, "counts": counts}, buffer)
-    return buffer.getvalue()
+    return {"losses": losses, "norms": norms, "layers": layers, "counts": counts}
+
+
+@pytest.fixture(scope="module")
+def pp2_runs(tmp_path_factory):
+    raw = run_ranks(2, pp2_body, tmp_path_factory.mktemp("pp2"), timeout=150)
+    return [torch.load(io.BytesIO(r), weights_only=False) for r in raw]
 
 
 @pytest.mark.slow
-def test_pp2_equals_one_process(tmp_path):
-    raw = run_ranks(2, pp2_body, tmp_path, timeout=120)
-    results = [torch.load(io.BytesIO(r), weights_only=False) for r in raw]
-    expected = reference()
+@pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "padding_mask"])
+def test_pp2_equals_one_process(pp2_runs, masked):
+    results = [runs[masked] for runs in pp2_runs]
+    expected = reference(masked)
     assert results[0]["counts"] == [2, 2]
+    if masked:  # the mask reached the blocks of both stages and mattered
+        assert abs(expected["losses"][0] - reference(False)["losses"][0]) > 1e-3
     for rank in range(2):
         torch.testing.assert_close(
             torch.tensor(results[rank]["losses"]),
@@ -229,3 +257,17 @@ def test_cross_layer_attention_is_refused():
         pytest.skip("no 'evolving' attention method registered")
     with pytest.raises(ValueError, match="cannot cross pipeline stages|shares a module"):
         pipeline_layers(model)
+
+
+def test_engine_refuses_before_building():
+    from moe.pipeline import pipeline_engine
+
+    model = build_model()  # MoE blocks 1 and 3: the cut [1, 3] leaves stage 0 only block 0
+    with pytest.raises(ValueError, match=r"stages \[0\] would hold no MoE block"):
+        pipeline_engine(model, ds_config(), pp=2, dp=1, partition=[1, 3])
+    config = {**ds_config(), "zero_optimization": {"stage": 2}}
+    with pytest.raises(ValueError, match="ZeRO 0 and 1 only"):
+        pipeline_engine(model, config, pp=2, dp=1)
+    config = {**ds_config(), "zero_optimization": {"stage": 0}}
+    with pytest.raises(ValueError, match="counts only the first stage"):
+        pipeline_engine(model, config, pp=2, dp=1)
