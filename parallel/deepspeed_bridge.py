@@ -104,8 +104,10 @@ tests/parallel/test_deepspeed_bridge.py so an upgrade that breaks one fails loud
    marker on a stage without expert parameters asserts: MoE markers go on every stage and
    the group names are compared across ranks before the engine is built. The pipe engine
    asserts ZeRO < 2; its ZeRO 0 clip norm counts only the first stage (refused upstream).
-   The expert groups the marker creates read pp from ``groups.mpu`` (the grid, set by the
-   engine first), and ``utils/groups.py`` keeps them per process: one pipe layout per process.
+   At ZeRO 0 (no clipping) a stage without experts trains, given one non-finite-step
+   decision for all ranks (``guard_pipeline_steps``). The expert groups the marker creates
+   read pp from ``groups.mpu`` (the grid, set by the engine first), and ``utils/groups.py``
+   keeps them per process: one pipe layout per process.
 
 Without CUDA, ``DS_ACCELERATOR=cpu`` is set before deepspeed is imported (gloo backend).
 """
@@ -697,8 +699,9 @@ def initialize_pipeline(
 
     ``layers``: nn.Modules and ``parallel.pipeline.TiedLayer``s mapping a tuple of tensors to
     the next. Experts of this stage are tagged (contract 2); markers for every MoE layer of
-    the model go on every stage; the optimizer groups of all ranks must agree (checked
-    collectively, before the engine is built). Use ``parallel.pipeline.build_pipeline_engine``,
+    the model go on every stage; under ZeRO 1 the optimizer groups of all ranks must agree
+    (checked collectively, before the engine is built). ZeRO 0 skips non-finite steps on
+    every rank alike (``guard_pipeline_steps``). Use ``parallel.pipeline.build_pipeline_engine``,
     which checks the cut and the options first.
     """
     from parallel.pipeline import TiedLayer, check_same_groups
@@ -743,16 +746,48 @@ def initialize_pipeline(
         tag_expert_parameters(module, ep_size, tp)
         attach_moe_markers(module, num_experts_per_layer, ep_size)
     param_groups = optimizer_param_groups(module, weight_decay)
-    names = [str(group.get("name")) for group in param_groups]
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, names)
-    check_same_groups(gathered)
+    if zero_stage == 1:  # its norm all-reduces once per group over the pipe x tp group
+        names = [str(group.get("name")) for group in param_groups]
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, names)
+        check_same_groups(gathered)
     engine, _, _, _ = deepspeed.initialize(
         model=module, model_parameters=param_groups, config=ds_config
     )
     if not hasattr(engine.optimizer, "overflow"):
-        guard_nonfinite_steps(engine.optimizer)
+        guard_pipeline_steps(engine.optimizer)
     return engine
+
+
+def guard_pipeline_steps(optimizer: torch.optim.Optimizer) -> None:
+    """``guard_nonfinite_steps`` for a pipeline stage: every rank of the world agrees on
+    skipping (one all-reduce per step), because stages hold different parameters and a
+    stage without experts would otherwise skip the all-reduce the others wait in."""
+    step = optimizer.step
+    every = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def guarded_step(*args: Any, **kwargs: Any) -> Any:
+        params = [p for p in every if p.grad is not None]
+        flags = torch.ones(1, dtype=torch.bool)
+        if params:
+            flags = torch.isfinite(torch.stack(torch._foreach_norm([p.grad for p in params])))
+        here = flags.all()
+        finite = here.float().reshape(1)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        optimizer.overflow = not bool(finite)
+        optimizer.nonfinite_parameter = None
+        if not bool(here):
+            optimizer.nonfinite_parameter = params[int((~flags).nonzero()[0])]
+        if optimizer.overflow:
+            for param in every:
+                param.grad = None
+            return None
+        return step(*args, **kwargs)
+
+    optimizer.overflow = False
+    optimizer.nonfinite_parameter = None
+    optimizer.step = guarded_step
 
 
 class _Reuse(nn.Module):

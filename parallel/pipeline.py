@@ -130,21 +130,23 @@ def check_pipeline_engine(pp: int, zero_stage: int, gradient_clipping: float) ->
 
 
 def check_stage_experts(moe_blocks_per_stage: Sequence[int], zero_stage: int) -> None:
-    """Refuse a cut that leaves an MoE model's stage without MoE blocks.
+    """Refuse, under ZeRO 1, a cut that leaves an MoE model's stage without MoE blocks.
 
-    Measured on DeepSpeed 0.19.8 (gloo, 2 stages): experts on one stage only hang ZeRO 1's
-    gradient norm (``get_grad_norm_direct`` -> ``_model_parallel_all_reduce``, the stages
-    then hold different numbers of optimizer groups), and an MoE marker on a stage without
-    expert parameters fails ZeRO 1 with an AssertionError.
+    Measured on DeepSpeed 0.19.8 (gloo, 2 stages, blocks [1, 3] with MoE in block 1 and 3
+    only): ZeRO 1 stops at engine build on the stage without experts ("The model has moe
+    layers, but None of the param groups are marked as MoE", also with an empty ``moe``
+    group added), and without the marker there it hangs in ``get_grad_norm_direct`` (the
+    stages hold different numbers of optimizer groups). ZeRO 0 trains such a cut and equals
+    one process (clipping off; ``check_pipeline_engine`` refuses ZeRO 0 with clipping).
     """
-    if not any(moe_blocks_per_stage) or all(moe_blocks_per_stage):
+    if zero_stage == 0 or not any(moe_blocks_per_stage) or all(moe_blocks_per_stage):
         return
     empty = [s for s, n in enumerate(moe_blocks_per_stage) if n == 0]
     raise ValueError(
         f"pipeline stages {empty} would hold no MoE block (MoE blocks per stage "
-        f"{list(moe_blocks_per_stage)}); DeepSpeed's ZeRO {zero_stage} hangs or asserts when "
-        "only some stages have experts: change parallel.pp_partition or moe.every so every "
-        "stage gets one"
+        f"{list(moe_blocks_per_stage)}); DeepSpeed's ZeRO {zero_stage} cannot train stages "
+        "without experts next to stages with them: change parallel.pp_partition or "
+        "moe.every so every stage gets one, or use parallel.zero_stage 0 without clipping"
     )
 
 

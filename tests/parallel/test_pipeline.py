@@ -80,7 +80,7 @@ def ds_config() -> dict:
     }  # fmt: skip
 
 
-def reference(masked: bool = False) -> dict:
+def reference(masked: bool = False, clip: float = CLIP) -> dict:
     model = build_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     losses, norms = [], []
@@ -92,7 +92,7 @@ def reference(masked: bool = False) -> dict:
             loss = model(ids, targets, padding).loss / MICRO
             loss.backward()
             total += loss.item()
-        norms.append(float(nn.utils.clip_grad_norm_(model.parameters(), CLIP)))
+        norms.append(float(nn.utils.clip_grad_norm_(model.parameters(), clip)))
         optimizer.step()
         losses.append(total)
     layers = {
@@ -110,24 +110,29 @@ def pp2_body(rank: int, world_size: int) -> bytes:
     # Both engines in one spawn: the same (pp, dp) layout, so the expert groups DeepSpeed
     # keeps per process stay right for the second.
     results = {masked: train_pp2(rank, masked) for masked in (False, True)}
+    results["zero0_one_moe_stage"] = train_pp2(rank, False, zero=0, partition=[1, 3])
     buffer = io.BytesIO()  # bytes: tensors through the queue would live in the child's shm
     torch.save(results, buffer)
     return buffer.getvalue()
 
 
-def train_pp2(rank: int, masked: bool) -> dict:
+def train_pp2(rank: int, masked: bool, zero: int = 1, partition: object = "uniform") -> dict:
     from moe.pipeline import pipeline_engine
 
     model = build_model()
-    engine, _, counts = pipeline_engine(model, ds_config(), pp=2, dp=1, partition="uniform")
+    config = ds_config()
+    if zero == 0:  # ZeRO 0 clips with a wrong norm at pp > 1 (refused): clipping off
+        config.update(zero_optimization={"stage": 0}, gradient_clipping=0.0)
+    engine, _, counts = pipeline_engine(model, config, pp=2, dp=1, partition=partition)
     losses, norms = [], []
     for step in range(STEPS):
         loss = engine.train_batch(iter(batches(step, masked)))
         losses.append(float(loss))
         norm = engine.get_global_grad_norm()
         norms.append(None if norm is None else float(norm))
-    # Stage 0 holds layers 0..2 (embedding, blocks 0-1), stage 1 layers 3..5 (blocks 2-3, head).
-    held = range(0, 3) if rank == 0 else range(3, len(model.layers))
+    # Layer 0 is the embedding, 1..4 the blocks, 5 the head: stage 0 ends before parts[1].
+    end = 1 + counts[0]
+    held = range(0, end) if rank == 0 else range(end, len(model.layers))
     layers = {
         i: {k: v.detach().clone() for k, v in model.layers[i].state_dict().items()} for i in held
     }
@@ -179,6 +184,26 @@ def test_pp2_equals_one_process(pp2_runs, masked):
     router = "ffn.router.weight"
     start = build_model().layers[4].state_dict()[router]
     assert not torch.allclose(results[1]["layers"][4][router], start)
+
+
+@pytest.mark.slow
+def test_pp2_zero0_with_experts_on_one_stage(pp2_runs):
+    """Cut [1, 3]: stage 0 (block 0) has no expert; ZeRO 0, clipping off, equals one process
+    (ZeRO 1 is refused for this cut, ``check_stage_experts``)."""
+    results = [runs["zero0_one_moe_stage"] for runs in pp2_runs]
+    expected = reference(clip=1e9)
+    assert results[0]["counts"] == [1, 3]
+    for rank in range(2):
+        torch.testing.assert_close(
+            torch.tensor(results[rank]["losses"]),
+            torch.tensor(expected["losses"]),
+            atol=1e-5,
+            rtol=0,
+        )
+    router = results[1]["layers"][4]["ffn.router.weight"]
+    torch.testing.assert_close(
+        router, expected["layers"][4]["ffn.router.weight"], atol=1e-5, rtol=0
+    )
 
 
 # Plain units (no processes) ----------------------------------------------------------------
@@ -244,6 +269,7 @@ def test_refusals():
     with pytest.raises(ValueError, match=r"stages \[1\]"):
         check_stage_experts([2, 0], 1)
     check_stage_experts([1, 1], 1)
+    check_stage_experts([0, 2], 0)
     with pytest.raises(ValueError, match="rank 1"):
         check_same_groups([["decay", "moe"], ["decay"]])
 
