@@ -32,6 +32,7 @@ from parallel.pipeline import (
 from tests.dist import run_ranks
 
 VOCAB, SEQ, MICRO, MICRO_BATCH, STEPS, LR, CLIP = 32, 8, 2, 2, 6, 1e-2, 0.5
+DP_STEPS = 4  # pp=2 x dp=2 on 4 ranks
 
 
 def build_model() -> Transformer:
@@ -204,6 +205,48 @@ def test_pp2_zero0_with_experts_on_one_stage(pp2_runs):
     torch.testing.assert_close(
         router, expected["layers"][4]["ffn.router.weight"], atol=1e-5, rtol=0
     )
+
+
+def pp2_dp2_body(rank: int, world_size: int) -> list[tuple[float, float]]:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    from moe.pipeline import pipeline_engine
+    from parallel import deepspeed_bridge as bridge
+
+    bridge.init_distributed("gloo")
+    config = {**ds_config(), "train_batch_size": MICRO_BATCH * MICRO * 2}
+    engine, _, _ = pipeline_engine(build_model(), config, pp=2, dp=2)
+    dp_rank = engine.grid.get_data_parallel_id()
+    out = []
+    for step in range(DP_STEPS):
+        loss = engine.train_batch(iter(batches(2 * step + dp_rank)))
+        out.append((float(loss), float(engine.get_global_grad_norm())))
+    return out
+
+
+@pytest.mark.slow
+def test_pp2_dp2_equals_one_process(tmp_path):
+    """4 ranks (stages {0, 1} | {2, 3}, dp groups {0, 1} and {2, 3}): each dp rank reads its
+    own micro-batches; one process accumulates both ranks' micro-batches (aux is per
+    micro-batch, so the reference keeps them apart) with loss / (2 m)."""
+    results = run_ranks(4, pp2_dp2_body, tmp_path, timeout=150)
+    model = build_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    expected = []
+    for step in range(DP_STEPS):
+        optimizer.zero_grad()
+        total = 0.0
+        for dp_rank in range(2):
+            for (ids, _), targets in batches(2 * step + dp_rank):
+                loss = model(ids, targets).loss / (2 * MICRO)
+                loss.backward()
+                total += loss.item()
+        norm = float(nn.utils.clip_grad_norm_(model.parameters(), CLIP))
+        optimizer.step()
+        expected.append((total, norm))
+    for rank in range(4):
+        torch.testing.assert_close(
+            torch.tensor(results[rank]), torch.tensor(expected), atol=1e-5, rtol=0
+        )
 
 
 # Plain units (no processes) ----------------------------------------------------------------
