@@ -203,7 +203,8 @@ def pipeline_layers(model: Transformer) -> PipelineLayers:
         tail = [PipeHead(head)]
     counts = [_count(block) for block in blocks]
     counts[0] += _count(embedding)
-    counts[-1] += _count(head) - (_count(embedding) if isinstance(first, TiedLayer) else 0)
+    # The tied head's decoder weight is the embedding matrix, already counted on stage 0.
+    counts[-1] += _count(head) - (tied.numel() if isinstance(first, TiedLayer) else 0)
     num_experts = [b.ffn.num_experts for b in blocks if b.is_moe]
     return PipelineLayers(
         layers=[first, *(PipeBlock(b) for b in blocks), *tail],

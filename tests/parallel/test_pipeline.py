@@ -1,5 +1,6 @@
-"""Pipeline parallelism: stage cuts, refusals, and pp=2 through DeepSpeed's pipe engine equal
-one process (gloo, 2 ranks).
+"""Pipeline parallelism: stage cuts, refusals, and DeepSpeed's pipe engine equal to one process
+(gloo): pp=2 (with and without a padding mask crossing the stages) at ZeRO 1 with clipping,
+pp=2 at ZeRO 0 with experts on one stage only, and pp=2 x dp=2 on 4 ranks.
 
 The model: causal LM, d_model 16, 2 heads, 4 blocks, MoE every other block (blocks 1 and 3,
 dropless), tied embedding / head. Cut uniformly: stage 0 = embedding, blocks 0-1; stage 1 =
@@ -269,6 +270,7 @@ def test_layers_on_tuples_equal_the_model_forward():
     torch.testing.assert_close(pipe.loss_fn(out, targets), expected.loss)
     assert out[1].requires_grad and out[2].requires_grad
     assert pipe.moe_blocks == [1, 3] and pipe.num_experts_per_layer == [4, 4]
+    assert sum(pipe.block_parameters) == sum(p.numel() for p in model.parameters())
 
 
 def test_pack_round_trip_keeps_mask_and_none():
