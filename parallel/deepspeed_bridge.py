@@ -745,6 +745,10 @@ def initialize_pipeline(
     if num_experts_per_layer:
         tag_expert_parameters(module, ep_size, tp)
         attach_moe_markers(module, num_experts_per_layer, ep_size)
+    if ds_config.get("bf16", {}).get("enabled", False):
+        for sub in module.modules():  # contract 5, as in ``initialize``
+            if hasattr(sub, "keep_fp32"):
+                sub.keep_fp32 = False
     param_groups = optimizer_param_groups(module, weight_decay)
     if zero_stage == 1:  # its norm all-reduces once per group over the pipe x tp group
         names = [str(group.get("name")) for group in param_groups]
