@@ -83,10 +83,10 @@ from parallel import deepspeed_bridge as bridge
 
 __all__ = [
     "LATEST", "MANIFEST", "PORTABLE_FILE", "STATE_FILE", "CheckpointConfig", "NoSpaceLeft",
-    "ResumePoint", "RunSurvey", "check_layout_change", "checkpoint_dir",
+    "ResumePoint", "RunSurvey", "check_ep_change", "check_layout_change", "checkpoint_dir",
     "describe_layout", "has_layout_free_state", "latest_tag", "layout_free_in_engine_files",
     "layout_of", "load", "prune", "remove_run_state", "resume_point", "save",
-    "saved_config_text", "saved_layout", "saved_state", "survey", "tag_for",
+    "saved_config_text", "saved_ep", "saved_layout", "saved_state", "survey", "tag_for",
 ]  # fmt: skip
 
 PORTABLE_FILE = "portable.pt"
@@ -443,6 +443,12 @@ def saved_config_text(run_dir: Path, tag: str | None = None) -> str | None:
     return None if tag is None else (checkpoint_dir(run_dir) / tag / "config.yaml").read_text()
 
 
+def saved_ep(run_dir: Path, tag: str | None = None) -> int | None:
+    """The EP size checkpoint ``tag`` was saved with (moeforge.json, else its config)."""
+    layout = saved_layout(run_dir, tag)
+    return None if layout is None else layout["ep"]
+
+
 def saved_layout(run_dir: Path, tag: str | None = None) -> dict[str, int] | None:
     """{"world_size", "dp", "tp", "ep"} checkpoint ``tag`` was saved with (moeforge.json,
     its config for what older checkpoints did not record)."""
@@ -513,6 +519,11 @@ def check_layout_change(run_dir: Path, now: dict[str, int], tag: str | None = No
         f"cannot resume {directory} at {what}: it was saved at {was} without {PORTABLE_FILE} "
         f"(layout-free weights and Adam state); resume at {was}"
     )
+
+
+def check_ep_change(run_dir: Path, ep: int, tag: str | None = None) -> None:
+    """Raise a one-line UserError unless checkpoint ``tag`` can be resumed at ``ep``."""
+    check_layout_change(run_dir, {"ep": ep}, tag)
 
 
 # What torch.load and the engine raise on a damaged file: a broken zip archive, a truncated or

@@ -214,17 +214,15 @@ def write_checkpoint(run_dir: Path, ep: int, portable: bool, record_ep: bool = T
 def test_another_ep_needs_the_portable_file(tmp_path):
     write_checkpoint(tmp_path / "with", ep=4, portable=True)
     for ep in (4, 2, 1):
-        checkpoint.check_layout_change(tmp_path / "with", {"ep": ep})  # accepted
+        checkpoint.check_ep_change(tmp_path / "with", ep)  # accepted
     write_checkpoint(tmp_path / "without", ep=4, portable=False)
-    checkpoint.check_layout_change(
-        tmp_path / "without", {"ep": 4}
-    )  # same ep: the engine's files suffice
+    checkpoint.check_ep_change(tmp_path / "without", 4)  # same ep: the engine's files suffice
     with pytest.raises(UserError) as err:
-        checkpoint.check_layout_change(tmp_path / "without", {"ep": 2})
+        checkpoint.check_ep_change(tmp_path / "without", 2)
     message = str(err.value)
     assert message.startswith("cannot resume") and "\n" not in message
     assert "saved at parallel.ep=4 without portable.pt" in message
     assert message.endswith("resume at parallel.ep=4")
     write_checkpoint(tmp_path / "old", ep=2, portable=False, record_ep=False)
-    assert checkpoint.saved_layout(tmp_path / "old")["ep"] == 2  # from the saved config
-    assert checkpoint.saved_layout(tmp_path / "none") is None
+    assert checkpoint.saved_ep(tmp_path / "old") == 2  # from the saved config
+    assert checkpoint.saved_ep(tmp_path / "none") is None
