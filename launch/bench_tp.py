@@ -50,7 +50,6 @@ import torch.multiprocessing as mp
 from launch.arguments import ArgumentParser
 from launch.data import SPECIAL_TOKENS
 from launch.errors import UserError
-from moe.accounting import parameter_bytes
 from moe.tensor_parallel import apply_tensor_parallel
 
 BYTE_VOCAB = 256 + len(SPECIAL_TOKENS)  # the byte tokenizer's vocabulary
@@ -165,6 +164,19 @@ def payload_bytes(name: str, args: tuple, kwargs: dict) -> int:
     if name in ("reduce_scatter_tensor", "all_to_all_single"):
         return _nbytes(args[1] if len(args) > 1 else kwargs["input"])
     return _nbytes(first)
+
+
+def parameter_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(non-expert, expert) bytes of this rank's parameters (shared ones counted once)."""
+    from parallel.markers import is_expert
+
+    expert = dense = 0
+    for param in model.parameters():
+        if is_expert(param):
+            expert += _nbytes(param)
+        else:
+            dense += _nbytes(param)
+    return dense, expert
 
 
 def build_model(kind: str, args: argparse.Namespace) -> torch.nn.Module:

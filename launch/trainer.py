@@ -76,7 +76,7 @@ from launch.log import get_logger, quiet_deepspeed
 from launch.metrics import MetricsWriter, eval_words, example_words, print_summary
 from launch.precision import emulated_bf16_warning, resolve_precision
 from launch.preflight import preflight
-from moe.accounting import Accounting, account, mfu, parameter_bytes, peak_tflops
+from moe.accounting import Accounting, account, mfu, peak_tflops
 from moe.expert_parallel import apply_expert_parallel
 from moe.telemetry import RoutingTelemetry
 from moe.tensor_parallel import apply_tensor_parallel
@@ -84,6 +84,7 @@ from moe.transformer import IGNORE_INDEX, Transformer, count_parameters, is_moe_
 from parallel import deepspeed_bridge as bridge
 from parallel.collectives import CollectiveError
 from parallel.layout import ParallelLayout
+from parallel.markers import is_expert
 from parallel.rendezvous import bound_group_timeouts
 
 
@@ -440,16 +441,20 @@ def build_model_data(run: Run) -> None:
     run.accounting = account(run.model, seq_len)
 
 
+def _dense_parameter_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters() if not is_expert(p))
+
+
 def parallelize(run: Run) -> None:
     """Split the model over the layout: attention heads and FFN width over the TP group,
     then experts over the EP group (all-to-all dispatch)."""
     timeout = timedelta(seconds=run.config.parallel.timeout_s)
-    whole = parameter_bytes(run.model)[0]
+    whole = _dense_parameter_bytes(run.model)
     if run.groups.tp_size > 1:
         apply_tensor_parallel(
             run.model, run.groups.tp_group, timeout=timeout, data_group=run.groups.dp_group
         )
-        here = parameter_bytes(run.model)[0]
+        here = _dense_parameter_bytes(run.model)
         if run.rank == 0:
             run.log.info(
                 "tensor parallel tp=%d: non-expert parameters per rank %.2f MB (%.2fx of tp=1, "

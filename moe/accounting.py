@@ -197,19 +197,6 @@ def account(model: nn.Module, seq_len: int) -> Accounting:
     )
 
 
-def parameter_bytes(model: nn.Module) -> tuple[int, int]:
-    """(non-expert, expert) bytes of the parameters ``model`` holds here (on this rank, after
-    any split; tied ones counted once)."""
-    expert = dense = 0
-    for param in model.parameters():
-        size = param.numel() * param.element_size()
-        if is_expert(param):
-            expert += size
-        else:
-            dense += size
-    return dense, expert
-
-
 def _add(a: Flops, b: Flops) -> Flops:
     return Flops(**{f.name: getattr(a, f.name) + getattr(b, f.name) for f in fields(a)})
 
