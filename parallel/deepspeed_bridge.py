@@ -105,7 +105,7 @@ tests/parallel/test_deepspeed_bridge.py so an upgrade that breaks one fails loud
    the group names are compared across ranks before the engine is built. The pipe engine
    asserts ZeRO < 2; its ZeRO 0 clip norm counts only the first stage (refused upstream).
    At ZeRO 0 (no clipping) a stage without experts trains, given one non-finite-step
-   decision for all ranks (``guard_nonfinite_steps(agree=True)``). The expert groups the marker creates
+   decision for all ranks (``guard_pipeline_steps``). The expert groups the marker creates
    read pp from ``groups.mpu`` (the grid, set by the engine first), and ``utils/groups.py``
    keeps them per process: one pipe layout per process.
 
@@ -360,7 +360,12 @@ def initialize(
         if groups is not None:
             register_expert_groups(groups)
         attach_moe_markers(model, num_experts_per_layer, ep_size)
-    release_fp32_pins(model, ds_config)
+    if ds_config.get("bf16", {}).get("enabled", False):
+        # Classic bf16 casts every parameter; modules that pin an fp32 weight (the router's
+        # ``keep_fp32``) must let it go, their math still runs in fp32 (contract 5).
+        for module in model.modules():
+            if hasattr(module, "keep_fp32"):
+                module.keep_fp32 = False
     param_groups = optimizer_param_groups(model, weight_decay)
     optimizer = None
     fused = fused_adam()
@@ -384,15 +389,6 @@ def initialize(
     if not hasattr(engine.optimizer, "overflow"):
         guard_nonfinite_steps(engine.optimizer)
     return engine
-
-
-def release_fp32_pins(model: nn.Module, ds_config: dict[str, Any]) -> None:
-    """Classic bf16 casts every parameter; modules that pin an fp32 weight (the router's
-    ``keep_fp32``) must let it go, their math still runs in fp32 (contract 5)."""
-    if ds_config.get("bf16", {}).get("enabled", False):
-        for module in model.modules():
-            if hasattr(module, "keep_fp32"):
-                module.keep_fp32 = False
 
 
 def register_expert_groups(groups: ProcessGroups) -> None:
@@ -491,7 +487,7 @@ def clip_by_global_norm(engine: Any, groups: ProcessGroups) -> torch.Tensor:
     return norm
 
 
-def guard_nonfinite_steps(optimizer: torch.optim.Optimizer, *, agree: bool | None = None) -> None:
+def guard_nonfinite_steps(optimizer: torch.optim.Optimizer) -> None:
     """Make ``optimizer.step()`` skip an update whose gradients are not all finite (contract 9).
 
     Sets ``optimizer.overflow`` as DeepSpeed's own wrappers do, so the engine counts the step
@@ -501,18 +497,15 @@ def guard_nonfinite_steps(optimizer: torch.optim.Optimizer, *, agree: bool | Non
     tensor-parallel shards), the ranks agree through one all-reduce of the flag per step, so
     replicas never drift apart by one rank skipping alone. ``optimizer.nonfinite_parameter``
     is the first parameter whose gradient was not finite, for the trainer's message.
-    ``agree=True`` forces the all-reduce: pipeline stages hold different parameters, and a
-    stage without experts would otherwise skip the all-reduce the others wait in.
     """
     step = optimizer.step
     every = [p for group in optimizer.param_groups for p in group["params"]]
-    if agree is None:
-        agree = any(
-            getattr(p, "allreduce", True) is False
-            or getattr(p, "tensor_model_parallel", False)
-            or getattr(p, "model_parallel", False)
-            for p in every
-        )
+    agree = any(
+        getattr(p, "allreduce", True) is False
+        or getattr(p, "tensor_model_parallel", False)
+        or getattr(p, "model_parallel", False)
+        for p in every
+    )
 
     def guarded_step(*args: Any, **kwargs: Any) -> Any:
         params = [p for p in every if p.grad is not None]
@@ -708,7 +701,7 @@ def initialize_pipeline(
     the next. Experts of this stage are tagged (contract 2); markers for every MoE layer of
     the model go on every stage; under ZeRO 1 the optimizer groups of all ranks must agree
     (checked collectively, before the engine is built). ZeRO 0 skips non-finite steps on
-    every rank alike (``guard_nonfinite_steps(agree=True)``). Use ``parallel.pipeline.build_pipeline_engine``,
+    every rank alike (``guard_pipeline_steps``). Use ``parallel.pipeline.build_pipeline_engine``,
     which checks the cut and the options first.
     """
     from parallel.pipeline import TiedLayer, check_same_groups
@@ -752,7 +745,10 @@ def initialize_pipeline(
     if num_experts_per_layer:
         tag_expert_parameters(module, ep_size, tp)
         attach_moe_markers(module, num_experts_per_layer, ep_size)
-    release_fp32_pins(module, ds_config)
+    if ds_config.get("bf16", {}).get("enabled", False):
+        for sub in module.modules():  # contract 5, as in ``initialize``
+            if hasattr(sub, "keep_fp32"):
+                sub.keep_fp32 = False
     param_groups = optimizer_param_groups(module, weight_decay)
     if zero_stage == 1:  # its norm all-reduces once per group over the pipe x tp group
         names = [str(group.get("name")) for group in param_groups]
@@ -763,8 +759,39 @@ def initialize_pipeline(
         model=module, model_parameters=param_groups, config=ds_config
     )
     if not hasattr(engine.optimizer, "overflow"):
-        guard_nonfinite_steps(engine.optimizer, agree=True)
+        guard_pipeline_steps(engine.optimizer)
     return engine
+
+
+def guard_pipeline_steps(optimizer: torch.optim.Optimizer) -> None:
+    """``guard_nonfinite_steps`` for a pipeline stage: every rank of the world agrees on
+    skipping (one all-reduce per step), because stages hold different parameters and a
+    stage without experts would otherwise skip the all-reduce the others wait in."""
+    step = optimizer.step
+    every = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def guarded_step(*args: Any, **kwargs: Any) -> Any:
+        params = [p for p in every if p.grad is not None]
+        flags = torch.ones(1, dtype=torch.bool)
+        if params:
+            flags = torch.isfinite(torch.stack(torch._foreach_norm([p.grad for p in params])))
+        here = flags.all()
+        finite = here.float().reshape(1)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        optimizer.overflow = not bool(finite)
+        optimizer.nonfinite_parameter = None
+        if not bool(here):
+            optimizer.nonfinite_parameter = params[int((~flags).nonzero()[0])]
+        if optimizer.overflow:
+            for param in every:
+                param.grad = None
+            return None
+        return step(*args, **kwargs)
+
+    optimizer.overflow = False
+    optimizer.nonfinite_parameter = None
+    optimizer.step = guarded_step
 
 
 class _Reuse(nn.Module):
