@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 import attention
 from launch.checkpoint import CheckpointConfig
@@ -44,6 +51,17 @@ class ParallelConfig(BaseModel):
     ep: int = Field(default=1, ge=1)
     tp: int = Field(default=1, ge=1)
     pp: int = Field(default=1, ge=1)
+    pp_partition: Literal["uniform", "parameters"] | list[int] = Field(
+        default="uniform",
+        description="how blocks are cut into pipeline stages: uniform (equal block counts), "
+        "parameters (balanced parameter counts) or a list of block counts per stage",
+    )
+    micro_batches: int | None = Field(
+        default=None,
+        ge=1,
+        description="pipeline micro-batches per optimizer step (1F1B); the same number as "
+        "train.grad_accum, which it sets when given",
+    )
     zero_stage: int = Field(default=0, ge=0, le=3)
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     timeout_s: float = Field(
@@ -149,6 +167,20 @@ class RunConfig(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _micro_batches_are_grad_accum(self) -> RunConfig:
+        # One number, two names: pipeline users think in micro-batches per step, the loop
+        # and DeepSpeed in gradient-accumulation steps.
+        wanted = self.parallel.micro_batches
+        if wanted is not None and wanted != self.train.grad_accum:
+            if self.train.grad_accum != 1:
+                raise ValueError(
+                    f"parallel.micro_batches ({wanted}) and train.grad_accum "
+                    f"({self.train.grad_accum}) name the same number; set only one of them"
+                )
+            self.train.grad_accum = wanted
+        return self
 
 
 # Loading -----------------------------------------------------------------------------------
@@ -268,10 +300,6 @@ def _model_of(annotation: Any) -> Any:
 def validate(config: RunConfig, world_size: int) -> int:
     """Check what spans sections against the world size; returns the data-parallel degree."""
     par = config.parallel
-    if par.pp != 1:
-        raise UserError(
-            f"parallel.pp ({par.pp}) must be 1: pipeline parallelism is not implemented yet"
-        )
     if world_size % (par.tp * par.pp) != 0:
         raise UserError(
             f"world size {world_size} must be divisible by parallel.tp ({par.tp}) x parallel.pp "

@@ -23,6 +23,7 @@ across layers, whose state cannot travel in the tuple.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,8 @@ from parallel.pipeline import (
     TiedLayer,
     block_counts,
     build_pipeline_engine,
+    check_pipeline_engine,
+    check_stage_experts,
     stage_bounds,
 )
 
@@ -80,17 +83,22 @@ class PipeEmbedding(nn.Module):
 
 
 class PipeBlock(nn.Module):
-    """One TransformerBlock on tuples; keeps the routing statistics of its last forward."""
+    """One TransformerBlock on tuples; an MoE block keeps the routing statistics of each
+    forward in ``routing_log`` (one per micro-batch, cleared by ``collect_step``)."""
 
     def __init__(self, block: TransformerBlock) -> None:
         super().__init__()
         self.block = block
-        self.last_routing: RoutingStats | None = None
+        self.routing_log: list[RoutingStats] = []
+
+    @property
+    def last_routing(self) -> RoutingStats | None:
+        return self.routing_log[-1] if self.routing_log else None
 
     def forward(self, inputs: Pipe) -> Pipe:
         acts = self.block(unpack(inputs))
         if self.block.is_moe and acts.routing:
-            self.last_routing = acts.routing[-1]
+            self.routing_log.append(acts.routing[-1])
         return pack(acts)
 
 
@@ -131,20 +139,33 @@ class PipeHead(nn.Module):
 
 class PipelineLoss:
     """loss_fn(outputs, targets) = CE + aux_loss_coef * aux + z_loss_coef * z, as
-    Transformer.forward computes it."""
+    Transformer.forward computes it.
+
+    On the last stage every call appends (loss, ce, aux, z), detached, to ``log`` (one row
+    per micro-batch; ``collect_step`` takes and clears it). ``sink``, when set, also gets
+    ``(logits, targets)`` of each call: evaluation sums what it needs from the logits there,
+    the only stage that has them.
+    """
 
     def __init__(self, moe: MoEConfig | None) -> None:
         self.moe = moe
+        self.log: list[torch.Tensor] = []
+        self.sink: Callable[[torch.Tensor, torch.Tensor], None] | None = None
 
     def __call__(self, outputs: Pipe, targets: torch.Tensor) -> torch.Tensor:
         logits, aux, z = outputs
-        loss = F.cross_entropy(
+        ce = F.cross_entropy(
             logits.float().reshape(-1, logits.shape[-1]),
             targets.reshape(-1),
             ignore_index=IGNORE_INDEX,
         )
+        loss = ce
         if self.moe is not None:
             loss = loss + self.moe.aux_loss_coef * aux + self.moe.z_loss_coef * z
+        parts = [t.detach().float().reshape(()) for t in (loss, ce, aux, z)]
+        self.log.append(torch.stack(parts))
+        if self.sink is not None:
+            self.sink(logits.detach(), targets)
         return loss
 
 
@@ -216,6 +237,117 @@ def pipeline_layers(model: Transformer) -> PipelineLayers:
     )
 
 
+def moe_blocks_per_stage(moe_blocks: list[int], counts: list[int]) -> list[int]:
+    """How many of the MoE block indices ``moe_blocks`` each stage of the cut ``counts`` holds."""
+    starts = [sum(counts[:s]) for s in range(len(counts))]
+    return [
+        sum(1 for b in moe_blocks if start <= b < start + n) for start, n in zip(starts, counts)
+    ]
+
+
+def describe_stages(pipe: PipelineLayers, counts: list[int]) -> list[str]:
+    """One line per stage for the start-up report: its blocks (MoE ones counted) and
+    parameters (the embedding on the first stage, the head on the last)."""
+    lines, start = [], 0
+    for stage, count in enumerate(counts):
+        blocks = range(start, start + count)
+        moe = sum(1 for b in blocks if b in pipe.moe_blocks)
+        params = sum(pipe.block_parameters[b] for b in blocks)
+        parts = ["embedding"] if stage == 0 else []
+        parts.append(f"blocks {blocks[0]}-{blocks[-1]}" if count > 1 else f"block {blocks[0]}")
+        if stage == len(counts) - 1:
+            parts.append("head")
+        lines.append(f"stage {stage}: {', '.join(parts)} ({moe} MoE) | {params / 1e6:.2f}M params")
+        start += count
+    return lines
+
+
+def plan_stages(
+    model_config: Any,
+    moe: MoEConfig | None,
+    attention_config: Any,
+    *,
+    pp: int,
+    partition: Partition,
+    zero_stage: int,
+    vocab_size: int | None = None,
+) -> list[int]:
+    """The cut (blocks per stage) of the configured model, with every refusal the engine
+    would raise, from a model built on the meta device (no memory, no weights): a config
+    the pipeline cannot train fails here, before any process group exists."""
+    with torch.device("meta"):
+        model = Transformer(model_config, moe, attention_config, vocab_size=vocab_size)
+    pipe = pipeline_layers(model)
+    counts = block_counts(partition, pipe.num_blocks, pp, pipe.block_parameters)
+    check_pipeline_engine(pp, zero_stage)
+    if pipe.num_experts_per_layer:
+        check_stage_experts(moe_blocks_per_stage(pipe.moe_blocks, counts), zero_stage)
+    return counts
+
+
+@dataclass
+class MicroStep:
+    """One micro-batch's results from every stage, as Transformer.forward reports them."""
+
+    loss: torch.Tensor
+    ce_loss: torch.Tensor
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+    routing: tuple[RoutingStats, ...]
+
+
+def collect_step(
+    pipe: PipelineLayers, num_micro: int, group: Any = None, device: torch.device | None = None
+) -> list[MicroStep]:
+    """Take this stage's per-micro-batch losses (last stage) and routing statistics (its MoE
+    blocks) and sum them over the pipeline ``group``: every rank then holds every MoE
+    layer's statistics in model order and the last stage's losses. Collective over
+    ``group``; clears the logs."""
+    moe = [pipe.layers[1 + b] for b in pipe.moe_blocks]
+    width = max(pipe.num_experts_per_layer, default=0)
+    stats = torch.zeros(num_micro, len(moe), width + 3, dtype=torch.float64)
+    for j, block in enumerate(moe):
+        log = block.routing_log
+        if log and len(log) != num_micro:
+            raise RuntimeError(
+                f"MoE block {pipe.moe_blocks[j]} ran {len(log)} of {num_micro} micro-batches"
+            )
+        for m, routing in enumerate(log):
+            count = routing.tokens_per_expert.numel()
+            stats[m, j, :count] = routing.tokens_per_expert.detach().double().cpu()
+            stats[m, j, width] = float(routing.dropped_fraction)
+            stats[m, j, width + 1] = float(routing.router_entropy)
+            stats[m, j, width + 2] = float(routing.capacity)
+        log.clear()
+    losses = torch.zeros(num_micro, 4, dtype=torch.float64)
+    if pipe.loss_fn.log:
+        if len(pipe.loss_fn.log) != num_micro:
+            raise RuntimeError(f"the loss ran {len(pipe.loss_fn.log)} of {num_micro} micro-batches")
+        losses = torch.stack(pipe.loss_fn.log).double().cpu()
+    pipe.loss_fn.log.clear()
+    flat = torch.cat([stats.flatten(), losses.flatten()])
+    if group is not None and torch.distributed.get_world_size(group) > 1:
+        flat = flat.to(device or "cpu")
+        torch.distributed.all_reduce(flat, group=group)
+        flat = flat.cpu()
+    stats = flat[: stats.numel()].reshape(stats.shape)
+    losses = flat[stats.numel() :].reshape(losses.shape)
+    out = []
+    for m in range(num_micro):
+        routing = tuple(
+            RoutingStats(
+                tokens_per_expert=stats[m, j, :experts].round().long(),
+                dropped_fraction=stats[m, j, width].float(),
+                router_entropy=stats[m, j, width + 1].float(),
+                capacity=int(stats[m, j, width + 2]),
+            )
+            for j, experts in enumerate(pipe.num_experts_per_layer)
+        )
+        loss, ce, aux, z = losses[m].float().unbind()
+        out.append(MicroStep(loss=loss, ce_loss=ce, aux_loss=aux, z_loss=z, routing=routing))
+    return out
+
+
 def pipeline_engine(
     model: Transformer,
     ds_config: dict[str, Any],
@@ -226,16 +358,25 @@ def pipeline_engine(
     partition: Partition = "uniform",
     ep_size: int = 1,
     weight_decay: float = 0.0,
+    groups: Any = None,
 ) -> tuple[Any, PipelineLayers, list[int]]:
     """Cut ``model`` into ``pp`` stages and build the pipe engine; returns (engine, the
-    pipeline layers, blocks per stage). Every rank passes the same, identically seeded model."""
+    pipeline layers, blocks per stage). Every rank passes the same, identically seeded model
+    (tensor- and expert-parallel already applied, over ``groups``: the run's
+    ``parallel.layout.ProcessGroups``; None builds them for (pp, dp, tp, ep))."""
     pipe = pipeline_layers(model)
     counts = block_counts(partition, pipe.num_blocks, pp, pipe.block_parameters)
     parts = stage_bounds(counts, len(pipe.layers))
-    starts = [sum(counts[:s]) for s in range(pp)]
-    moe_per_stage = [
-        sum(1 for b in pipe.moe_blocks if starts[s] <= b < starts[s] + counts[s]) for s in range(pp)
-    ]
+    moe_per_stage = moe_blocks_per_stage(pipe.moe_blocks, counts)
+    zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    check_pipeline_engine(pp, zero_stage)  # before any group: a refusal needs no peers
+    if pipe.num_experts_per_layer:
+        check_stage_experts(moe_per_stage, zero_stage)
+    if groups is None:
+        from parallel.layout import ParallelLayout
+
+        layout = ParallelLayout(dp=dp, ep=ep_size, tp=tp, pp=pp)
+        groups = layout.build(max(pipe.num_experts_per_layer, default=None))
     engine = build_pipeline_engine(
         pipe.layers,
         ds_config,
@@ -248,5 +389,6 @@ def pipeline_engine(
         moe_blocks_per_stage=moe_per_stage,
         ep_size=ep_size,
         weight_decay=weight_decay,
+        groups=groups,
     )
     return engine, pipe, counts

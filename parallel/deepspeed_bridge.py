@@ -428,11 +428,13 @@ def check_engine_groups(engine: Any, groups: ProcessGroups) -> None:
                 f"layout {groups.layout.describe()} has {list(ours)}: the engine would reduce "
                 "gradients over other ranks than moeforge's groups"
             )
-    if engine.dp_world_size != groups.dp_size or engine.mp_world_size != groups.tp_size:
+    # The pipeline engine's "model parallel" group is pipe x tp.
+    model_parallel = groups.tp_size * (groups.pp_size if hasattr(engine, "grid") else 1)
+    if engine.dp_world_size != groups.dp_size or engine.mp_world_size != model_parallel:
         raise RuntimeError(
             f"DeepSpeed sees dp={engine.dp_world_size}, model parallel "
             f"{engine.mp_world_size}; the layout {groups.layout.describe()} has "
-            f"dp={groups.dp_size}, tp={groups.tp_size}"
+            f"dp={groups.dp_size}, tp={groups.tp_size}, pp={groups.pp_size}"
         )
 
 
@@ -448,12 +450,14 @@ def global_grad_norm(parameters: list[nn.Parameter], groups: ProcessGroups) -> t
     After the engine's reduction a gradient is the same on all of its replicas: an expert's
     on its EDP group (counted at EDP rank 0), a TP shard's on its data-parallel group
     (counted at dp rank 0), any other one on the data-parallel x TP ranks of its stage
-    (counted at dp rank 0, TP rank 0). Collective over the default group.
+    (counted at dp rank 0, TP rank 0). A pipeline stage counts its own parameters; a tied
+    weight's copies on later stages (``ds_pipe_replicated``) are not counted again.
+    Collective over the default group.
     """
     here = groups.coordinates
     squares = []
     for param in parameters:
-        if param.grad is None:
+        if param.grad is None or getattr(param, "ds_pipe_replicated", False):
             continue
         if is_expert(param) or getattr(param, "allreduce", True) is False:
             owner = here.edp == 0
@@ -694,6 +698,7 @@ def initialize_pipeline(
     num_experts_per_layer: list[int],
     ep_size: int = 1,
     weight_decay: float = 0.0,
+    groups: ProcessGroups | None = None,
 ) -> Any:
     """Build a ``PipelineModule`` cut at ``parts`` over (pp, dp, tp) and its engine (contract 15).
 
@@ -701,7 +706,10 @@ def initialize_pipeline(
     the next. Experts of this stage are tagged (contract 2); markers for every MoE layer of
     the model go on every stage; under ZeRO 1 the optimizer groups of all ranks must agree
     (checked collectively, before the engine is built). ZeRO 0 skips non-finite steps on
-    every rank alike (``guard_pipeline_steps``). Use ``parallel.pipeline.build_pipeline_engine``,
+    every rank alike (``guard_pipeline_steps``). ``groups``: the run's layout; its EP and EDP
+    groups become the engine's (checked after start-up), and ZeRO 0 clips by the exact
+    global norm over every stage (DeepSpeed's own counts only the first stage's parameters:
+    its model-parallel group is pipe x tp). Use ``parallel.pipeline.build_pipeline_engine``,
     which checks the cut and the options first.
     """
     from parallel.pipeline import TiedLayer, check_same_groups
@@ -739,11 +747,19 @@ def initialize_pipeline(
             self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
 
     topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
+    # Shapes may change between calls (evaluation's last batch, a padding mask that comes and
+    # goes); a fixed-shape pipe would reuse the first call's receive buffers.
     module = CutPipelineModule(
-        layers=specs, topology=topology, loss_fn=loss_fn, partition_method="given"
+        layers=specs,
+        topology=topology,
+        loss_fn=loss_fn,
+        partition_method="given",
+        dynamic_shape=True,
     )
     if num_experts_per_layer:
         tag_expert_parameters(module, ep_size, tp)
+        if groups is not None:
+            register_expert_groups(groups)
         attach_moe_markers(module, num_experts_per_layer, ep_size)
     if ds_config.get("bf16", {}).get("enabled", False):
         for sub in module.modules():  # contract 5, as in ``initialize``
@@ -758,6 +774,10 @@ def initialize_pipeline(
     engine, _, _, _ = deepspeed.initialize(
         model=module, model_parameters=param_groups, config=ds_config
     )
+    if groups is not None:
+        check_engine_groups(engine, groups)
+        if _clips_fp32_itself(engine):
+            engine.clip_fp32_gradients = lambda: clip_by_global_norm(engine, groups)
     if not hasattr(engine.optimizer, "overflow"):
         guard_pipeline_steps(engine.optimizer)
     return engine

@@ -16,8 +16,9 @@ replicated over ``edp = dp * tp / ep`` ranks, over which its gradients are reduc
 ranks "dp=2 x tp=2, ep=2" is ``ParallelLayout(dp=2, tp=2, ep=2)``: TP groups {0, 1} {2, 3},
 DP groups {0, 2} {1, 3}, EP groups {0, 1} {2, 3}, EDP groups {0, 2} {1, 3}. With tp = pp = 1
 the EP blocks are those of DeepSpeed's ``groups._create_expert_and_data_parallel``, so the
-engine's expert groups and ours agree (the bridge asserts it). pp is reserved: it must be 1
-until pipeline parallelism is built.
+engine's expert groups and ours agree (the bridge asserts it). Under pipeline parallelism
+each stage is its own dp x tp block with its own EP and EDP groups; the pipeline engine's
+grid (``PipeModelDataParallelTopology``) numbers ranks the same way.
 
 Validation is arithmetic only, done before any collective, so a wrong layout fails on every
 rank with the same message and nothing hangs.
@@ -96,11 +97,6 @@ class ParallelLayout:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"parallel.{name} must be a positive integer, got {value!r}")
-        if self.pp != 1:
-            raise ValueError(
-                f"parallel.pp ({self.pp}) must be 1: pipeline parallelism is not implemented "
-                "yet; set parallel.pp to 1"
-            )
         if self.world_size != world_size:
             model_parallel = self.tp * self.pp
             fix = (

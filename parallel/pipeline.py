@@ -113,19 +113,17 @@ def stage_bounds(counts: Sequence[int], num_layers: int) -> list[int]:
     return bounds
 
 
-def check_pipeline_engine(pp: int, zero_stage: int, gradient_clipping: float) -> None:
-    """Refuse what DeepSpeed 0.19's pipeline engine cannot train correctly, in one line."""
-    if zero_stage >= 2:
+def check_pipeline_engine(pp: int, zero_stage: int) -> None:
+    """Refuse what DeepSpeed 0.19's pipeline engine cannot train, in one line.
+
+    ZeRO 0 with clipping is not refused: DeepSpeed's own ZeRO 0 clip norm counts only the
+    first stage's parameters (its model-parallel group is pipe x tp), so the bridge clips
+    with the exact global norm instead (``deepspeed_bridge.initialize_pipeline``).
+    """
+    if pp > 1 and zero_stage >= 2:
         raise ValueError(
             f"parallel.zero_stage ({zero_stage}) is refused with pipeline parallelism: "
             "DeepSpeed's pipeline engine supports ZeRO 0 and 1 only; set parallel.zero_stage 1"
-        )
-    if pp > 1 and zero_stage == 0 and gradient_clipping > 0:
-        raise ValueError(
-            "parallel.zero_stage 0 with gradient clipping is refused at parallel.pp > 1: "
-            "DeepSpeed's ZeRO 0 clip norm counts only the first stage's parameters (its "
-            "model-parallel group is pipe x tp), so updates differ from pp=1; use "
-            "parallel.zero_stage 1"
         )
 
 
@@ -137,7 +135,7 @@ def check_stage_experts(moe_blocks_per_stage: Sequence[int], zero_stage: int) ->
     layers, but None of the param groups are marked as MoE", also with an empty ``moe``
     group added), and without the marker there it hangs in ``get_grad_norm_direct`` (the
     stages hold different numbers of optimizer groups). ZeRO 0 trains such a cut and equals
-    one process (clipping off; ``check_pipeline_engine`` refuses ZeRO 0 with clipping).
+    one process, clipping included (the bridge clips by the exact global norm).
     """
     if zero_stage == 0 or not any(moe_blocks_per_stage) or all(moe_blocks_per_stage):
         return
@@ -146,7 +144,7 @@ def check_stage_experts(moe_blocks_per_stage: Sequence[int], zero_stage: int) ->
         f"pipeline stages {empty} would hold no MoE block (MoE blocks per stage "
         f"{list(moe_blocks_per_stage)}); DeepSpeed's ZeRO {zero_stage} cannot train stages "
         "without experts next to stages with them: change parallel.pp_partition or "
-        "moe.every so every stage gets one, or use parallel.zero_stage 0 without clipping"
+        "moe.every so every stage gets one, or use parallel.zero_stage 0"
     )
 
 
@@ -176,15 +174,17 @@ def build_pipeline_engine(
     moe_blocks_per_stage: Sequence[int] = (),
     ep_size: int = 1,
     weight_decay: float = 0.0,
+    groups: Any = None,
 ) -> Any:
-    """Check the cut and the engine options, then build DeepSpeed's pipeline engine.
+    """Check the cut and the engine options, then build DeepSpeed's pipeline engine over
+    ``groups`` (the run's ``parallel.layout.ProcessGroups``).
 
     ``parts`` from ``stage_bounds``; ``num_experts_per_layer``: every MoE layer of the whole
     model (each stage gets the same MoE markers, so all stages create the same expert groups);
     ``moe_blocks_per_stage``: MoE blocks each stage holds (for the refusal above).
     """
     zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
-    check_pipeline_engine(pp, zero_stage, float(ds_config.get("gradient_clipping", 0.0)))
+    check_pipeline_engine(pp, zero_stage)
     if num_experts_per_layer and moe_blocks_per_stage:
         check_stage_experts(moe_blocks_per_stage, zero_stage)
     from parallel import deepspeed_bridge as bridge
@@ -200,4 +200,5 @@ def build_pipeline_engine(
         num_experts_per_layer=list(num_experts_per_layer),
         ep_size=ep_size,
         weight_decay=weight_decay,
+        groups=groups,
     )
