@@ -1,6 +1,6 @@
 """`moeforge bench pp`: the pipeline bubble of DeepSpeed's 1F1B engine, measured per stage.
 
-    moeforge bench pp                                   # pp 1 2, m 1 2 4 8, d=192 (~2 min, 2 cores)
+    moeforge bench pp                                   # pp 1 2, m 1 2 4 8, d=192 (~1 min, 2 cores)
     moeforge bench pp --pp 2 --micro-batches 1 4 --steps 3 --d-model 64
     moeforge bench pp --device cuda --d-model 1024 --seq 512   # one GPU per stage
     moeforge bench pp --json pp.json                    # the rows as JSON too
@@ -22,7 +22,10 @@ measured steps. The ranks meet at a barrier before each step.
 Analytic figure: with 1F1B, p stages of equal cost and m micro-batches, each stage computes
 for m (t_f + t_b) inside a step of (m + p - 1)(t_f + t_b), so its idle share is the bubble
 (p - 1) / (m + p - 1); it is 0 at pp=1. The table shows both and their ratio (the mean
-idle over stages over the bubble). Reading and measured numbers: docs/bench_pp.md.
+idle over stages over the bubble). Stages are rarely equal, so the last column is the same
+schedule with each stage's measured forward + backward time per micro-batch t_s: a step of
+(m - 1) max(t) + sum(t), stage s busy m t_s of it (``uneven_bubble``). Reading and measured
+numbers: docs/bench_pp.md.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ import argparse
 import json
 import os
 import queue as queue_module
-import socket
 import statistics
 import sys
 import time
@@ -49,6 +51,7 @@ import torch.multiprocessing as mp
 from launch.arguments import ArgumentParser
 from launch.data import SPECIAL_TOKENS
 from launch.errors import UserError
+from launch.launcher import free_port
 
 BYTE_VOCAB = 256 + len(SPECIAL_TOKENS)  # the byte tokenizer's vocabulary
 # The pipe engine's instruction names that count as a stage's compute (busy time).
@@ -67,8 +70,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--micro-batches", type=int, nargs="+", default=[1, 2, 4, 8],
         help="micro-batches per step (m), the engine's gradient_accumulation_steps",
     )  # fmt: skip
-    parser.add_argument("--steps", type=int, default=4, help="measured steps per configuration")
-    parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps first")
+    parser.add_argument("--steps", type=int, default=8, help="measured steps per configuration")
+    parser.add_argument("--warmup", type=int, default=2, help="unmeasured steps first")
     parser.add_argument("--d-model", type=int, default=192)
     parser.add_argument("--layers", type=int, default=4, help="blocks (MoE every other one)")
     parser.add_argument("--heads", type=int, default=4)
@@ -125,6 +128,18 @@ def check_args(args: argparse.Namespace) -> None:
 def bubble(pp: int, m: int) -> float:
     """The 1F1B idle share of each of ``pp`` equal stages over ``m`` micro-batches."""
     return (pp - 1) / (m + pp - 1)
+
+
+def uneven_bubble(per_micro: list[float], m: int) -> float:
+    """The mean 1F1B idle share when stage s takes ``per_micro[s]`` seconds (forward +
+    backward) per micro-batch: the slowest stage paces the m - 1 steady-state slots and every
+    stage's cost adds once to fill and drain the pipe, so a step lasts
+    (m - 1) max(t) + sum(t) and stage s is busy m t_s of it. Equals ``bubble`` when the
+    stages are equal."""
+    if not any(per_micro):
+        return 0.0
+    step = (m - 1) * max(per_micro) + sum(per_micro)
+    return 1.0 - m * sum(per_micro) / len(per_micro) / step
 
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
@@ -263,6 +278,10 @@ def summarize(pp: int, m: int, stages: list[dict]) -> dict[str, Any]:
     steps = [max(walls) for walls in zip(*(s["walls"] for s in stages), strict=True)]
     analytic = bubble(pp, m)
     mean_idle = sum(idle) / len(idle)
+    per_micro = [
+        sum(s["instruction_s"].get(k, 0.0) for k in ("forward", "backward")) / len(s["walls"]) / m
+        for s in stages
+    ]
     return {
         "pp": pp,
         "m": m,
@@ -271,7 +290,9 @@ def summarize(pp: int, m: int, stages: list[dict]) -> dict[str, Any]:
         "mean_idle": mean_idle,
         "bubble": analytic,
         "ratio": mean_idle / analytic if analytic else None,
+        "uneven_bubble": uneven_bubble(per_micro, m),
         "blocks_per_stage": [s["blocks"] for s in stages],
+        "wall_ms_per_step": [1000 * s["wall_s"] / len(s["walls"]) for s in stages],
         "instruction_ms_per_step": [
             {k: 1000 * v / len(s["walls"]) for k, v in sorted(s["instruction_s"].items())}
             for s in stages
@@ -343,12 +364,6 @@ def _rank_main(
         queue.put((rank, "error", traceback.format_exc()))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_stages(pp: int, args: argparse.Namespace) -> list[dict]:
     """Spawn ``pp`` stage processes, run every ``--micro-batches`` value, return rank 0's rows."""
     ctx = mp.get_context("spawn")
@@ -394,15 +409,15 @@ def format_table(rows: list[dict]) -> str:
     """The markdown table: one row per (pp, m)."""
     lines = [
         "| pp | m | step ms (median) | idle per stage | mean idle | 1F1B bubble (p-1)/(m+p-1) | "
-        "measured / analytic |",
-        "|---:|---:|---:|---|---:|---:|---:|",
+        "measured / analytic | 1F1B with measured stage costs |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     for r in rows:
         ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else "-"
         idle = " / ".join(f"{x:.3f}" for x in r["idle"])
         lines.append(
             f"| {r['pp']} | {r['m']} | {r['step_ms']:.0f} | {idle} | {r['mean_idle']:.3f} | "
-            f"{r['bubble']:.3f} | {ratio} |"
+            f"{r['bubble']:.3f} | {ratio} | {r['uneven_bubble']:.3f} |"
         )
     return "\n".join(lines)
 
