@@ -78,6 +78,14 @@ from launch.precision import emulated_bf16_warning, resolve_precision
 from launch.preflight import preflight
 from moe.accounting import Accounting, account, mfu, peak_tflops
 from moe.expert_parallel import apply_expert_parallel
+from moe.pipeline import (
+    PipelineLayers,
+    collect_step,
+    describe_stages,
+    no_mask,
+    pipeline_engine,
+    plan_stages,
+)
 from moe.telemetry import RoutingTelemetry
 from moe.tensor_parallel import apply_tensor_parallel
 from moe.transformer import IGNORE_INDEX, Transformer, count_parameters, is_moe_block
@@ -174,6 +182,22 @@ def _first_nonfinite(
     )
 
 
+def _eval_sums(
+    logits: torch.Tensor, targets: torch.Tensor, mode: str, token_bytes: torch.Tensor | None
+) -> list[float]:
+    """[nats, targets counted, their bytes, correct predictions] of one evaluated batch."""
+    logits = logits.float().reshape(-1, logits.shape[-1])
+    flat = targets.reshape(-1).to(logits.device)
+    nats = F.cross_entropy(logits, flat, ignore_index=IGNORE_INDEX, reduction="sum").item()
+    valid = flat != IGNORE_INDEX
+    num_bytes = correct = 0.0
+    if mode != "classify":
+        num_bytes = token_bytes[flat[valid].cpu()].sum().item()
+    else:
+        correct = (logits.argmax(dim=-1) == flat)[valid].sum().item()
+    return [nats, valid.sum().item(), num_bytes, correct]
+
+
 def evaluate(
     engine: Any,
     batches: list[Split],
@@ -182,37 +206,52 @@ def evaluate(
     seed: int,
     telemetry: RoutingTelemetry | None = None,
     mlm_probability: float = 0.15,
+    pipeline: tuple[PipelineLayers, Any] | None = None,
 ) -> tuple[float, float, float | None]:
     """(validation loss in nats per target, bits per byte, accuracy or None unless classify)
     over every rank's fixed batches; routing statistics go to ``telemetry`` as split eval.
 
     Masked-LM batches are masked with ``mlm_probability``, the rate the run trains with, so
-    validation measures the task being trained.
+    validation measures the task being trained. ``pipeline``: (the stages' layers, the pipe
+    group) of a pipeline engine, which evaluates all batches as micro-batches of one
+    ``eval_batch``; the last stage sums the logits' statistics.
     """
-    engine.eval()
     token_bytes = None if data.tokenizer is None else torch.as_tensor(data.tokenizer.token_bytes)
     generator = torch.Generator().manual_seed(seed + 7919)
-    nats = count = num_bytes = correct = 0.0
-    with torch.no_grad():
-        for batch in batches:
-            inputs, targets, mask = make_inputs(batch, mode, data, mlm_probability, generator)
-            device = _device(engine)
-            out = engine(inputs.to(device), padding_mask=None if mask is None else mask.to(device))
+    device = _device(engine)
+    inputs = [make_inputs(batch, mode, data, mlm_probability, generator) for batch in batches]
+    sums = [0.0] * 4
+    if pipeline is not None:
+        pipe, group = pipeline
+
+        def add(logits: torch.Tensor, targets: torch.Tensor) -> None:
+            for i, value in enumerate(_eval_sums(logits, targets, mode, token_bytes)):
+                sums[i] += value
+
+        pipe.loss_fn.sink = add
+        try:
+            if inputs:
+                engine.eval_batch(
+                    iter([_pipe_batch(*batch, device) for batch in inputs]),
+                    num_micro_batches=len(inputs),
+                )
+        finally:
+            pipe.loss_fn.sink = None
+        for out in collect_step(pipe, len(inputs), group, device):
             if telemetry is not None:
                 telemetry.update(out.routing, split="eval")
-            logits = out.logits.float().reshape(-1, out.logits.shape[-1])
-            flat = targets.reshape(-1).to(device)
-            nats += F.cross_entropy(logits, flat, ignore_index=IGNORE_INDEX, reduction="sum").item()
-            valid = flat != IGNORE_INDEX
-            count += valid.sum().item()
-            if mode != "classify":
-                num_bytes += token_bytes[flat[valid].cpu()].sum().item()
-            else:
-                correct += (logits.argmax(dim=-1) == flat)[valid].sum().item()
+    else:
+        engine.eval()
+        with torch.no_grad():
+            for ids, targets, mask in inputs:
+                out = engine(ids.to(device), padding_mask=None if mask is None else mask.to(device))
+                if telemetry is not None:
+                    telemetry.update(out.routing, split="eval")
+                for i, value in enumerate(_eval_sums(out.logits, targets, mode, token_bytes)):
+                    sums[i] += value
     engine.train()
-    sums = _all_reduce_sum(
-        [nats, count, num_bytes, correct], _device(engine), "the evaluation's sums"
-    )
+    # Under a pipeline only the last stage has sums; the ratios are those of its ranks.
+    sums = _all_reduce_sum(sums, device, "the evaluation's sums")
     nats, count, num_bytes, correct = sums
     loss = nats / max(count, 1.0)
     bpb = nats / math.log(2) / num_bytes if num_bytes else float("nan")
@@ -350,6 +389,8 @@ class Run:
     engine: Any = None
     precision: Any = None
     start_step: int = 0
+    pipe: PipelineLayers | None = None  # under pipeline parallelism: the stages' layers
+    stage_counts: list[int] = field(default_factory=list)  # blocks per pipeline stage
 
 
 def start(
@@ -473,15 +514,30 @@ def build_engine(run: Run, deepspeed_json: str | Path | None) -> None:
     if warning is not None:
         run.log.warning(warning)
     ds_config = deepspeed_config(config, run.run_dir, deepspeed_json, precision=run.precision.name)
-    run.engine = bridge.initialize(
-        run.model,
-        ds_config,
-        groups=run.groups,
-        num_experts_per_layer=run.experts,
-        ep_size=config.parallel.ep,
-        weight_decay=config.optimizer.weight_decay,
-        zero_stage=int(ds_config.get("zero_optimization", {}).get("stage", 0)),
-    )
+    zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    if run.groups.pp_size > 1:
+        # The cut of the whole (tp=1, ep=1) model, as validation computed it, so that every
+        # layout of one config cuts alike whatever its shards weigh.
+        vocab = None if run.data.tokenizer is None else run.data.tokenizer.vocab_size
+        counts = plan_stages(
+            config.model, config.moe, config.attention, pp=run.groups.pp_size,
+            partition=config.parallel.pp_partition, zero_stage=zero_stage, vocab_size=vocab,
+        )  # fmt: skip
+        run.engine, run.pipe, run.stage_counts = pipeline_engine(
+            run.model, ds_config, pp=run.groups.pp_size, dp=run.groups.dp_size,
+            tp=run.groups.tp_size, partition=counts, ep_size=config.parallel.ep,
+            weight_decay=config.optimizer.weight_decay, groups=run.groups,
+        )  # fmt: skip
+    else:
+        run.engine = bridge.initialize(
+            run.model,
+            ds_config,
+            groups=run.groups,
+            num_experts_per_layer=run.experts,
+            ep_size=config.parallel.ep,
+            weight_decay=config.optimizer.weight_decay,
+            zero_stage=zero_stage,
+        )
     # DeepSpeed's groups and the layout's mesh were made without a timeout (torch's default
     # is 30 minutes); the engine's gradient reduction runs over them.
     bound_group_timeouts(timedelta(seconds=config.parallel.timeout_s))
@@ -495,7 +551,9 @@ def build_engine(run: Run, deepspeed_json: str | Path | None) -> None:
                 checkpoint.describe_layout(before), checkpoint.describe_layout(now),
                 _layout_free_name(saved),
             )  # fmt: skip
-        loaded = checkpoint.load(run.engine, run.run_dir, groups=run.groups, tag=tag)
+        loaded = checkpoint.load(
+            run.engine, run.run_dir, groups=run.groups, tag=tag, model=run.model
+        )
         run.start_step = loaded["step"]
 
 
@@ -543,6 +601,13 @@ def _report_start(run: Run) -> None:
     )  # fmt: skip
     if run.accounting is not None:
         run.log.info("accounting: %s", run.accounting.describe())
+    if run.pipe is not None:
+        run.log.info(
+            "pipeline pp=%d, %d micro-batches per step (1F1B; bubble %.0f%%): %s",
+            len(run.stage_counts), config.train.grad_accum,
+            100 * (len(run.stage_counts) - 1) / (config.train.grad_accum + len(run.stage_counts) - 1),
+            " | ".join(describe_stages(run.pipe, run.stage_counts)),
+        )  # fmt: skip
 
 
 def peak_flops(run: Run, device: torch.device) -> float | None:
@@ -564,6 +629,55 @@ def peak_flops(run: Run, device: torch.device) -> float | None:
             )
         return None
     return tflops * 1e12
+
+
+def _micro_batch(
+    run: Run, sampler: BatchSampler, step: int, accum_index: int, generator_seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(inputs, targets, padding mask or None) of micro step ``accum_index`` of ``step``.
+
+    MLM masking draws from its own generator so the global RNG stream (dropout, router
+    jitter) is the same whatever the mode; a pure function of the position (the dp rank's,
+    ``generator_seed``: the ranks of a TP group and of a pipeline mask alike).
+    """
+    train_cfg, config = run.config.train, run.config
+    position = (train_cfg.seed * 1_000_003 + step) * 4099 + accum_index * run.dp + generator_seed
+    generator = torch.Generator().manual_seed(position % (2**63))
+    batch = sampler.rows(step, accum_index)
+    inputs, targets, mask = make_inputs(
+        batch, config.model.mode, run.data, train_cfg.mlm_probability, generator
+    )
+    if config.model.input == "patches" and config.data.augment_shift:
+        inputs = shift_images(inputs, config.data.augment_shift, generator)
+    return inputs, targets, mask
+
+
+def _pipe_batch(
+    inputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None, device: torch.device
+) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """One micro-batch as the pipeline engine reads it: ((inputs, int mask), targets)."""
+    pipe_mask = no_mask(device) if mask is None else mask.to(device=device, dtype=torch.int64)
+    return (inputs.to(device), pipe_mask), targets.to(device)
+
+
+def _train_step(run: Run, batches: list[tuple], device: torch.device) -> list[Any]:
+    """One optimizer step over the micro-batches; per micro-batch an output with loss,
+    ce_loss, aux_loss, z_loss and routing (every MoE layer's statistics, in model order)."""
+    engine = run.engine
+    if run.pipe is not None:  # 1F1B over the stages, then each stage's logs to every rank
+        engine.train_batch(iter([_pipe_batch(*batch, device) for batch in batches]))
+        return collect_step(run.pipe, len(batches), run.groups.pp_group, device)
+    outs = []
+    for inputs, targets, mask in batches:
+        out = engine(
+            inputs.to(device),
+            targets=targets.to(device),
+            padding_mask=None if mask is None else mask.to(device),
+        )
+        engine.backward(out.loss)
+        engine.step()
+        outs.append(out)
+    return outs
 
 
 def train_loop(run: Run, started: float) -> TrainResult:
@@ -607,7 +721,6 @@ def train_loop(run: Run, started: float) -> TrainResult:
     totals = [0.0] * 7  # loss, ce, aux, z, dropped, entropy, micro steps (summed since last log)
     tokens_since, window_start = 0, time.perf_counter()
     last_loss = last_val = last_bpb = last_rate = last_accuracy = last_grad_norm = None
-    augment_shift = config.data.augment_shift if config.model.input == "patches" else 0
     patch_tokens = config.model.image.num_patches() if config.model.image is not None else 0
     # Cumulative tokens and model FLOPs (metrics "tokens", "flops"), counted as tokens_per_s
     # counts them (patch tokens for images, whose class token the FLOPs per token carry);
@@ -623,25 +736,11 @@ def train_loop(run: Run, started: float) -> TrainResult:
         notify_step(engine.module, step)
         step_values: list[list[float]] = []  # per micro step: the totals' seven entries
         step_tokens = 0
-        for accum_index in range(train_cfg.grad_accum):
-            # MLM masking draws from its own generator so the global RNG stream (dropout,
-            # router jitter) is the same whatever the mode; a pure function of the position
-            # (the dp rank's: the ranks of a TP group mask alike).
-            position = (train_cfg.seed * 1_000_003 + step) * 4099 + accum_index * dp + dp_rank
-            generator = torch.Generator().manual_seed(position % (2**63))
-            batch = sampler.rows(step, accum_index)
-            inputs, targets, mask = make_inputs(
-                batch, mode, data, train_cfg.mlm_probability, generator
-            )
-            if augment_shift:
-                inputs = shift_images(inputs, augment_shift, generator)
-            out = engine(
-                inputs.to(device),
-                targets=targets.to(device),
-                padding_mask=None if mask is None else mask.to(device),
-            )
-            engine.backward(out.loss)
-            engine.step()
+        batches = [
+            _micro_batch(run, sampler, step, accum_index, generator_seed=dp_rank)
+            for accum_index in range(train_cfg.grad_accum)
+        ]
+        for (inputs, _, _), out in zip(batches, _train_step(run, batches, device)):
             routing = out.routing
             if telemetry is not None:
                 telemetry.update(routing, split="train")
@@ -651,6 +750,7 @@ def train_loop(run: Run, started: float) -> TrainResult:
             step_values.append([p.item() for p in parts] + [dropped, entropy, 1.0])
             # Images count their patch tokens (N per image), not pixels.
             step_tokens += (inputs.shape[0] * patch_tokens if patch_tokens else inputs.numel()) * dp
+        inputs, targets, mask = batches[-1]
         done = step + 1
         tokens_total += step_tokens
         grad_norm = (
@@ -659,7 +759,11 @@ def train_loop(run: Run, started: float) -> TrainResult:
         if grad_norm is not None:
             last_grad_norm = float(grad_norm)
         applied = engine.was_step_applied() if hasattr(engine, "was_step_applied") else True
-        diagnose = functools.partial(_first_nonfinite, engine, inputs, targets, mask, device)
+        diagnose = (
+            functools.partial(_first_nonfinite, engine, inputs, targets, mask, device)
+            if run.pipe is None
+            else lambda: None  # a stage cannot run the whole forward on its own
+        )
         if watch.after_step(done, applied, [v[0] for v in step_values], diagnose, log):
             for values in step_values:  # a skipped step's (non-finite) values are not logged
                 for i, value in enumerate(values):
@@ -707,6 +811,7 @@ def train_loop(run: Run, started: float) -> TrainResult:
             last_val, last_bpb, last_accuracy = evaluate(
                 engine, val_batches, mode, data, train_cfg.seed, telemetry,
                 mlm_probability=train_cfg.mlm_probability,
+                pipeline=None if run.pipe is None else (run.pipe, run.groups.pp_group),
             )  # fmt: skip
             record = {"step": done, "val_loss": last_val, "val_bpb": last_bpb}
             if telemetry is not None:
@@ -762,6 +867,6 @@ def _save_checkpoint(run: Run, done: int, config_yaml: str, device: torch.device
         )
     checkpoint.save(
         run.engine, run.run_dir, done, world_size=run.world, config_yaml=config_yaml,
-        keep_last=run.config.checkpoint.keep_last, groups=run.groups,
+        keep_last=run.config.checkpoint.keep_last, groups=run.groups, model=run.model,
         extra=checkpoint.layout_of(run.groups),
     )  # fmt: skip
