@@ -329,7 +329,7 @@ def _rank_main(
         torch.set_num_threads(args.threads)
         backend = "gloo"
         if args.device == "cuda":
-            os.environ.setdefault("DS_ACCELERATOR", "cuda")
+            os.environ["DS_ACCELERATOR"] = "cuda"
             torch.cuda.set_device(rank)
             backend = "nccl"
         else:
