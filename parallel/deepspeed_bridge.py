@@ -720,6 +720,17 @@ def initialize_pipeline(
 
     zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
     check_zero_stage(zero_stage, bool(num_experts_per_layer))
+    # Under TP the engine would cut the first tensor of each sent tuple over the TP ranks
+    # and insist that the rest need no gradient; the running aux and z losses do. Each TP
+    # rank sends its whole (identical) activation instead.
+    ds_config = {
+        **ds_config,
+        "pipeline": {
+            **ds_config.get("pipeline", {}),
+            "pipe_partitioned": False,
+            "grad_partitioned": False,
+        },
+    }
     if len(parts) != pp + 1 or parts[0] != 0 or parts[-1] != len(layers):
         raise ValueError(f"parts {parts} must start at 0 and end at {len(layers)} with {pp} stages")
 
