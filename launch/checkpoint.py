@@ -38,7 +38,10 @@ size. At ep=1 with ZeRO 0 and plain parameters the engine's own files already ho
 that, by name, so ``portable.pt`` is not written and a later ep change reads the engine's
 files instead (moeforge.json says which: ``layout_free``). Under tensor parallelism the
 engine's files hold each rank's shards, so ``portable.pt`` (TP shards gathered) is written.
-moeforge.json records the layout a checkpoint was saved with (world size, dp, tp, ep);
+Under pipeline parallelism each stage's engine files hold its own layers (DeepSpeed writes them
+from data-parallel rank 0 only, losing the other EP ranks' experts), so ``portable.pt`` is
+always written, every stage's parameters under the Transformer's names (``model=``).
+moeforge.json records the layout a checkpoint was saved with (world size, dp, tp, ep, pp);
 ``load(..., groups=...)`` at another layout takes the scheduler, step counters and client
 state from the engine's files (rank 0's when the world size changed) and weights plus Adam
 state from the layout-free source only.
@@ -90,6 +93,8 @@ __all__ = [
 ]  # fmt: skip
 
 PORTABLE_FILE = "portable.pt"
+# What a resume compares with the saved layout; a change in any needs layout-free state.
+LAYOUT_AXES = ("world_size", "tp", "ep", "pp")
 # A write failure with this little space left is a full disk even when the writer (torch's
 # zip writer) reports it without an errno.
 _FULL_DISK_BYTES = 64 << 20
@@ -249,11 +254,14 @@ def save(
     keep_last: int,
     extra: dict[str, Any] | None = None,
     groups: Any = None,
+    model: Any = None,
 ) -> Path:
     """Save the state after global step ``step`` atomically; every rank must call it.
 
     ``groups``: the run's ``parallel.layout.ProcessGroups`` (None: one data-parallel group
     over the world), for the layout-free file that gathers experts and TP shards.
+    ``model``: the model whose parameter names the layout-free file uses (default
+    ``engine.module``); at pp > 1 the whole Transformer the stages were cut from.
     """
     root = checkpoint_dir(run_dir)
     tag = tag_for(step)
@@ -264,7 +272,8 @@ def save(
             shutil.rmtree(leftover, ignore_errors=True)
     _barrier()
     layout_free = _layout_free_source(engine, groups)
-    state = {"step": step, "world_size": world_size, **(extra or {})}
+    layout = layout_of(groups) if groups is not None else {}
+    state = {"step": step, "world_size": world_size, **layout, **(extra or {})}
     if layout_free is not None:
         state["layout_free"] = layout_free
     error: BaseException | None = None
@@ -272,7 +281,7 @@ def save(
         bridge.save_checkpoint(engine, str(root), tmp.name, {"moeforge": state})
         torch.save(rng_state(), tmp / f"rng_rank{_rank()}.pt")
         if layout_free == PORTABLE_FILE:
-            _save_portable(engine, groups, tmp)
+            _save_portable(engine, groups, tmp, model)
         if _rank() == 0:
             (tmp / "config.yaml").write_text(config_yaml)
             (tmp / STATE_FILE).write_text(json.dumps(state))
@@ -450,8 +459,9 @@ def saved_ep(run_dir: Path, tag: str | None = None) -> int | None:
 
 
 def saved_layout(run_dir: Path, tag: str | None = None) -> dict[str, int] | None:
-    """{"world_size", "dp", "tp", "ep"} checkpoint ``tag`` was saved with (moeforge.json,
-    its config for what older checkpoints did not record)."""
+    """{"world_size", "dp", "tp", "ep", "pp"} checkpoint ``tag`` was saved with
+    (moeforge.json, its config for what older checkpoints did not record; pp 1 when neither
+    does)."""
     state = saved_state(run_dir, tag)
     if state is None:
         return None
@@ -459,26 +469,34 @@ def saved_layout(run_dir: Path, tag: str | None = None) -> dict[str, int] | None
     parallel = config.get("parallel") or {}
     world = int(state["world_size"])
     tp = int(state.get("tp", parallel.get("tp", 1)))
-    pp = int(parallel.get("pp", 1))
+    pp = int(state.get("pp", parallel.get("pp", 1)))
     return {
         "world_size": world,
         "dp": int(state.get("dp", world // max(tp * pp, 1))),
         "tp": tp,
         "ep": int(state.get("ep", parallel.get("ep", 1))),
+        "pp": pp,
     }
 
 
 def layout_of(groups: Any) -> dict[str, int]:
     """The layout record of a run's ``ProcessGroups`` (what ``saved_layout`` reads back)."""
     layout = groups.layout
-    return {"world_size": layout.world_size, "dp": layout.dp, "tp": layout.tp, "ep": layout.ep}
+    return {
+        "world_size": layout.world_size,
+        "dp": layout.dp,
+        "tp": layout.tp,
+        "ep": layout.ep,
+        "pp": layout.pp,
+    }
 
 
 def describe_layout(layout: dict[str, int]) -> str:
-    """A layout record in the notation of the start-up report: "dp=2 x tp=2, ep=2"."""
+    """A layout record in the notation of the start-up report: "dp=2 x tp=2 x pp=2, ep=2"."""
     text = f"dp={layout['dp']}"
-    if layout["tp"] > 1:
-        text += f" x tp={layout['tp']}"
+    for axis in ("tp", "pp"):
+        if layout.get(axis, 1) > 1:
+            text += f" x {axis}={layout[axis]}"
     if layout["ep"] > 1:
         text += f", ep={layout['ep']}"
     return text
@@ -503,16 +521,17 @@ def has_layout_free_state(run_dir: Path, tag: str | None = None) -> bool:
 
 def check_layout_change(run_dir: Path, now: dict[str, int], tag: str | None = None) -> None:
     """Raise a one-line UserError unless checkpoint ``tag`` can be resumed at the layout
-    ``now`` (its "ep" and "tp", and "world_size" when given)."""
+    ``now`` (its "ep", "tp" and "pp", and "world_size" when given)."""
     tag = _tag_or_latest(run_dir, tag)
     before = saved_layout(run_dir, tag)
     if before is None:
         return
-    changed = [k for k in ("world_size", "tp", "ep") if k in now and now[k] != before[k]]
+    changed = [k for k in LAYOUT_AXES if k in now and now[k] != before[k]]
     if not changed or has_layout_free_state(run_dir, tag):
         return
     directory = checkpoint_dir(run_dir) / str(tag)
     names = {"world_size": "world size", "tp": "parallel.tp", "ep": "parallel.ep"}
+    names["pp"] = "parallel.pp"
     what = ", ".join(f"{names[k]}={now[k]}" for k in changed)
     was = ", ".join(f"{names[k]}={before[k]}" for k in changed)
     raise UserError(
@@ -561,6 +580,7 @@ def load(
     groups: Any = None,
     ep: int | None = None,
     tag: str | None = None,
+    model: Any = None,
 ) -> dict[str, Any]:
     """Load checkpoint ``tag`` into ``engine`` and this rank's RNG; returns moeforge's state.
 
@@ -570,7 +590,8 @@ def load(
     are not loaded from the engine's files: weights, Adam moments and step come from the
     layout-free source, the rest (LR scheduler, step counters, client state) from the
     engine's files. After a world-size change every rank takes rank 0's RNG state (the ranks
-    of a run start from one seed, so rank 0's stands for all of them).
+    of a run start from one seed, so rank 0's stands for all of them). ``model``: as for
+    ``save`` (at pp > 1 the Transformer; each stage loads its own parameters).
     """
     if tag is None:
         tag = resume_point(run_dir).tag
@@ -582,12 +603,12 @@ def load(
         now = layout_of(groups)
     else:
         now = {**before, "ep": before["ep"] if ep is None else ep, "world_size": _world()}
-    changed = any(now[k] != before[k] for k in ("world_size", "tp", "ep"))
+    changed = any(now.get(k, 1) != before[k] for k in LAYOUT_AXES)
     try:
         if changed:
             check_layout_change(run_dir, now, tag)
             client_state = bridge.load_training_state(engine, str(checkpoint_dir(run_dir)), tag)
-            _load_layout_free(engine, groups, directory)
+            _load_layout_free(engine, groups, directory, model)
         else:
             path, client_state = engine.load_checkpoint(
                 str(checkpoint_dir(run_dir)),
@@ -598,7 +619,7 @@ def load(
             )
             if path is None:
                 raise RuntimeError(f"DeepSpeed found no checkpoint {tag}")
-            _load_portable_over_engine(engine, groups, directory)
+            _load_portable_over_engine(engine, groups, directory, model)
     except UserError:
         raise
     except _LOAD_ERRORS as err:
@@ -624,7 +645,8 @@ def _portable_groups(engine: Any, groups: Any) -> Any:
     experts or tensor-parallel shards, None when the engine's files are all there is."""
     module = getattr(engine, "module", None)
     has_experts = getattr(module, bridge.MARKERS_ATTRIBUTE, None) is not None
-    sharded = groups is not None and groups.layout.tp > 1
+    # A pipeline stage's engine files hold its own layers under names set by the cut.
+    sharded = groups is not None and (groups.layout.tp > 1 or groups.layout.pp > 1)
     if not has_experts and not sharded:
         return None
     if groups is None:
@@ -646,34 +668,49 @@ def _layout_free_source(engine: Any, groups: Any) -> str | None:
     return "engine" if engine_files_are_layout_free(engine, groups) else PORTABLE_FILE
 
 
-def _save_portable(engine: Any, groups: Any, directory: Path) -> None:
+def _save_portable(engine: Any, groups: Any, directory: Path, model: Any = None) -> None:
     from parallel.expert_checkpoint import save_portable
 
     groups = _portable_groups(engine, groups)
-    save_portable(engine, engine.module, groups, directory / PORTABLE_FILE)
+    save_portable(engine, _named_model(engine, model), groups, directory / PORTABLE_FILE)
 
 
-def _load_layout_free(engine: Any, groups: Any, directory: Path) -> None:
+def _named_model(engine: Any, model: Any) -> Any:
+    """The model whose parameter names the layout-free file uses."""
+    return engine.module if model is None else model
+
+
+def _load_layout_free(engine: Any, groups: Any, directory: Path, model: Any = None) -> None:
     """Weights and Adam state at another layout: from portable.pt, else the engine's files."""
+    from parallel.expert_checkpoint import load_engine_files, load_portable
+
+    model = _named_model(engine, model)
+    if (directory / PORTABLE_FILE).is_file():
+        # Also a model without experts or TP shards here: it may have been saved at pp > 1.
+        if groups is None:
+            raise ValueError(
+                f"loading {directory / PORTABLE_FILE} needs the run's ProcessGroups (groups=...)"
+            )
+        load_portable(engine, model, groups, directory / PORTABLE_FILE)
+        return
     groups = _portable_groups(engine, groups)
     if groups is None:
         raise UserError(
             f"cannot resume {directory} at another layout: the model has no experts or "
             "tensor-parallel shards to re-split"
         )
-    from parallel.expert_checkpoint import load_engine_files, load_portable
-
-    if (directory / PORTABLE_FILE).is_file():
-        load_portable(engine, engine.module, groups, directory / PORTABLE_FILE)
-    else:
-        load_engine_files(engine, engine.module, groups, directory)
+    load_engine_files(engine, model, groups, directory)
 
 
-def _load_portable_over_engine(engine: Any, groups: Any, directory: Path) -> None:
-    """Same-layout resume: rank 0's module state holds only its own experts and shards;
-    every rank's come from the portable file when there is one."""
+def _load_portable_over_engine(
+    engine: Any, groups: Any, directory: Path, model: Any = None
+) -> None:
+    """Same-layout resume: rank 0's module state holds only its own experts and shards (a
+    pipeline engine's layer files: those of each stage's data-parallel rank 0); every
+    rank's come from the portable file when there is one."""
     if (directory / PORTABLE_FILE).is_file() and groups is not None:
-        if groups.layout.ep > 1 or groups.layout.tp > 1:
+        layout = groups.layout
+        if layout.ep > 1 or layout.tp > 1 or layout.pp > 1:
             from parallel.expert_checkpoint import load_portable
 
-            load_portable(engine, engine.module, groups, directory / PORTABLE_FILE)
+            load_portable(engine, _named_model(engine, model), groups, directory / PORTABLE_FILE)

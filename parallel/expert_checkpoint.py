@@ -4,7 +4,7 @@ Shape letters: E experts, E_l = E / ep experts held by one EP rank; n the full s
 tensor-parallel parameter along its ``partition_dim``, n / tp the size one TP rank holds.
 
     save_portable(engine, model, groups, path)      # every rank calls; rank 0 writes one file
-    load_portable(engine, model, groups, path)      # any tp, ep (and ZeRO 0, 1 or 2) that fit
+    load_portable(engine, model, groups, path)      # any tp, ep, pp (and ZeRO 0, 1 or 2) that fit
     portable_info(path)                             # the layout and step it was saved with
     engine_files_are_layout_free(engine, groups)    # True: portable.pt would duplicate them
     load_engine_files(engine, model, groups, dir)   # the same, from such a checkpoint's files
@@ -36,6 +36,13 @@ masters, and the Adam state is keyed by them (``fp32_master_slots``, contract 8)
 and moments are read and written there, never from the rounded bf16 parameters.
 Parameters are visited in the same order on every rank, so the collectives match: per
 parameter, the data-parallel assembly first, then the EP or TP gather.
+
+Pipeline parallelism: DeepSpeed's pipeline engine writes its layer files from data-parallel
+rank 0 only, so the experts of every other EP rank would be lost. Here ``model`` is the
+whole Transformer, whose modules the stages reuse; a rank reads and writes only the
+parameters its engine holds (``held_parameters``), gathers them within its stage as above,
+and the first rank of each stage sends them to rank 0 (``_merge_stages``), so the file has
+every parameter under the Transformer's names whatever the cut, and loads at any pp.
 
 At ep=1, tp=1, pp=1 and ZeRO 0 with fp32 parameters the engine's own files already hold all
 of this (the module's and the torch optimizer's state dicts, complete, by rank 0), so the
@@ -103,14 +110,53 @@ def _cut_shard(full: torch.Tensor, dim: int, stride: int, tp: int, rank: int) ->
     return torch.cat([blocks[j * tp + rank] for j in range(stride)], dim=dim)
 
 
-def _check_no_pipeline(groups: ProcessGroups) -> None:
-    """Pipeline stages hold different parameters; this file gathers over TP and EP only."""
-    pp = groups.pp_size
-    if pp != 1:
+def held_parameters(engine: Any, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of ``model`` that this rank's engine trains, in ``model``'s order.
+
+    Under pipeline parallelism ``model`` is the whole Transformer, but a stage's engine holds
+    only its own blocks (and the tied embedding on the first and last stage): the other
+    stages' parameters exist here untrained and must be neither written nor overwritten.
+    Every rank of a stage holds the same set, so their collectives match.
+    """
+    module = getattr(engine, "module", None)
+    if module is None or module is model:
+        return list(model.named_parameters())
+    held = {id(p) for p in module.parameters()}
+    return [(name, p) for name, p in model.named_parameters() if id(p) in held]
+
+
+def _check_model(engine: Any, model: nn.Module, groups: ProcessGroups) -> None:
+    """At pp > 1 the file's names are ``model``'s: it must be the Transformer, not the stage."""
+    if groups.pp_size > 1 and model is getattr(engine, "module", None):
         raise ValueError(
-            f"portable checkpoints gather tensor- and expert-parallel shards, not pipeline "
-            f"stages: parallel.pp ({pp}) must be 1 to save or load one"
+            f"portable checkpoints at parallel.pp ({groups.pp_size}) > 1 name parameters as the "
+            "whole model does: pass the Transformer (model=...), not the pipeline stage"
         )
+
+
+def _first_rank_of_stage(groups: ProcessGroups) -> bool:
+    """Whether this rank (dp 0, tp 0 of its stage) sends its stage's tensors to rank 0."""
+    return groups.dp_rank == 0 and groups.tp_rank == 0
+
+
+def _merge_stages(
+    tensors: dict[str, dict[str, torch.Tensor]], groups: ProcessGroups
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Every stage's full tensors on global rank 0 (collective over the first ranks of the
+    stages; a parameter on several stages, the tied embedding, is kept once: DeepSpeed sums
+    its gradient over those stages, so every copy holds the same values)."""
+    if groups.pp_size == 1:
+        return tensors
+    if not _first_rank_of_stage(groups):
+        return {}
+    writer = dist.get_rank() == 0
+    stages: list[Any] | None = [None] * groups.pp_size if writer else None
+    dist.gather_object(tensors, stages, dst=groups.pp_ranks[0], group=groups.pp_group)
+    merged: dict[str, dict[str, torch.Tensor]] = {}
+    for stage in stages or []:
+        for name, entry in stage.items():
+            merged.setdefault(name, entry)
+    return merged
 
 
 def _ensure_adam_state(optimizer: torch.optim.Optimizer) -> None:
@@ -240,20 +286,32 @@ def _local_piece(
 def save_portable(engine: Any, model: nn.Module, groups: ProcessGroups, path: Path) -> None:
     """Write weights, Adam moments and step, layout-free, to ``path`` (rank 0 writes).
 
-    Collective: every rank calls it. The file records the layout it was saved at (dp, tp,
-    ep, pp and the world size), for ``portable_info``; loading does not need it.
+    Collective: every rank calls it. ``model`` names the parameters (at pp > 1 the whole
+    Transformer: each stage reads the parameters its engine holds, gathers them over TP and
+    EP, and the first rank of each stage sends them to rank 0, which writes one file with
+    all of them). The file records the layout it was saved at (dp, tp, ep, pp and the world
+    size), for ``portable_info``; loading does not need it.
     """
-    _check_no_pipeline(groups)
+    _check_model(engine, model, groups)
     optimizer = base_optimizer(engine)
     link_optimizer_state(engine)
     slots = fp32_master_slots(engine)
     writer = dist.get_rank() == 0
+    keeps = _first_rank_of_stage(groups)  # the others only take part in the gathers
     tensors: dict[str, dict[str, torch.Tensor]] = {}
-    for name, param in model.named_parameters():
+    for name, param in held_parameters(engine, model):
         entry = {key or "weight": _read(param, key, optimizer, slots) for key in (None, *MOMENTS)}
         entry = _gather_full(param, entry, groups)
-        if writer:  # the other ranks only take part in the gathers
+        if keeps:
             tensors[name] = entry
+    tensors = _merge_stages(tensors, groups)
+    if writer:
+        missing = [name for name, _ in model.named_parameters() if name not in tensors]
+        if missing:
+            raise RuntimeError(
+                f"no pipeline stage holds parameters {missing[:5]} of the model: the engine "
+                "was not built from this model"
+            )
     layout = groups.layout
     meta = {
         "format": FORMAT_VERSION,
@@ -358,8 +416,9 @@ def _load_tensors(
     engine: Any, model: nn.Module, groups: ProcessGroups, saved: dict, path: Path
 ) -> None:
     """Write full weights and moments (experts sliced to this EP rank's block, TP-split
-    parameters to this TP rank's shard) and the step."""
-    _check_no_pipeline(groups)
+    parameters to this TP rank's shard) and the step, into the parameters this rank's
+    engine holds (at pp > 1: its stage's). The file must name every parameter of ``model``."""
+    _check_model(engine, model, groups)
     optimizer = base_optimizer(engine)
     _ensure_adam_state(optimizer)
     link_optimizer_state(engine)
@@ -372,7 +431,7 @@ def _load_tensors(
         raise ValueError(
             f"checkpoint {path} does not fit the model: missing {missing}, unexpected {unexpected}"
         )
-    for name, param in named.items():
+    for name, param in held_parameters(engine, model):
         entry = saved["tensors"][name]
         for key in (None, *MOMENTS):
             value = _local_piece(name, param, entry[key or "weight"], groups)
