@@ -5,9 +5,9 @@
 Checks every checkpoint of RUN against its manifest, sizes and checksums
 (launch/checkpoint_verify.py), and lists each as ``ok`` or ``damaged: <reason>``, with what is
 wrong with the ``latest`` pointer if anything. For the newest valid checkpoint (the one a
-resume would use) it shows its step and world size (moeforge.json), the parallel section of
-the resolved config saved beside it, and where its layout-free weights are (for an ep change:
-parallel/expert_checkpoint.py). Exit status 0 when a valid checkpoint exists, 1 when none is.
+resume would use) it shows its step and layout (dp, tp, pp, ep and world size from
+moeforge.json, else from the parallel section of the resolved config saved beside it), and
+where its layout-free weights are (for a layout change: parallel/expert_checkpoint.py). Exit status 0 when a valid checkpoint exists, 1 when none is.
 """
 
 from __future__ import annotations
@@ -28,16 +28,18 @@ def _layout_lines(directory: Path) -> list[str]:
     state = json.loads((directory / checkpoint.STATE_FILE).read_text())
     config = yaml.safe_load((directory / "config.yaml").read_text()) or {}
     parallel = config.get("parallel") or {}
-    pp = int(parallel.get("pp", 1))
+    # moeforge.json records the layout; older checkpoints only in their config (pp 1).
+    pp = int(state.get("pp", parallel.get("pp", 1)))
     tp = int(state.get("tp", parallel.get("tp", 1)))
     ep = int(state.get("ep", parallel.get("ep", 1)))
     world = int(state["world_size"])
     dp = int(state.get("dp", world // max(tp * pp, 1)))
+    stage = " of its stage" if pp > 1 else ""
     lines = [
         f"{directory}: step {state['step']}",
         f"layout: dp={dp} x tp={tp} x pp={pp} (ep={ep}, each expert on "
-        f"{dp * tp // max(ep, 1)} rank(s)) on {world} ranks, ZeRO {parallel.get('zero_stage', 0)}, "
-        f"precision {config.get('precision', '?')}",
+        f"{dp * tp // max(ep, 1)} rank(s){stage}) on {world} ranks, ZeRO "
+        f"{parallel.get('zero_stage', 0)}, precision {config.get('precision', '?')}",
     ]
     portable = directory / checkpoint.PORTABLE_FILE
     if portable.with_suffix(".json").is_file():
@@ -50,7 +52,8 @@ def _layout_lines(directory: Path) -> list[str]:
             "at any ep dividing the experts"
         )
     elif ep > 1:
-        lines.append("experts: no portable file; only rank 0's experts were saved")
+        where = "each stage's data-parallel rank 0" if pp > 1 else "rank 0"
+        lines.append(f"experts: no portable file; only {where}'s experts were saved")
     return lines
 
 

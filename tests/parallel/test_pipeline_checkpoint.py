@@ -298,3 +298,46 @@ def test_round_trip_keeps_every_ep_ranks_experts(runs):
     assert set(saved) == {n for n, _ in build_model().named_parameters()}
     meta = torch.load(directory / checkpoint.PORTABLE_FILE, weights_only=False)["meta"]
     assert meta["layout"] == {"dp": 2, "ep": 2, "tp": 1, "pp": 2}
+
+
+def test_info_shows_the_pipeline_layout(tmp_path):
+    """``moeforge checkpoint info``: pp from moeforge.json (the config may say otherwise)."""
+    import json
+
+    from launch.checkpoint_info import describe
+    from launch.checkpoint_verify import describe_files, list_files, write_manifest
+
+    directory = tmp_path / "checkpoints" / "step00000002"
+    directory.mkdir(parents=True)
+    state = {"step": 2, "world_size": 4, "dp": 2, "tp": 1, "ep": 2, "pp": 2}
+    (directory / "moeforge.json").write_text(json.dumps(state))
+    (directory / "config.yaml").write_text("parallel:\n  zero_stage: 1\nprecision: fp32\n")
+    meta = {"layout": {"dp": 2, "ep": 2, "tp": 1, "pp": 2}, "world_size": 4,
+            "zero_stage": 1, "adam_step": 2.0}  # fmt: skip
+    (directory / "portable.json").write_text(json.dumps(meta))
+    write_manifest(directory, describe_files(directory, list_files(directory)))
+    (tmp_path / "checkpoints" / "latest").write_text("step00000002")
+    lines = describe(tmp_path)
+    assert lines[1] == (
+        "layout: dp=2 x tp=1 x pp=2 (ep=2, each expert on 1 rank(s) of its stage) on 4 ranks, "
+        "ZeRO 1, precision fp32"
+    )
+    assert lines[2].startswith("experts: saved with dp=2 x tp=1 x pp=2 (ep=2) on 4 ranks")
+
+
+def test_layout_records_and_changes(tmp_path):
+    """pp is part of the layout record; a checkpoint that does not record it was pp=1."""
+    import json
+
+    from launch import checkpoint
+    from launch.errors import UserError
+
+    directory = checkpoint.checkpoint_dir(tmp_path) / "step00000002"
+    directory.mkdir(parents=True)
+    (directory / "moeforge.json").write_text(json.dumps({"step": 2, "world_size": 2, "ep": 2}))
+    (directory / "config.yaml").write_text("parallel:\n  ep: 2\n")
+    before = checkpoint.saved_layout(tmp_path, "step00000002")
+    assert before == {"world_size": 2, "dp": 2, "tp": 1, "ep": 2, "pp": 1}
+    assert checkpoint.describe_layout({**before, "dp": 1, "pp": 2}) == "dp=1 x pp=2, ep=2"
+    with pytest.raises(UserError, match=r"at parallel.pp=2: it was saved at parallel.pp=1"):
+        checkpoint.check_layout_change(tmp_path, {**before, "dp": 1, "pp": 2}, "step00000002")
