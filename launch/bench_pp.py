@@ -197,7 +197,7 @@ class InstructionTimer:
     def __init__(self, engine: Any, sync: Any = None) -> None:
         self.seconds: dict[str, float] = {}
         self.sync = sync or (lambda: None)
-        table = type(engine)._INSTRUCTION_MAP
+        table = engine._INSTRUCTION_MAP  # the engine's own (the bridge may replace entries)
         engine._INSTRUCTION_MAP = {kind: self._wrap(kind, fn) for kind, fn in table.items()}
 
     @staticmethod

@@ -34,6 +34,7 @@ from launch.checkpoint import CheckpointConfig
 from launch.data import DataConfig
 from launch.errors import UserError
 from moe.config import MoEConfig
+from moe.pipeline import plan_stages
 from moe.tensor_parallel import check_tensor_parallel
 from moe.transformer import AttentionConfig, ModelConfig, check_attention
 from parallel.deepspeed_bridge import check_zero_stage
@@ -263,6 +264,8 @@ def describe_error(error: dict[str, Any]) -> str:
     msg = error.get("msg", "invalid value")
     if kind == "value_error":  # our own validators' messages already say what is valid
         msg = msg.removeprefix("Value error, ")
+    if not path:  # a check across sections: its message names the keys
+        return msg
     if isinstance(given, dict):  # a section-level check: the section's contents add nothing
         return f"config key '{path}': {msg}"
     return f"config key '{path}': {msg} (got {type(given).__name__} {given!r}); fix the value"
@@ -344,6 +347,15 @@ def validate(config: RunConfig, world_size: int) -> int:
                 f"train.micro_batch x data.seq_len ({tokens} tokens) must be divisible by "
                 f"parallel.tp ({par.tp}): each TP rank routes 1/tp of them; change one of them"
             )
+    if par.pp > 1:
+        try:  # the cut, and every refusal of the pipeline engine, before any process starts
+            plan_stages(
+                config.model, config.moe, config.attention, pp=par.pp,
+                partition=par.pp_partition, zero_stage=par.zero_stage,
+                vocab_size=config.model.vocab_size or 256,  # the byte tokenizer's, until known
+            )  # fmt: skip
+        except ValueError as err:
+            raise UserError(str(err)) from None
     try:
         check_zero_stage(par.zero_stage, config.moe is not None)
         check_attention(config.model, config.attention)

@@ -134,6 +134,11 @@ def train_pp2(
     elif precision == "bf16":
         config["bf16"] = {"enabled": True}
     engine, _, counts = pipeline_engine(model, config, pp=2, dp=1, partition=partition)
+    # Backward passes reaching the embedding (stage 0): one per micro-batch, though the
+    # stage sends three float tensors (hidden, aux, z) that all depend on it.
+    passes = [0]
+    embedding = model.layers[0].embed.token.weight
+    embedding.register_hook(lambda grad: passes.__setitem__(0, passes[0] + 1))
     losses, norms = [], []
     for step in range(STEPS):
         loss = engine.train_batch(iter(batches(step, masked)))
@@ -154,6 +159,7 @@ def train_pp2(
         "layers": layers,
         "counts": counts,
         "routers": routers,
+        "embedding_backward_passes": passes[0],
     }
 
 
@@ -169,6 +175,7 @@ def test_pp2_equals_one_process(pp2_runs, masked):
     results = [runs[masked] for runs in pp2_runs]
     expected = reference(masked)
     assert results[0]["counts"] == [2, 2]
+    assert results[0]["embedding_backward_passes"] == STEPS * MICRO
     if masked:  # the mask reached the blocks of both stages and mattered
         assert abs(expected["losses"][0] - reference(False)["losses"][0]) > 1e-3
     for rank in range(2):
