@@ -81,19 +81,38 @@ def _experts(engine, model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _shim_training_state() -> None:
-    """Until parallel/deepspeed_bridge.load_training_state skips a pipeline engine's module
-    state itself (its ``load_module_state_dict`` refuses ``custom_load_fn``): the same
-    function with the engine's module loader replaced for the call."""
+    """Until parallel/deepspeed_bridge.py has it: ``load_training_state`` that skips the
+    module state by replacing the engine's loader for the call (a pipeline engine's
+    ``load_module_state_dict`` refuses ``custom_load_fn``). Delete once the bridge has it."""
     from parallel import deepspeed_bridge as bridge
 
-    original = bridge.load_training_state
+    def skip_module_load(*args, **kwargs) -> None:
+        """Stands in for the engine's ``load_module_state_dict``: weights come from elsewhere."""
 
     def load_training_state(engine, load_dir, tag):
-        engine.load_module_state_dict = lambda *args, **kwargs: None
+        saved_mp = len(engine._get_all_ckpt_names(load_dir, tag))
+        own = (engine.mp_world_size, engine.checkpoint_mp_rank)
+        if saved_mp and saved_mp != engine.mp_world_size:  # contract 14: no Megatron merge
+            engine.mp_world_size, engine.checkpoint_mp_rank = saved_mp, 0
+        engine.load_module_state_dict = skip_module_load
         try:
-            return original(engine, load_dir, tag)
+            path, client_state = engine.load_checkpoint(
+                load_dir,
+                tag=tag,
+                load_module_strict=False,
+                load_optimizer_states=False,
+                load_lr_scheduler_states=True,
+                load_module_only=False,
+            )
         finally:
             del engine.load_module_state_dict
+            engine.mp_world_size, engine.checkpoint_mp_rank = own
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {load_dir}")
+        scheduler = engine.lr_scheduler
+        if scheduler is not None:
+            scheduler.step(scheduler.last_batch_iteration)
+        return client_state
 
     bridge.load_training_state = load_training_state
 
@@ -126,11 +145,13 @@ def pp2_body(rank: int, world_size: int, run_dir: str) -> bytes:
     out["fresh_experts"] = _experts(engine, model)
     state = checkpoint.load(engine, Path(run_dir), groups=groups, model=model)
     out["state"] = state
+    out["global_steps"] = [engine.global_steps]
     out["loaded_experts"] = _experts(engine, model)
     out["same_layout"] = _train_pipe(engine, groups, range(SAVE_AT, STEPS))
 
     groups, model, engine = _pipe(dp=2, ep=1)
     checkpoint.load(engine, Path(run_dir), groups=groups, model=model)
+    out["global_steps"].append(engine.global_steps)  # from the engine files, another layout
     out["ep1"] = _train_pipe(engine, groups, range(SAVE_AT, STEPS))
     buffer = io.BytesIO()
     torch.save(out, buffer)
@@ -158,6 +179,7 @@ def pp1_body(rank: int, world_size: int, run_dir: str, pp1_dir: str) -> list[flo
         model, config, groups=groups, num_experts_per_layer=[E, E], zero_stage=1
     )
     checkpoint.load(engine, Path(run_dir), groups=groups, model=model)
+    assert engine.global_steps == SAVE_AT, engine.global_steps
     losses = []
     for step in range(SAVE_AT, STEPS):
         if step == SAVE_AT:
@@ -195,6 +217,7 @@ def from_pp1_body(rank: int, world_size: int, pp1_dir: str) -> list[float]:
     engine, _, _ = pipeline_engine(model, config, pp=2, dp=1, groups=groups)
     state = checkpoint.load(engine, Path(pp1_dir), groups=groups, model=model)
     assert state["step"] == SAVE_AT and state["pp"] == 1, state
+    assert engine.global_steps == SAVE_AT, engine.global_steps
     return [
         float(engine.train_batch(iter(batches(2 * step) + batches(2 * step + 1))))
         for step in range(SAVE_AT, STEPS)
@@ -251,6 +274,7 @@ def test_resume_at_pp2(runs, resumed):
     for rank, out in enumerate(runs["pp2"]):
         _close(out[resumed], out["uninterrupted"], f"{resumed}, rank {rank}")
         assert out["state"]["step"] == SAVE_AT and out["state"]["pp"] == 2
+        assert out["global_steps"] == [SAVE_AT, SAVE_AT]
 
 
 @pytest.mark.slow
