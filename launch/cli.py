@@ -6,6 +6,9 @@
     moeforge bench NAME [ARGS ...]                  # runs launch/bench_NAME.py:main(ARGS)
     moeforge checkpoint info RUN                    # verify RUN's checkpoints; layout of the newest
     moeforge plot-experts RUN [--out PNG]           # per-layer expert load over steps
+    moeforge sweep SWEEP.yaml [--parallel N] [--executor local|submitit-local|slurm]
+    moeforge fit RESULTS.csv [--out JSON]           # scaling laws, bootstrap intervals
+    moeforge plot-sweep RESULTS.csv [--out DIR]     # loss vs compute / experts / steps
 
 One process:   moeforge train
 Two DP ranks:  torchrun --nproc_per_node=2 -m launch.cli train
@@ -124,6 +127,27 @@ def plot_experts_main(argv: list[str]) -> int:
     return plot_main(argv)
 
 
+def sweep_main(argv: list[str]) -> int:
+    """``moeforge sweep SWEEP.yaml``: train every run of a sweep; collect results.csv."""
+    from launch.sweep import main as sweep
+
+    return sweep(argv)
+
+
+def fit_main(argv: list[str]) -> int:
+    """``moeforge fit RESULTS.csv``: power-law and routed-law fits with bootstrap intervals."""
+    from launch.scaling_fit import main as fit
+
+    return fit(argv)
+
+
+def plot_sweep_main(argv: list[str]) -> int:
+    """``moeforge plot-sweep RESULTS.csv``: the sweep's plots as PNG and SVG."""
+    from launch.plot_sweep import main as plot
+
+    return plot(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``moeforge`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -134,11 +158,14 @@ def main(argv: list[str] | None = None) -> int:
         "bench": bench_main,
         "checkpoint": checkpoint_main,
         "plot-experts": plot_experts_main,
+        "sweep": sweep_main,
+        "fit": fit_main,
+        "plot-sweep": plot_sweep_main,
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         if argv and argv[0] not in ("-h", "--help"):
             print(
-                f"moeforge: error: unknown command '{argv[0]}'; use one of: train, bench, checkpoint, plot-experts",
+                f"moeforge: error: unknown command '{argv[0]}'; use one of: {', '.join(commands)}",
                 file=sys.stderr,
             )
             return EXIT_USER_ERROR
