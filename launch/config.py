@@ -553,14 +553,21 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 # parallel/expert_checkpoint.py). parallel.timeout_s only bounds waits: a restart may change it
 # freely. train.micro_batch and train.grad_accum may change with the layout as long as the
 # global batch stays the same (the trainer checks that product, which needs the world size).
-RESUMABLE_CHANGES = ("parallel.ep", "parallel.tp", "parallel.timeout_s")
+RESUMABLE_CHANGES = (
+    "parallel.ep",
+    "parallel.tp",
+    "parallel.pp",
+    "parallel.pp_partition",
+    "parallel.micro_batches",
+    "parallel.timeout_s",
+)
 
 
 def incompatible_fields(saved: dict[str, Any], current: RunConfig) -> list[str]:
     """Dotted fields whose change breaks resuming (shapes, data order, layout, precision).
 
-    ``RESUMABLE_CHANGES`` (parallel.ep, parallel.tp, parallel.timeout_s) are not reported;
-    parallel.zero_stage still is. The micro batch and accumulation are the trainer's to
+    ``RESUMABLE_CHANGES`` (the layout's degrees, the pipeline cut and micro-batches, the
+    timeout) are not reported; parallel.zero_stage still is. The micro batch and accumulation are the trainer's to
     compare, as one global batch.
     """
     now = current.model_dump(mode="json")

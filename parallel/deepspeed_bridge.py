@@ -629,6 +629,11 @@ def load_training_state(engine: Any, load_dir: str, tag: str) -> dict[str, Any]:
     own = (engine.mp_world_size, engine.checkpoint_mp_rank)
     if saved_mp and saved_mp != engine.mp_world_size:  # contract 14: no Megatron merge
         engine.mp_world_size, engine.checkpoint_mp_rank = saved_mp, 0
+    # The pipeline engine reads its layer files in load_module_state_dict and refuses a
+    # custom_load_fn; skipping that method skips the module for it.
+    pipeline = hasattr(engine, "grid")
+    if pipeline:
+        engine.load_module_state_dict = lambda *args, **kwargs: None
     try:
         path, client_state = engine.load_checkpoint(
             load_dir,
@@ -637,10 +642,12 @@ def load_training_state(engine: Any, load_dir: str, tag: str) -> dict[str, Any]:
             load_optimizer_states=False,
             load_lr_scheduler_states=True,
             load_module_only=False,
-            custom_load_fn=_skip_module_state,
+            custom_load_fn=None if pipeline else _skip_module_state,
         )
     finally:
         engine.mp_world_size, engine.checkpoint_mp_rank = own
+        if pipeline:
+            del engine.load_module_state_dict
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {load_dir}")
     # The scheduler's state is its position only; the learning rate it set lives in the
