@@ -40,7 +40,8 @@ files instead (moeforge.json says which: ``layout_free``). Under tensor parallel
 engine's files hold each rank's shards, so ``portable.pt`` (TP shards gathered) is written.
 Under pipeline parallelism each stage's engine files hold its own layers (DeepSpeed writes them
 from data-parallel rank 0 only, losing the other EP ranks' experts), so ``portable.pt`` is
-always written, every stage's parameters under the Transformer's names (``model=``).
+always written, every stage's parameters under the Transformer's names (``model=``), and a
+resume at pp > 1 takes weights and Adam state from it even at the same layout.
 moeforge.json records the layout a checkpoint was saved with (world size, dp, tp, ep, pp);
 ``load(..., groups=...)`` at another layout takes the scheduler, step counters and client
 state from the engine's files (rank 0's when the world size changed) and weights plus Adam
@@ -527,13 +528,23 @@ def check_layout_change(run_dir: Path, now: dict[str, int], tag: str | None = No
     if before is None:
         return
     changed = [k for k in LAYOUT_AXES if k in now and now[k] != before[k]]
-    if not changed or has_layout_free_state(run_dir, tag):
+    if not changed:
         return
     directory = checkpoint_dir(run_dir) / str(tag)
     names = {"world_size": "world size", "tp": "parallel.tp", "ep": "parallel.ep"}
     names["pp"] = "parallel.pp"
     what = ", ".join(f"{names[k]}={now[k]}" for k in changed)
     was = ", ".join(f"{names[k]}={before[k]}" for k in changed)
+    portable = (directory / PORTABLE_FILE).is_file()
+    # Engine files that are layout-free (pp=1, ZeRO 0) key the Adam state by position in the
+    # whole model's optimizer groups, which no pipeline stage's groups reproduce.
+    if now.get("pp", 1) > 1 and not portable:
+        raise UserError(
+            f"cannot resume {directory} at {what}: a pipeline stage loads only from "
+            f"{PORTABLE_FILE}, which this checkpoint (saved at {was}) lacks; resume at {was}"
+        )
+    if portable or has_layout_free_state(run_dir, tag):
+        return
     raise UserError(
         f"cannot resume {directory} at {what}: it was saved at {was} without {PORTABLE_FILE} "
         f"(layout-free weights and Adam state); resume at {was}"
@@ -589,9 +600,11 @@ def load(
     the layout differs from the saved one, module and optimizer states (shaped by the layout)
     are not loaded from the engine's files: weights, Adam moments and step come from the
     layout-free source, the rest (LR scheduler, step counters, client state) from the
-    engine's files. After a world-size change every rank takes rank 0's RNG state (the ranks
-    of a run start from one seed, so rank 0's stands for all of them). ``model``: as for
-    ``save`` (at pp > 1 the Transformer; each stage loads its own parameters).
+    engine's files. So does every resume at pp > 1, at any layout (the pipeline engine's
+    files are incomplete, see ``pipeline`` below). After a world-size change every rank
+    takes rank 0's RNG state (the ranks of a run start from one seed, so rank 0's stands for
+    all of them). ``model``: as for ``save`` (at pp > 1 the Transformer; each stage loads its
+    own parameters).
     """
     if tag is None:
         tag = resume_point(run_dir).tag
@@ -709,12 +722,11 @@ def _load_layout_free(engine: Any, groups: Any, directory: Path, model: Any = No
 def _load_portable_over_engine(
     engine: Any, groups: Any, directory: Path, model: Any = None
 ) -> None:
-    """Same-layout resume: rank 0's module state holds only its own experts and shards (a
-    pipeline engine's layer files: those of each stage's data-parallel rank 0); every
-    rank's come from the portable file when there is one."""
+    """Same-layout resume at pp=1: rank 0's module state holds only its own experts and
+    shards; every rank's come from the portable file when there is one. (At pp > 1 ``load``
+    never reads weights from the engine's files.)"""
     if (directory / PORTABLE_FILE).is_file() and groups is not None:
-        layout = groups.layout
-        if layout.ep > 1 or layout.tp > 1 or layout.pp > 1:
+        if groups.layout.ep > 1 or groups.layout.tp > 1:
             from parallel.expert_checkpoint import load_portable
 
             load_portable(engine, _named_model(engine, model), groups, directory / PORTABLE_FILE)

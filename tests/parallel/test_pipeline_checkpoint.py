@@ -408,5 +408,14 @@ def test_layout_records_and_changes(tmp_path):
     before = checkpoint.saved_layout(tmp_path, "step00000002")
     assert before == {"world_size": 2, "dp": 2, "tp": 1, "ep": 2, "pp": 1}
     assert checkpoint.describe_layout({**before, "dp": 1, "pp": 2}) == "dp=1 x pp=2, ep=2"
-    with pytest.raises(UserError, match=r"at parallel.pp=2: it was saved at parallel.pp=1"):
-        checkpoint.check_layout_change(tmp_path, {**before, "dp": 1, "pp": 2}, "step00000002")
+    pp2 = {**before, "dp": 1, "pp": 2}
+    with pytest.raises(UserError, match=r"at parallel.pp=2: a pipeline stage loads only from"):
+        checkpoint.check_layout_change(tmp_path, pp2, "step00000002")
+    # pp=1, ep=1, ZeRO 0: the engine's files are layout-free for another ep, not for stages.
+    state = {"step": 2, "world_size": 2, "ep": 1, "layout_free": "engine"}
+    (directory / "moeforge.json").write_text(json.dumps(state))
+    checkpoint.check_layout_change(tmp_path, {**before, "ep": 2}, "step00000002")
+    with pytest.raises(UserError, match=r"parallel.pp=1\) lacks; resume at parallel"):
+        checkpoint.check_layout_change(tmp_path, pp2, "step00000002")
+    (directory / "portable.pt").write_bytes(b"")
+    checkpoint.check_layout_change(tmp_path, pp2, "step00000002")
