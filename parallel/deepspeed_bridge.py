@@ -766,14 +766,16 @@ def initialize_pipeline(
 
     topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
     # Shapes may change between calls (evaluation's last batch, a padding mask that comes and
-    # goes); a fixed-shape pipe would reuse the first call's receive buffers.
-    module = CutPipelineModule(
-        layers=specs,
-        topology=topology,
-        loss_fn=loss_fn,
-        partition_method="given",
-        dynamic_shape=True,
-    )
+    # goes); a fixed-shape pipe would reuse the first call's receive buffers. No grad: the
+    # module broadcasts tied weights in place, which autograd would otherwise record.
+    with torch.no_grad():
+        module = CutPipelineModule(
+            layers=specs,
+            topology=topology,
+            loss_fn=loss_fn,
+            partition_method="given",
+            dynamic_shape=True,
+        )
     if num_experts_per_layer:
         tag_expert_parameters(module, ep_size, tp)
         if groups is not None:
