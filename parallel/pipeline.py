@@ -143,7 +143,8 @@ def check_stage_experts(moe_blocks_per_stage: Sequence[int], zero_stage: int) ->
     raise ValueError(
         f"pipeline stages {empty} would hold no MoE block (MoE blocks per stage "
         f"{list(moe_blocks_per_stage)}); DeepSpeed's ZeRO {zero_stage} cannot train stages "
-        "without experts next to stages with them: change parallel.pp_partition or "
+        "without experts next to stages with them (measured: it stops at engine build, or "
+        "hangs in its gradient norm): change parallel.pp_partition or "
         "moe.every so every stage gets one, or use parallel.zero_stage 0"
     )
 

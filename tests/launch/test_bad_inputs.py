@@ -85,7 +85,36 @@ CASES: list[tuple[list[str], str, str | None]] = [
         "parallel.tp",
         "world2",
     ),  # fmt: skip
-    (["train", "--set", "parallel.pp=2"], "parallel.pp", "world2"),
+    (
+        ["train", "--set", "parallel.pp=2", "--set", "parallel.zero_stage=2"],
+        "parallel.zero_stage",
+        "world2",
+    ),
+    (
+        [
+            "train",
+            "--set",
+            "parallel.pp=2",
+            "--set",
+            "parallel.zero_stage=1",
+            "--set",
+            "parallel.pp_partition=[1,3]",
+        ],
+        "pipeline stages [0]",
+        "world2",
+    ),
+    (
+        ["train", "--set", "parallel.pp=2", "--set", "parallel.pp_partition=[1,2]"],
+        "parallel.pp_partition",
+        "world2",
+    ),
+    (["train", "--set", "parallel.pp=2", "--set", "attention.name=evolving"], "evolving", "world2"),
+    (["train", "--set", "parallel.pp=2", "--set", "model.num_layers=1"], "parallel.pp", "world2"),
+    (
+        ["train", "--set", "parallel.micro_batches=4", "--set", "train.grad_accum=2"],
+        "parallel.micro_batches",
+        None,
+    ),
     (["train", "--set", "parallel.tp=2", "--set", "attention.name=evolving"], "evolving", "world2"),
     (["train", "--set", "parallel.zero_stage=3"], "parallel.zero_stage", None),
     (["train", "--set", "parallel.zero_stage=4"], "parallel.zero_stage", None),
