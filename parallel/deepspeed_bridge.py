@@ -103,11 +103,22 @@ tests/parallel/test_deepspeed_bridge.py so an upgrade that breaks one fails loud
    stage needs the same groups (else it hangs in ``get_grad_norm_direct``) and the expert
    marker on a stage without expert parameters asserts: MoE markers go on every stage and
    the group names are compared across ranks before the engine is built. The pipe engine
-   asserts ZeRO < 2; its ZeRO 0 clip norm counts only the first stage (refused upstream).
-   At ZeRO 0 (no clipping) a stage without experts trains, given one non-finite-step
-   decision for all ranks (``guard_pipeline_steps``). The expert groups the marker creates
-   read pp from ``groups.mpu`` (the grid, set by the engine first), and ``utils/groups.py``
-   keeps them per process: one pipe layout per process.
+   asserts ZeRO < 2. Its ZeRO 0 clip norm counts only model-parallel rank 0 of the pipe x
+   tp group (the first stage): with a layout, ``clip_by_global_norm`` replaces it as in
+   contract 13, skipping ``ds_pipe_replicated`` copies. At ZeRO 0 a stage without experts
+   trains, given one non-finite-step decision for all ranks (``guard_pipeline_steps``). The
+   layout's EP and EDP groups are registered before the markers look them up (else the
+   marker's groups read pp from ``groups.mpu``, the grid set by the engine first);
+   ``utils/groups.py`` keeps them per process.
+16. Pipeline backward (``pipe/engine.py`` ``_exec_backward_pass``): a non-last stage calls
+   ``out.backward(grad, retain_graph=True)`` once per float output, walking the graph again
+   for each; the engine dispatches instructions through ``_INSTRUCTION_MAP`` (a class dict
+   of plain functions bound per call), so ``backward_in_one_pass`` gives the engine its own
+   copy whose backward first folds the outputs into one scalar. Under TP the engine
+   partitions the first sent tensor over the TP ranks by default (``pipeline.
+   pipe_partitioned`` / ``grad_partitioned``) and then asserts the rest of the tuple needs
+   no gradient: both are turned off. ``load_module_state_dict`` (the layer files) refuses a
+   ``custom_load_fn``: ``load_training_state`` masks that method on a pipe engine instead.
 
 Without CUDA, ``DS_ACCELERATOR=cpu`` is set before deepspeed is imported (gloo backend).
 """
