@@ -305,13 +305,9 @@ def save_portable(engine: Any, model: nn.Module, groups: ProcessGroups, path: Pa
         if keeps:
             tensors[name] = entry
     tensors = _merge_stages(tensors, groups)
-    if writer:
-        missing = [name for name, _ in model.named_parameters() if name not in tensors]
-        if missing:
-            raise RuntimeError(
-                f"no pipeline stage holds parameters {missing[:5]} of the model: the engine "
-                "was not built from this model"
-            )
+    names = [name for name, _ in model.named_parameters()]
+    missing = [name for name in names if name not in tensors] if writer else []
+    tensors = {name: tensors[name] for name in names if name in tensors}  # the model's order
     layout = groups.layout
     meta = {
         "format": FORMAT_VERSION,
@@ -320,7 +316,7 @@ def save_portable(engine: Any, model: nn.Module, groups: ProcessGroups, path: Pa
         "adam_step": adam_step(engine),
         "zero_stage": int(getattr(engine, "zero_optimization_stage", lambda: 0)()),
     }
-    if writer:
+    if writer and not missing:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -328,6 +324,11 @@ def save_portable(engine: Any, model: nn.Module, groups: ProcessGroups, path: Pa
         tmp.replace(path)  # atomic
         path.with_suffix(".json").write_text(json.dumps(meta))
     dist.barrier()
+    if missing:  # after the barrier, so the other ranks are not left waiting in it
+        raise RuntimeError(
+            f"no pipeline stage holds parameters {missing[:5]} of the model: the engine was "
+            "not built from this model"
+        )
 
 
 def load_portable(engine: Any, model: nn.Module, groups: ProcessGroups, path: Path) -> dict:
