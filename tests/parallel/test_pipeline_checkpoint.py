@@ -80,43 +80,6 @@ def _experts(engine, model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in held if n.endswith(EXPERT)}
 
 
-def _shim_training_state() -> None:
-    """Until parallel/deepspeed_bridge.py has it: ``load_training_state`` that skips the
-    module state by replacing the engine's loader for the call (a pipeline engine's
-    ``load_module_state_dict`` refuses ``custom_load_fn``). Delete once the bridge has it."""
-    from parallel import deepspeed_bridge as bridge
-
-    def skip_module_load(*args, **kwargs) -> None:
-        """Stands in for the engine's ``load_module_state_dict``: weights come from elsewhere."""
-
-    def load_training_state(engine, load_dir, tag):
-        saved_mp = len(engine._get_all_ckpt_names(load_dir, tag))
-        own = (engine.mp_world_size, engine.checkpoint_mp_rank)
-        if saved_mp and saved_mp != engine.mp_world_size:  # contract 14: no Megatron merge
-            engine.mp_world_size, engine.checkpoint_mp_rank = saved_mp, 0
-        engine.load_module_state_dict = skip_module_load
-        try:
-            path, client_state = engine.load_checkpoint(
-                load_dir,
-                tag=tag,
-                load_module_strict=False,
-                load_optimizer_states=False,
-                load_lr_scheduler_states=True,
-                load_module_only=False,
-            )
-        finally:
-            del engine.load_module_state_dict
-            engine.mp_world_size, engine.checkpoint_mp_rank = own
-        if path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {load_dir}")
-        scheduler = engine.lr_scheduler
-        if scheduler is not None:
-            scheduler.step(scheduler.last_batch_iteration)
-        return client_state
-
-    bridge.load_training_state = load_training_state
-
-
 def _save(engine, groups, model, run_dir: Path) -> None:
     from launch import checkpoint
 
@@ -132,7 +95,6 @@ def pp2_body(rank: int, world_size: int, run_dir: str) -> bytes:
     from parallel import deepspeed_bridge as bridge
 
     bridge.init_distributed("gloo")
-    _shim_training_state()
     out: dict = {}
     groups, model, engine = _pipe(dp=2, ep=2)
     out["first"] = _train_pipe(engine, groups, range(SAVE_AT))
@@ -167,7 +129,6 @@ def pp1_body(rank: int, world_size: int, run_dir: str, pp1_dir: str) -> list[flo
     from parallel import deepspeed_bridge as bridge
 
     bridge.init_distributed("gloo")
-    _shim_training_state()
     groups = _groups(dp=1, ep=1, pp=1)
     model = build_model()
     config = {
@@ -208,7 +169,6 @@ def from_pp1_body(rank: int, world_size: int, pp1_dir: str, bf16_dir: str) -> di
     from parallel import deepspeed_bridge as bridge
 
     bridge.init_distributed("gloo")
-    _shim_training_state()
     groups = _groups(dp=1, ep=1, pp=2)
     model = build_model()
     config = {
