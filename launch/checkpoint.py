@@ -617,7 +617,7 @@ def load(
     else:
         now = {**before, "ep": before["ep"] if ep is None else ep, "world_size": _world()}
     changed = any(now.get(k, 1) != before[k] for k in LAYOUT_AXES)
-    # A pipeline engine's own files never suffice: its layer files hold each stage's dp rank
+    # A pipeline engine's own files never suffice: its module files hold each stage's dp rank
     # 0's experts only, and with classic bf16 DeepSpeed cannot read back the optimizer file
     # it wrote for MoE layers (its bf16 optimizer expects one state per dp rank).
     pipeline = now.get("pp", 1) > 1 and (directory / PORTABLE_FILE).is_file()

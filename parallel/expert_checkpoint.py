@@ -37,8 +37,9 @@ and moments are read and written there, never from the rounded bf16 parameters.
 Parameters are visited in the same order on every rank, so the collectives match: per
 parameter, the data-parallel assembly first, then the EP or TP gather.
 
-Pipeline parallelism: DeepSpeed's pipeline engine writes its layer files from data-parallel
-rank 0 only, so the experts of every other EP rank would be lost. Here ``model`` is the
+Pipeline parallelism: DeepSpeed's pipeline engine writes each stage's module state from its
+data-parallel rank 0 only (layer files; with MoE layers one ``mp_rank_<stage>`` file), so
+the experts of every other EP rank would be lost. Here ``model`` is the
 whole Transformer, whose modules the stages reuse; a rank reads and writes only the
 parameters its engine holds (``held_parameters``), gathers them within its stage as above,
 and the first rank of each stage sends them to rank 0 (``_merge_stages``), so the file has

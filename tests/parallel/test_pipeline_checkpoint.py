@@ -6,7 +6,7 @@ pp=2 x dp=2, ep=2 (stages {0, 1} | {2, 3}, EP groups {0, 1} and {2, 3}: each ran
 stage holds 2 of the 4 experts of its MoE block) trains 2 steps, saves through
 launch/checkpoint.py, and trains 2 more: the uninterrupted run. Then fresh engines load the
 checkpoint and train the same 2 steps:
-  - pp=2 x dp=2, ep=2 (the same layout: DeepSpeed's layer files hold dp rank 0's experts
+  - pp=2 x dp=2, ep=2 (the same layout: DeepSpeed's module files hold dp rank 0's experts
     only, so the portable file must restore rank 1's and 3's);
   - pp=2 x dp=2, ep=1 (an EP change at pp=2);
   - pp=1, ep=1 in one process, the same global batch as 4 micro-batches of the same size;
@@ -298,7 +298,7 @@ def test_classic_bf16_zero0_resumes_at_pp2(runs):
 @pytest.mark.slow
 def test_round_trip_keeps_every_ep_ranks_experts(runs):
     """The file holds each EP rank's block at its global ids, and a same-layout load gives
-    every rank back exactly its own block (not dp rank 0's, which DeepSpeed's layer files
+    every rank back exactly its own block (not dp rank 0's, which DeepSpeed's module files
     hold), though the fresh model started elsewhere."""
     from launch import checkpoint
 
