@@ -174,13 +174,16 @@ def plot_all(rows: list[dict[str, Any]], metric: str, out_dir: Path) -> list[Pat
 
 def main(argv: list[str]) -> int:
     parser = ArgumentParser(prog="moeforge plot-sweep", description=__doc__.split("\n")[0])
-    parser.add_argument("results", type=Path, help="a sweep's results.csv")
-    parser.add_argument("--out", type=Path, help="directory (default: plots/ beside RESULTS)")
+    parser.add_argument(
+        "results", type=Path, nargs="+", help="results.csv of one or more sweeps, drawn together"
+    )
+    parser.add_argument("--out", type=Path, help="directory (default: plots/ beside the first)")
     parser.add_argument("--metric", default="final_val_loss", help="the loss column to plot")
     args = parser.parse_args(argv)
-    rows = read_results(args.results, args.metric)
+    rows = [row for path in args.results for row in read_results(path, args.metric)]
     if not rows:
-        raise UserError(f"{args.results} has no finished run with {args.metric}; nothing to plot")
-    paths = plot_all(rows, args.metric, args.out or args.results.parent / "plots")
+        names = " ".join(str(p) for p in args.results)
+        raise UserError(f"{names}: no finished run with {args.metric}; nothing to plot")
+    paths = plot_all(rows, args.metric, args.out or args.results[0].parent / "plots")
     print(f"[moeforge] plot-sweep: wrote {', '.join(str(p) for p in paths)}")
     return 0

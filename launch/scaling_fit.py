@@ -1,6 +1,7 @@
 """``moeforge fit RESULTS.csv``: scaling laws fitted to a sweep's table, with bootstrap intervals.
 
     moeforge fit runs/sweeps/sizes/results.csv                     # -> RESULTS_DIR/fit.json
+    moeforge fit runs/sweeps/sizes/results.csv runs/sweeps/switch_experts/results.csv
     moeforge fit results.csv --metric best_val_loss --bootstrap 500 --out fit.json
 
 Two laws, each fitted per group of runs and with 95% intervals:
@@ -254,10 +255,10 @@ def read_results(path: Path, metric: str) -> list[dict[str, Any]]:
 
 
 def configuration_ids(rows: list[dict[str, Any]]) -> list[int]:
-    """Rows that differ only in their seed (and results) share an id."""
+    """Rows that differ only in their seed (and results) share an id, across tables too."""
     skip = {"run", "run_dir", "status", "seed", "wall_s", "tokens", "total_flops", "steps"}
     skip |= {k for k in (rows[0] if rows else {}) if "loss" in k or "bpb" in k}
-    keys = [tuple(v for k, v in r.items() if k not in skip) for r in rows]
+    keys = [tuple(sorted((k, v) for k, v in r.items() if k not in skip)) for r in rows]
     ids: dict[tuple, int] = {}
     return [ids.setdefault(key, len(ids)) for key in keys]
 
@@ -341,19 +342,22 @@ def format_fits(result: dict[str, Any]) -> str:
 
 def main(argv: list[str]) -> int:
     parser = ArgumentParser(prog="moeforge fit", description=__doc__.split("\n")[0])
-    parser.add_argument("results", type=Path, help="a sweep's results.csv")
-    parser.add_argument("--out", type=Path, help="JSON file (default: fit.json beside RESULTS)")
+    parser.add_argument(
+        "results", type=Path, nargs="+", help="results.csv of one or more sweeps, fitted together"
+    )
+    parser.add_argument("--out", type=Path, help="JSON file (default: fit.json beside the first)")
     parser.add_argument("--metric", default="final_val_loss", help="the loss column to fit")
     parser.add_argument("--bootstrap", type=int, default=200, help="resamples for intervals")
     parser.add_argument("--seed", type=int, default=0, help="seed of the resampling")
     args = parser.parse_args(argv)
     if args.bootstrap < 0:
         raise UserError(f"--bootstrap ({args.bootstrap}) must be >= 0")
-    rows = read_results(args.results, args.metric)
+    rows = [row for path in args.results for row in read_results(path, args.metric)]
     if not rows:
-        raise UserError(f"{args.results} has no finished run with {args.metric}; nothing to fit")
+        names = " ".join(str(p) for p in args.results)
+        raise UserError(f"{names}: no finished run with {args.metric}; nothing to fit")
     result = fit_table(rows, args.metric, args.bootstrap, args.seed)
-    out = args.out or args.results.with_name("fit.json")
+    out = args.out or args.results[0].with_name("fit.json")
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(format_fits(result))
     print(f"[moeforge] fit: {len(rows)} runs; written {out}")

@@ -481,10 +481,13 @@ def write_results(runs: list[PlannedRun], path: Path) -> list[dict[str, Any]]:
 
 
 def describe_plan(runs: list[PlannedRun]) -> str:
-    lines = [f"{'run':<40} {'steps':>6} {'params':>9} {'active':>9} {'FLOPs/tok':>10} {'FLOPs':>9}"]
+    width = max([len(r.name) for r in runs] + [3])
+    lines = [
+        f"{'run':<{width}} {'steps':>6} {'params':>9} {'active':>9} {'FLOPs/tok':>10} {'FLOPs':>9}"
+    ]
     for r in runs:
         lines.append(
-            f"{r.name:<40} {r.steps:>6} {r.params_total / 1e6:>8.2f}M {r.params_active / 1e6:>8.2f}M "
+            f"{r.name:<{width}} {r.steps:>6} {r.params_total / 1e6:>8.2f}M {r.params_active / 1e6:>8.2f}M "
             f"{r.flops_per_token / 1e6:>9.2f}M {r.flops_per_token * r.tokens_per_step * r.steps:>9.2e}"
         )
     return "\n".join(lines)

@@ -193,3 +193,24 @@ def test_submitit_local_executor_runs_the_same_sweep(interrupted_sweep, tmp_path
     # Uninterrupted here, interrupted and resumed there: the same numbers (exact resume).
     reference = losses(interrupted_sweep["out"])
     assert losses(out) == pytest.approx(reference, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_run_can_be_multi_process_through_torchrun(tmp_path, monkeypatch):
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    spec = tmp_path / "torchrun.yaml"
+    spec.write_text(
+        TINY.read_text().replace("base: ../tiny.yaml", f"base: {REPO / 'configs' / 'tiny.yaml'}")
+        .replace("moe.num_experts: [0, 2]", "moe.num_experts: [2]")
+        .replace("seeds: [0, 1]", "seeds: [0]\nlauncher: torchrun\nnproc: 2")
+    )  # fmt: skip
+    out = tmp_path / "out"
+    (run,) = _plan(spec, out)
+    assert run.tokens_per_step == 2 * 4 * 32  # two data-parallel ranks
+    assert sweep.command(run)[1:4] == ["-m", "torch.distributed.run", "--standalone"]
+    assert sweep.main([str(spec), "--out", str(out)]) == 0
+    assert "world size 2" in (Path(run.run_dir) / "sweep.log").read_text()
+    with (out / "results.csv").open() as stream:
+        (row,) = list(csv.DictReader(stream))
+    assert row["status"] == "done" and int(row["tokens"]) == run.steps * run.tokens_per_step
