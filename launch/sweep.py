@@ -172,8 +172,10 @@ def _dense(overrides: list[str]) -> list[str]:
     return kept + ["moe=null"]
 
 
-def _is_dense(swept: dict[str, Any]) -> bool:
-    return swept.get("moe.num_experts") in (0, None) and "moe.num_experts" in swept
+def _is_dense(overrides: list[str]) -> bool:
+    """The last moe.num_experts given (an axis or ``set``) is 0: the dense model."""
+    values = [o.partition("=")[2] for o in overrides if o.startswith("moe.num_experts=")]
+    return bool(values) and json.loads(values[-1]) == 0
 
 
 def _config_value(config: Any, key: str) -> Any:
@@ -206,7 +208,7 @@ def plan(spec: SweepSpec, sweep_file: Path, out_dir: Path) -> list[PlannedRun]:
             swept.update(part)
         overrides = fixed + [_override(k, swept[k]) for k in keys]
         overrides.append(_override("train.seed", swept["seed"]))
-        if _is_dense(swept):
+        if _is_dense(overrides):
             overrides = _dense(overrides)
         config = load_config(base, overrides)
         if spec.budget.keep_active_flops and config.moe is not None:
