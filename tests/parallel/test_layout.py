@@ -34,9 +34,12 @@ from tests.dist import run_ranks
         (ParallelLayout(dp=0), 8, 1, r"^parallel.dp must be a positive integer, got 0$"),
         (ParallelLayout(dp=1, tp=0), 8, 1, r"^parallel.tp must be a positive integer, got 0$"),
         (ParallelLayout(dp=1, ep=-2), 8, 1, r"^parallel.ep must be a positive integer, got -2$"),
-        (ParallelLayout(dp=2, pp=2), None, 4,
-         r"^parallel.pp \(2\) must be 1: pipeline parallelism is not implemented yet; set "
-         r"parallel.pp to 1$"),
+        (ParallelLayout(dp=2, pp=2), None, 2,
+         r"^parallel layout dp=2 x tp=1 x pp=2 = 4 does not match the world size 2; "
+         r"launch 4 processes or set dp to 1$"),
+        (ParallelLayout(dp=1, pp=2, ep=2), 4, 2,
+         r"^parallel.ep \(2\) must divide the data-parallel degree times the tensor-parallel "
+         r"degree, dp x tp = 1 x 1 = 1 \(world 2 / pp 2\); choose ep in \[1\]$"),
     ],
 )  # fmt: skip
 def test_wrong_layouts_fail_with_one_line(layout, num_experts, world, match):
