@@ -311,15 +311,12 @@ def fit_table(
 
 
 def _entry(best: Fit, intervals: dict[str, tuple[float, float]]) -> dict[str, Any]:
-    return {
-        "rows": best.num_rows,
-        "huber": best.objective,
-        "params": {
-            name: {"value": value, "low": intervals.get(name, (math.nan,) * 2)[0],
-                   "high": intervals.get(name, (math.nan,) * 2)[1]}
-            for name, value in best.params.items()
-        },
-    }  # fmt: skip
+    """Parameters with their intervals (None without resamples: --bootstrap 0)."""
+    params = {}
+    for name, value in best.params.items():
+        low, high = intervals.get(name, (None, None))
+        params[name] = {"value": value, "low": low, "high": high}
+    return {"rows": best.num_rows, "huber": best.objective, "params": params}
 
 
 def format_fits(result: dict[str, Any]) -> str:
@@ -332,10 +329,8 @@ def format_fits(result: dict[str, Any]) -> str:
             lines.append(f"{title:<36} skipped: {entry['skipped']}")
             continue
         for name, p in entry["params"].items():
-            lines.append(
-                f"{title:<36} {name:<8} {p['value']:>12.5g} "
-                f"{'[' + format(p['low'], '.5g') + ', ' + format(p['high'], '.5g') + ']':>28}"
-            )
+            interval = "-" if p["low"] is None else f"[{p['low']:.5g}, {p['high']:.5g}]"
+            lines.append(f"{title:<36} {name:<8} {p['value']:>12.5g} {interval:>28}")
             title = ""
     return "\n".join(lines)
 

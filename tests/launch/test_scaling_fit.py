@@ -137,3 +137,12 @@ def test_plot_sweep_writes_every_plot(tmp_path):
     # One line per active size at fixed active parameters.
     rows = scaling_fit.read_results(results, "final_val_loss")
     assert [len(g) for g in plot_sweep.active_groups(rows)] == [6, 6, 6]
+
+
+def test_fit_without_resamples_has_no_intervals(tmp_path):
+    results = _synthetic_results(tmp_path)
+    assert (
+        scaling_fit.main([str(results), "--bootstrap", "0", "--out", str(tmp_path / "f.json")]) == 0
+    )
+    fit = json.loads((tmp_path / "f.json").read_text())  # strict JSON: no NaN
+    assert fit["power_law"]["all"]["params"]["alpha"]["low"] is None
