@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue as queue_module
 import statistics
 import sys
 import time
@@ -52,6 +51,7 @@ from launch.arguments import ArgumentParser
 from launch.data import SPECIAL_TOKENS
 from launch.errors import UserError
 from launch.launcher import free_port
+from launch.rank_processes import wait_for_ranks
 
 BYTE_VOCAB = 256 + len(SPECIAL_TOKENS)  # the byte tokenizer's vocabulary
 # The pipe engine's instruction names that count as a stage's compute (busy time).
@@ -372,37 +372,7 @@ def run_stages(pp: int, args: argparse.Namespace) -> list[dict]:
     procs = [ctx.Process(target=_rank_main, args=(r, pp, port, args, queue)) for r in range(pp)]
     for proc in procs:
         proc.start()
-    results: dict[int, Any] = {}
-    deadline = time.monotonic() + args.timeout
-    gone_since: float | None = None
-    try:
-        while len(results) < pp:
-            try:
-                rank, status, payload = queue.get(timeout=1.0)
-            except queue_module.Empty:
-                # A rank that died silently (killed, out of memory) gets a few seconds for its
-                # last message, not the whole timeout.
-                gone = [r for r, p in enumerate(procs) if r not in results and not p.is_alive()]
-                if not gone:
-                    gone_since = None
-                elif gone_since is None:
-                    gone_since = time.monotonic()
-                late = gone_since is not None and time.monotonic() - gone_since > 5
-                if late or time.monotonic() > deadline:
-                    what = (
-                        f"ranks {gone} exited" if gone else f"timed out after {args.timeout:.0f}s"
-                    )
-                    raise RuntimeError(f"bench pp: pp={pp}: {what} without reporting") from None
-                continue
-            if status != "ok":
-                raise RuntimeError(f"bench pp: pp={pp}: rank {rank} failed:\n{payload}")
-            results[rank] = payload
-    finally:
-        for proc in procs:
-            proc.join(timeout=30 if len(results) == pp else 2)
-            if proc.is_alive():
-                proc.kill()
-    return results[0]
+    return wait_for_ranks(procs, queue, timeout=args.timeout, name=f"bench pp: pp={pp}")[0]
 
 
 def format_table(rows: list[dict]) -> str:

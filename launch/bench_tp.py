@@ -35,9 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue as queue_module
 import tempfile
-import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -50,6 +48,7 @@ import torch.multiprocessing as mp
 from launch.arguments import ArgumentParser
 from launch.data import SPECIAL_TOKENS
 from launch.errors import UserError
+from launch.rank_processes import wait_for_ranks
 from moe.tensor_parallel import apply_tensor_parallel
 
 BYTE_VOCAB = 256 + len(SPECIAL_TOKENS)  # the byte tokenizer's vocabulary
@@ -286,36 +285,7 @@ def run_ranks(world: int, args: argparse.Namespace, timeout: float = 300.0) -> l
         ]
         for proc in procs:
             proc.start()
-        results: dict[int, dict] = {}
-        deadline = time.monotonic() + timeout
-        gone_since: float | None = None
-        try:
-            while len(results) < world:
-                try:
-                    rank, status, payload = queue.get(timeout=1.0)
-                except queue_module.Empty:
-                    # A rank that died without a word (killed, out of memory) must not leave
-                    # the parent waiting for the whole timeout; its last message may still be
-                    # in the pipe, so it gets a few seconds.
-                    gone = [r for r, p in enumerate(procs) if r not in results and not p.is_alive()]
-                    if not gone:
-                        gone_since = None
-                    elif gone_since is None:
-                        gone_since = time.monotonic()
-                    late = gone_since is not None and time.monotonic() - gone_since > 5
-                    if late or time.monotonic() > deadline:
-                        what = f"ranks {gone} exited" if gone else f"timed out after {timeout:.0f}s"
-                        raise RuntimeError(f"bench tp: {what} without reporting") from None
-                    continue
-                if status != "ok":
-                    raise RuntimeError(f"bench tp: rank {rank} failed:\n{payload}")
-                results[rank] = payload
-        finally:
-            for proc in procs:
-                proc.join(timeout=30 if len(results) == world else 2)
-                if proc.is_alive():
-                    proc.kill()
-    return [results[r] for r in range(world)]
+        return wait_for_ranks(procs, queue, timeout=timeout, name="bench tp")
 
 
 def analytic(kind: str, tp: int, args: argparse.Namespace, element_size: int = 4) -> dict:
