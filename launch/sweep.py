@@ -373,7 +373,13 @@ def _submitter(executor: str, out_dir: Path, spec: SweepSpec):
             f"--executor {executor} needs submitit; pip install 'moeforge[slurm]'"
         ) from None
     cluster = "local" if executor == "submitit-local" else "slurm"
-    pool = submitit.AutoExecutor(folder=out_dir / "submitit", cluster=cluster)
+    try:
+        pool = submitit.AutoExecutor(folder=out_dir / "submitit", cluster=cluster)
+    except RuntimeError as err:  # submitit found no srun/sbatch on this machine
+        raise UserError(
+            f"--executor {executor}: {err}; run on a Slurm login node, or use --executor "
+            "local or submitit-local"
+        ) from None
     params = {"timeout_min": 24 * 60, **spec.submitit}
     if cluster == "local":  # the slurm_* keys mean nothing to the local executor
         params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
