@@ -10,6 +10,9 @@
   seeds with their range as error bars: the shape of the Switch Transformer's Figure 4.
 - ``val_loss_vs_steps``: validation loss against steps from each run's metrics.jsonl, one
   colour per expert count (time to quality: how soon each reaches the dense model's loss).
+- ``summary.md`` (also printed): per expert count the metric's mean and half-range over
+  seeds, and the first evaluated step at which each run reaches the dense runs' mean final
+  validation loss.
 """
 
 from __future__ import annotations
@@ -161,6 +164,43 @@ def plot_val_vs_steps(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     return _save(fig, out_dir, "val_loss_vs_steps")
 
 
+def steps_to_reach(run_dir: Path, target: float) -> int | None:
+    """The first evaluated step at which the run's validation loss is <= ``target``."""
+    for step, value in zip(*read_eval_curve(run_dir)):
+        if value <= target:
+            return step
+    return None
+
+
+def summary_table(rows: list[dict[str, Any]], metric: str) -> str:
+    """Per active-parameter group and expert count: the metric's mean and half-range over
+    seeds, and the steps each run needs to reach the dense runs' mean final validation loss
+    (time to quality), as a markdown table."""
+    lines = [
+        f"| active params | experts | runs | {metric} mean | ± half-range | steps to dense's "
+        "final val loss (per run) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for group in active_groups(rows):
+        per_count: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        for i in group:
+            per_count[_experts(rows[i])].append(rows[i])
+        dense = per_count.get(0, [])
+        target = np.mean([float(r["final_val_loss"]) for r in dense]) if dense else None
+        for count in sorted(per_count):
+            values = [float(r[metric]) for r in per_count[count]]
+            reach = "-"
+            if target is not None:
+                found = [steps_to_reach(Path(r["run_dir"]), target) for r in per_count[count]]
+                reach = ", ".join("not reached" if s is None else str(s) for s in found)
+            active = float(rows[group[0]]["params_active"])
+            lines.append(
+                f"| {active / 1e6:.2f}M | {_label(count)} | {len(values)} | {np.mean(values):.4f} "
+                f"| {(max(values) - min(values)) / 2:.4f} | {reach} |"
+            )
+    return "\n".join(lines)
+
+
 def plot_all(rows: list[dict[str, Any]], metric: str, out_dir: Path) -> list[Path]:
     """Every plot of the sweep's rows into ``out_dir``; returns the files written."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -184,6 +224,12 @@ def main(argv: list[str]) -> int:
     if not rows:
         names = " ".join(str(p) for p in args.results)
         raise UserError(f"{names}: no finished run with {args.metric}; nothing to plot")
-    paths = plot_all(rows, args.metric, args.out or args.results[0].parent / "plots")
-    print(f"[moeforge] plot-sweep: wrote {', '.join(str(p) for p in paths)}")
+    out_dir = args.out or args.results[0].parent / "plots"
+    paths = plot_all(rows, args.metric, out_dir)
+    table = summary_table(rows, args.metric)
+    (out_dir / "summary.md").write_text(table + "\n")
+    print(table)
+    print(
+        f"[moeforge] plot-sweep: wrote {', '.join(str(p) for p in paths)}, {out_dir / 'summary.md'}"
+    )
     return 0

@@ -146,3 +146,22 @@ def test_fit_without_resamples_has_no_intervals(tmp_path):
     )
     fit = json.loads((tmp_path / "f.json").read_text())  # strict JSON: no NaN
     assert fit["power_law"]["all"]["params"]["alpha"]["low"] is None
+
+
+def test_summary_counts_steps_to_reach_the_dense_loss(tmp_path):
+    results = _synthetic_results(tmp_path)
+    rows = scaling_fit.read_results(results, "final_val_loss")
+    table = plot_sweep.summary_table(rows, "final_val_loss").splitlines()
+    assert len(table) == 2 + 9  # header + 3 sizes x (dense, 4, 16)
+    # By hand for the smallest size: curves are loss x (1 + 2 / step) at steps 10..80.
+    small = [r for r in rows if float(r["params_active"]) == 2e5]
+    dense = np.mean([float(r["final_val_loss"]) for r in small if r["num_experts"] == "0"])
+    for row in small:
+        loss = float(row["final_val_loss"])
+        expected = next((s for s in (10, 20, 40, 80) if loss * (1 + 2.0 / s) <= dense), None)
+        assert plot_sweep.steps_to_reach(Path(row["run_dir"]), dense) == expected
+    sixteen = next(line for line in table if "| 0.20M | 16 experts |" in line)
+    values = [float(r["final_val_loss"]) for r in small if r["num_experts"] == "16"]
+    assert (
+        f"{np.mean(values):.4f}" in sixteen and f"{(max(values) - min(values)) / 2:.4f}" in sixteen
+    )
