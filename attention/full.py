@@ -37,6 +37,14 @@ class FullAttention(Attention):
         )
         return y, None
 
+    def flops_per_token(self, seq_len: int) -> tuple[float, float]:
+        """Multiply-adds per token of one forward: (projections, scores).
+
+        Projections 4 D^2 (q, k, v and output); scores 2 n D (Q K^T and the weighted sum of
+        V over all n keys, causal or not, as torch's FlopCounterMode counts them).
+        """
+        return 4.0 * self.d_model * self.d_model, 2.0 * seq_len * self.d_model
+
 
 def attention_mask(
     key_padding_mask: torch.Tensor | None, n: int, causal: bool, device: torch.device

@@ -164,3 +164,22 @@ class LinformerAttention(Attention):
         )
         y = zero_padded_queries(self.project_out(y), key_padding_mask)
         return y, None
+
+    def flops_per_token(self, seq_len: int) -> tuple[float, float]:
+        """Multiply-adds per token of one forward: (projections, sequence mixing).
+
+        With n = ``seq_len``, k = ``options.k``, D model width and P = 1 projection with
+        ``share_kv`` (X is compressed once), else 2:
+
+            projections = 2 D^2 + 2 D^2 k / n   (query and output per token; key and value
+                                                 on the k compressed rows)
+            mixing      = P k D + 2 k D         (E X and F X; Q (E K)^T and the weighted sum)
+
+        This is what the module computes: it compresses X before the key and value
+        projections, so they cost 2 k D^2 per sequence instead of the paper's 2 n D^2, and
+        the k x n compression stays a dense matmul (k rows even when n < k).
+        """
+        n, k, width = seq_len, self.options.k, self.d_model
+        compressions = 1 if self.options.share_kv else 2
+        projections = 2.0 * width * width + 2.0 * width * width * k / n
+        return projections, float(compressions * k * width + 2 * k * width)

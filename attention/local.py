@@ -230,6 +230,25 @@ class LocalAttention(Attention):
         )
         return y, None
 
+    def flops_per_token(self, seq_len: int) -> tuple[float, float]:
+        """Multiply-adds per token of one forward: (projections, scores).
+
+        With n = ``seq_len``, b = min(radius + 1, n) the block, G = ceil(n / b) blocks and a
+        window of W = 3 b keys (2 b causal) per block:
+
+            projections = 4 D^2
+            scores      = 2 W D G b / n     (Q K^T and the weighted sum over each window)
+
+        What the module computes: every query scores its block's whole window, including keys
+        past the radius, before the causal cut and in the padded tail (G b >= n); so about
+        3 (radius + 1) keys per query, not the 2 radius + 1 it may see.
+        """
+        block = max(1, min(self.options.radius + 1, seq_len))
+        num_blocks = -(-seq_len // block)
+        window = (2 if self.causal else 3) * block
+        projections = 4.0 * self.d_model * self.d_model
+        return projections, 2.0 * window * self.d_model * num_blocks * block / seq_len
+
     def local(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
         """Local attention with its projections: x [B, n, D] -> [B, n, D] (replicated)."""
         q, k, v = self.project_qkv(x)

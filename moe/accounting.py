@@ -6,6 +6,8 @@ V vocabulary.
     acc = account(model, seq_len=128)               # a built Transformer (whole model, tp=1)
     acc = account_config(config.model, config.moe, config.attention, seq_len=128, vocab_size=260)
     acc.total_params, acc.active_params, acc.training.total   # FLOPs per token, fwd + bwd
+    acc.training.padded                             # what fixed [E, C, d] buffers add on top
+    saved_flops(acc, dropped_fraction=0.03)         # what dropped assignments did not run
     mfu(acc.training.total, tokens_per_s, peak_flops(name), world_size)
 
 Conventions (the usual ones of scaling-law and MFU papers, so numbers compare):
@@ -19,8 +21,13 @@ Conventions (the usual ones of scaling-law and MFU papers, so numbers compare):
   (6 N + 12 L d n per token) do, so a causal run's MFU is comparable with theirs.
 - Experts: each token runs ``top_k`` experts (``capacity_factor`` expert rows per token with
   expert-choice routing), the model's work whether or not a capacity limit drops some.
-- Attention methods other than full attention get full attention's formula (four d x d
-  projections, n^2 scores) and are named in ``Accounting.approximate``.
+  Two figures sit beside it, outside ``total``: ``Flops.padded``, the empty capacity slots an
+  expert layout with fixed [E, C, d] buffers also multiplies (E C - T k rows per T tokens),
+  and ``saved_flops``, the expert work of the assignments a capacity limit dropped.
+- Attention: a method's module states its own cost in ``flops_per_token(seq_len)`` (full
+  attention: 4 d^2 projections and 2 n d scores; the efficient methods' formulas are written
+  beside their code). A method without it gets full attention's formula and is named in
+  ``Accounting.approximate``.
 - The input embedding is a lookup (no FLOPs); a patch embedding is a matmul per patch.
 """
 
@@ -35,10 +42,8 @@ from torch import nn
 
 from moe.experts import DenseFFN
 from moe.layer import MoELayer
+from moe.router import compute_capacity, is_dropless
 from parallel.markers import is_expert
-
-# Methods whose FLOPs are modelled here; every other method gets full attention's formula.
-MODELLED_ATTENTION = ("full",)
 
 
 @dataclass(frozen=True)
@@ -46,9 +51,12 @@ class Flops:
     """FLOPs per token, split by where they are spent."""
 
     dense: float = 0.0  # attention projections, dense FFNs, shared experts, heads, patches
-    attention: float = 0.0  # attention scores: Q K^T and the weighted sum of V
+    attention: float = 0.0  # mixing across positions: scores, weighted sums (Linformer's E, F)
     router: float = 0.0  # router logits x W_r (fp32)
     experts: float = 0.0  # the experts each token runs
+    # Empty capacity slots that fixed [E, C, d] expert buffers multiply as well: not in
+    # ``total``, which is the model's work (what MFU and the sweeps' budgets count).
+    padded: float = 0.0
 
     @property
     def total(self) -> float:
@@ -91,8 +99,10 @@ class Accounting:
         parts = ", ".join(
             f"{name} {value / train.total:.0%}"
             for name, value in train.as_dict().items()
-            if name != "total" and value
+            if name not in ("total", "padded") and value
         )
+        if train.padded:
+            parts += f"; padding +{train.padded / train.total:.0%}"
         approx = (
             f" (approximate: {', '.join(self.approximate)} counted as full attention)"
             if self.approximate
@@ -128,7 +138,34 @@ def expert_rows_per_token(layer: MoELayer) -> float:
     return float(factor) if factor else 1.0
 
 
-def _moe_flops(layer: MoELayer) -> Flops:
+def padded_rows_per_token(layer: MoELayer, routed_tokens: int | None = None) -> float:
+    """Empty expert rows per token that a fixed [E, C, d] capacity buffer also multiplies.
+
+    Token choice with capacity factor c over T routed tokens: the buffer holds
+    E C = E max(ceil(c T k / E), min_capacity) rows for T k assignments, so (E C - T k) / T
+    rows per token are padding (some of them stand for dropped assignments: padding is what
+    the buffer adds over the model's top_k rows, however many are kept). ``routed_tokens``:
+    T, the tokens of one routing call (one rank's batch x sequence); None gives c k - k,
+    the large-T limit. Zero when no buffer is padded: dropless routing, expert choice (each
+    expert takes exactly C tokens), c <= 1 with T k / E whole, and ``expert_layout``
+    "grouped" (kept rows only). "auto" counts as a buffer layout, which it picks for bf16 on
+    CPU; the local CPU dispatcher then trims the buffer to the fullest expert, so the padding
+    it runs is at most this.
+    """
+    router = layer.router
+    factor = router.capacity_factor
+    if layer.expert_layout == "grouped" or not hasattr(router, "top_k") or is_dropless(factor):
+        return 0.0
+    top_k, num_experts = router.top_k, router.num_experts
+    if routed_tokens is None:
+        return max(factor * top_k - top_k, 0.0)
+    if routed_tokens < 1:
+        raise ValueError(f"routed_tokens ({routed_tokens}) must be >= 1: tokens per routing call")
+    capacity = compute_capacity(routed_tokens, num_experts, top_k, factor, router.min_capacity)
+    return max(num_experts * capacity / routed_tokens - top_k, 0.0)
+
+
+def _moe_flops(layer: MoELayer, routed_tokens: int | None) -> Flops:
     experts = layer.experts
     per_expert = sum(w.numel() for w in (experts.w1, experts.w2, experts.w3) if w is not None)
     per_expert //= experts.num_experts
@@ -141,21 +178,34 @@ def _moe_flops(layer: MoELayer) -> Flops:
         dense=2.0 * shared,
         router=2.0 * layer.router.weight.numel(),
         experts=2.0 * expert_rows_per_token(layer) * per_expert,
+        padded=2.0 * padded_rows_per_token(layer, routed_tokens) * per_expert,
     )
 
 
-def _attention_flops(module: nn.Module, name: str, d_model: int, seq_len: int) -> Flops:
-    if name == "full":  # q, k, v and output projections, exactly as built
-        projections = _weight_macs(*(m for m in module.modules() if isinstance(m, nn.Linear)))
-    else:
-        projections = 4 * d_model * d_model
-    return Flops(dense=2.0 * projections, attention=2.0 * 2 * seq_len * d_model)
+def attention_is_modelled(module: nn.Module) -> bool:
+    """Whether an attention module states its own cost (``flops_per_token``).
+
+    Only a method defined by the module's own class counts: a subclass that adds work to a
+    registered method (SPADE's S4D branch on top of local attention) inherits the parent's
+    formula, which would undercount it.
+    """
+    return "flops_per_token" in vars(type(module))
 
 
-def account(model: nn.Module, seq_len: int) -> Accounting:
+def _attention_flops(module: nn.Module, d_model: int, seq_len: int) -> Flops:
+    if attention_is_modelled(module):
+        projections, scores = module.flops_per_token(seq_len)
+    else:  # full attention's formula: q, k, v and output projections, n keys per query
+        projections, scores = 4 * d_model * d_model, 2 * seq_len * d_model
+    return Flops(dense=2.0 * projections, attention=2.0 * scores)
+
+
+def account(model: nn.Module, seq_len: int, *, routed_tokens: int | None = None) -> Accounting:
     """Parameters and FLOPs per token of a built Transformer (moe/transformer.py), whole:
     count before tensor or expert parallelism splits it. ``seq_len``: tokens per sequence
-    the model sees (patches, plus the class token, for images)."""
+    the model sees (patches, plus the class token, for images). ``routed_tokens``: tokens
+    per routing call (one rank's batch x seq_len), for the exact capacity behind
+    ``Flops.padded``; None uses capacity_factor x top_k rows per token."""
     if seq_len < 1:
         raise ValueError(f"seq_len ({seq_len}) must be >= 1: the tokens of one sequence")
     d_model = model.config.d_model
@@ -171,11 +221,11 @@ def account(model: nn.Module, seq_len: int) -> Accounting:
         flops = _add(flops, Flops(dense=2.0 * projection.weight.numel() * patches / seq_len))
     for block in model.blocks:
         name = block.attention_name
-        if name not in MODELLED_ATTENTION and name not in approximate:
+        if not attention_is_modelled(block.attention) and name not in approximate:
             approximate.append(name)
-        flops = _add(flops, _attention_flops(block.attention, name, d_model, seq_len))
+        flops = _add(flops, _attention_flops(block.attention, d_model, seq_len))
         if isinstance(block.ffn, MoELayer):
-            flops = _add(flops, _moe_flops(block.ffn))
+            flops = _add(flops, _moe_flops(block.ffn, routed_tokens))
             expert = sum(p.numel() for p in block.ffn.parameters() if is_expert(p))
             share = expert_rows_per_token(block.ffn) / block.ffn.experts.num_experts
             active -= expert - round(expert * min(share, 1.0))
@@ -201,17 +251,42 @@ def _add(a: Flops, b: Flops) -> Flops:
     return Flops(**{f.name: getattr(a, f.name) + getattr(b, f.name) for f in fields(a)})
 
 
+def saved_flops(acc: Accounting, dropped_fraction: float) -> float:
+    """Training FLOPs per token that dropped assignments did not run: ``dropped_fraction`` of
+    the experts' share (``acc.training.experts``), since a dropped (token, expert) pair skips
+    its expert and rides the residual connection.
+
+    ``dropped_fraction``: the fraction of assignments a capacity limit dropped, averaged over
+    the MoE layers (``RoutingStats.dropped_fraction``, the trainer's logged drop rate). What
+    the grouped layout ran is ``acc.training.total - saved_flops(acc, f)``; a fixed-buffer
+    layout runs ``acc.training.total + acc.training.padded`` whatever is dropped.
+    """
+    if not 0.0 <= dropped_fraction <= 1.0:
+        raise ValueError(
+            f"dropped_fraction ({dropped_fraction}) must be in [0, 1]: the fraction of "
+            "expert assignments dropped"
+        )
+    return dropped_fraction * acc.training.experts
+
+
 def account_config(
-    model: Any, moe: Any, attention: Any, *, seq_len: int, vocab_size: int | None = None
+    model: Any,
+    moe: Any,
+    attention: Any,
+    *,
+    seq_len: int,
+    vocab_size: int | None = None,
+    routed_tokens: int | None = None,
 ) -> Accounting:
     """``account`` from the config sections (ModelConfig, MoEConfig or None, AttentionConfig):
     the model is built on the meta device, which allocates nothing, so any size is cheap.
-    ``vocab_size``: the tokenizer's, when ``model.vocab_size`` is unset."""
+    ``vocab_size``: the tokenizer's, when ``model.vocab_size`` is unset; ``routed_tokens``
+    as in ``account``."""
     from moe.transformer import Transformer
 
     with torch.device("meta"):
         built = Transformer(model, moe, attention, vocab_size=vocab_size)
-    return account(built, seq_len)
+    return account(built, seq_len, routed_tokens=routed_tokens)
 
 
 # Utilisation --------------------------------------------------------------------------------
