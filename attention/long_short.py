@@ -165,6 +165,44 @@ class LongShortAttention(Attention):
         y = self.out(self.merge_heads(y.to(x.dtype))[:, :n])  # all-reduced under TP
         return zero_padded_queries(y, key_padding_mask), None
 
+    def flops_per_token(self, seq_len: int) -> tuple[float, float]:
+        """Multiply-adds per token of one forward: (projections, sequence mixing).
+
+        The module pads n to N, a multiple of the segment (bidirectional, ``_segment``) or of
+        the causal query block (``_block``), and computes on all N rows. With r projected keys
+        per group (``num_landmarks``; causal: ``chunk_rank`` per chunk of l), H heads:
+
+            projections = (3 D^2 N + D H r N + D^2 n) / n   (q, k, v and landmark logits on N
+                                                             rows; the output on n)
+            mixing      = (2 r N D + 2 N R D + 2 N S D) / n
+
+        2 r N D: P^T K and P^T V; 2 N R D: scores against the R projected keys and their
+        weighted sum (bidirectional R = r; causal R = N r / l, every chunk's keys, masked
+        after the matmul: quadratic in n); 2 N S D: each tile of queries against its S keys
+        (bidirectional S = w + 2 max(w // 2, 1) with w the segment; causal S = w + b with b
+        the query block). The paper's causal cost counts only the earlier chunks' keys
+        (about half of R) and the w window keys, not the tile's w + b.
+        """
+        n, width = seq_len, self.d_model
+        if self.causal:
+            multiple = self._block(n)
+        else:
+            multiple = max(1, self._segment(n))
+        padded = -(-n // multiple) * multiple
+        rank = self.rank
+        projections = 3 * width * width * padded + width * self.num_heads * rank * padded
+        projections += width * width * n
+        if self.causal:
+            projected_keys = padded // self.options.chunk_size * rank
+            span = self.window_size + multiple
+        else:
+            projected_keys = rank
+            segment = multiple
+            span = segment + 2 * max(segment // 2, 1) if self.window_size > 0 else 0
+        mixing = 2 * rank * padded * width + 2 * padded * projected_keys * width
+        mixing += 2 * padded * span * width
+        return projections / n, mixing / n
+
     def _segment(self, n: int) -> int:
         """Bidirectional segment length: w, or n when w >= n (the same keys, less padding)."""
         return min(self.window_size, n)

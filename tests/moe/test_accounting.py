@@ -105,13 +105,22 @@ EFFICIENT = [
     ("linformer", "masked_lm", {"k": 8, "share_kv": True}),
     ("local", "causal_lm", {"radius": 3}),
     ("local", "masked_lm", {"radius": 4, "relative_bias": False}),  # G b > n: padded tail
+    ("long_short", "masked_lm", {"window_size": 5, "num_landmarks": 3}),  # padded to 20
+    ("long_short", "causal_lm", {"window_size": 6, "chunk_size": 4, "chunk_rank": 2}),
 ]
 
 
 @pytest.mark.parametrize(
     ("attention", "mode", "options"),
     EFFICIENT,
-    ids=["linformer", "linformer-share-kv", "local-causal", "local-bidirectional"],
+    ids=[
+        "linformer",
+        "linformer-share-kv",
+        "local-causal",
+        "local-bidirectional",
+        "long-short-bidirectional",
+        "long-short-causal",
+    ],
 )
 def test_efficient_attention_flops_match_torch_flop_counter(
     attention: str, mode: str, options: dict
