@@ -107,6 +107,30 @@ class FlashAttention(Attention):
         y = zero_padded_queries(y, mask)
         return y[:, :length], None
 
+    def flops_per_token(self, seq_len: int) -> tuple[float, float]:
+        """Multiply-adds per token of one forward: (projections, sequence mixing).
+
+        The module pads n = ``seq_len`` to N = G C (C = ``chunk_size``) and computes on all
+        N rows. With e the expanded width, s the query/key width, D model width:
+
+            projections = (3 e D + s D) N / n   (U and V, Z and the output W_o on N rows)
+            mixing      = N C (s + e) / n        local relu² scores and their sum of V
+                          + 2 N s e / n          K_lin^T V and Q_lin times the state
+                                                 (without ``linear_part``: 0)
+
+        The causal linear part computes the same two products per chunk as the
+        bidirectional one (a prefix sum between them), so both count 2 N s e. The unit
+        replaces attention and the FFN, so this is the whole block's matmul work.
+        """
+        chunk = self.options.chunk_size
+        padded = -(-seq_len // chunk) * chunk
+        hidden, qk = self.core.hidden_dim, self.core.qk_dim
+        projections = (3 * hidden * self.d_model + qk * self.d_model) * padded
+        mixing = padded * chunk * (qk + hidden)
+        if self.options.linear_part:
+            mixing += 2 * padded * qk * hidden
+        return projections / seq_len, mixing / seq_len
+
     def _quadratic(
         self,
         query: torch.Tensor,

@@ -96,3 +96,16 @@ class GatedAttentionUnit(Attention):
             mixed = weights @ upcast(value)
         y = self.core.out(gate * mixed.to(gate.dtype))
         return zero_padded_queries(y, key_padding_mask), None
+
+    def flops_per_token(self, seq_len: int) -> tuple[float, float]:
+        """Multiply-adds per token of one forward: (projections, sequence mixing).
+
+        With n = ``seq_len``, e the expanded width, s the query/key width, D model width:
+
+            projections = 3 e D + s D   (U and V: 2 e D, Z: s D, the output W_o: e D)
+            mixing      = n (s + e)     (relu² scores Q K^T over n keys and their sum of V)
+
+        The unit replaces attention and the FFN, so this is the whole block's matmul work.
+        """
+        hidden, qk = self.core.hidden_dim, self.core.qk_dim
+        return float(3 * hidden * self.d_model + qk * self.d_model), float(seq_len * (qk + hidden))

@@ -107,6 +107,8 @@ EFFICIENT = [
     ("local", "masked_lm", {"radius": 4, "relative_bias": False}),  # G b > n: padded tail
     ("long_short", "masked_lm", {"window_size": 5, "num_landmarks": 3}),  # padded to 20
     ("long_short", "causal_lm", {"window_size": 6, "chunk_size": 4, "chunk_rank": 2}),
+    ("gau", "causal_lm", {"qk_dim": 8}),  # replaces the FFN: the whole block
+    ("flash", "masked_lm", {"qk_dim": 8, "chunk_size": 5}),  # padded to 20
 ]
 
 
@@ -120,6 +122,8 @@ EFFICIENT = [
         "local-bidirectional",
         "long-short-bidirectional",
         "long-short-causal",
+        "gau-causal",
+        "flash-bidirectional",
     ],
 )
 def test_efficient_attention_flops_match_torch_flop_counter(
