@@ -263,6 +263,32 @@ class BigBirdAttention(Attention):
         y = self.attend_blocks(q, k, v, key_padding_mask, prefix, suffix)
         return y[:, :, :n_in], None
 
+    def flops_per_token(self, seq_len: int) -> tuple[float, float]:
+        """Multiply-adds per token of one forward: (projections, scores).
+
+        The module pads n = ``seq_len`` to P (``layout``: whole blocks of b after the ETC
+        prefix) and cuts it into g = prefix + suffix global tokens and nl local blocks. Each
+        local block of b queries attends Kb blocks of b keys: the global blocks (ETC's
+        prefix rounded up to whole blocks), w window and min(r, nl) random blocks:
+
+            projections = 4 D^2
+            scores      = 2 D (g P + nl b Kb b) / n
+
+        (Q K^T and the weighted sum of V: g global rows over all P keys, local rows over
+        their gathered keys.) What the module computes: window slots past the local range
+        and random slots it could not fill are gathered and masked, not skipped, so this is
+        above the paper's count of distinct keys; and at n <= 2 b (one or two blocks, all
+        global) it is dense attention over P >= n keys.
+        """
+        o = self.options
+        b = o.block_size
+        prefix, suffix, padded = self.layout(seq_len)
+        num_local = (padded - prefix - suffix) // b
+        global_blocks = -(-prefix // b) + suffix // b
+        key_blocks = global_blocks + o.num_window_blocks + min(o.num_random_blocks, num_local)
+        rows = (prefix + suffix) * padded + num_local * b * key_blocks * b
+        return 4.0 * self.d_model * self.d_model, 2.0 * self.d_model * rows / seq_len
+
     def gather_plan(
         self, nl: int, prefix: int, suffix: int, device: torch.device
     ) -> list[RowChunk]:

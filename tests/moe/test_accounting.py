@@ -109,6 +109,8 @@ EFFICIENT = [
     ("long_short", "causal_lm", {"window_size": 6, "chunk_size": 4, "chunk_rank": 2}),
     ("gau", "causal_lm", {"qk_dim": 8}),  # replaces the FFN: the whole block
     ("flash", "masked_lm", {"qk_dim": 8, "chunk_size": 5}),  # padded to 20
+    ("bigbird", "masked_lm", {"block_size": 3, "num_random_blocks": 2}),  # padded to 18
+    ("bigbird", "masked_lm", {"block_size": 3, "variant": "etc", "num_global_tokens": 2}),
 ]
 
 
@@ -124,6 +126,8 @@ EFFICIENT = [
         "long-short-causal",
         "gau-causal",
         "flash-bidirectional",
+        "bigbird-itc",
+        "bigbird-etc",
     ],
 )
 def test_efficient_attention_flops_match_torch_flop_counter(
