@@ -146,11 +146,12 @@ def padded_rows_per_token(layer: MoELayer, routed_tokens: int | None = None) -> 
     rows per token are padding (some of them stand for dropped assignments: padding is what
     the buffer adds over the model's top_k rows, however many are kept). ``routed_tokens``:
     T, the tokens of one routing call (one rank's batch x sequence); None gives c k - k,
-    the large-T limit. Zero when no buffer is padded: dropless routing, expert choice (each
-    expert takes exactly C tokens), c <= 1 with T k / E whole, and ``expert_layout``
-    "grouped" (kept rows only). "auto" counts as a buffer layout, which it picks for bf16 on
-    CPU; the local CPU dispatcher then trims the buffer to the fullest expert, so the padding
-    it runs is at most this.
+    the large-T limit. The training capacity factor is used. Zero when nothing is padded:
+    dropless routing, expert choice (each expert takes exactly C tokens), c <= 1 in the
+    large-T limit, and ``expert_layout`` "grouped" (kept rows only). "auto" counts as a
+    buffer layout: it picks one for bf16 on CPU (and grouped elsewhere, where this figure is
+    what a fixed buffer would add); the local CPU dispatcher trims its buffer to the fullest
+    expert, so the padding it runs is at most this.
     """
     router = layer.router
     factor = router.capacity_factor
