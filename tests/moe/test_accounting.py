@@ -202,6 +202,8 @@ def test_padded_flops_are_what_a_fixed_buffer_adds() -> None:
     grouped = account(_capacity_limited("grouped", 1.5), SEQ, routed_tokens=BATCH * SEQ)
     assert grouped.forward.padded == 0
     assert "padding +" in acc.describe()
+    with pytest.raises(ValueError, match="routed_tokens"):
+        account(model, SEQ, routed_tokens=0)
 
 
 def test_saved_flops_are_the_dropped_assignments_expert_work() -> None:
