@@ -165,3 +165,51 @@ def test_summary_counts_steps_to_reach_the_dense_loss(tmp_path):
     assert (
         f"{np.mean(values):.4f}" in sixteen and f"{(max(values) - min(values)) / 2:.4f}" in sixteen
     )
+
+
+def _rows(compute, experts, active, loss):
+    return [
+        {"run": f"r{i}", "seed": 0, "num_experts": e, "params_active": n, "total_flops": c,
+         "final_val_loss": l, "d": i}
+        for i, (c, e, n, l) in enumerate(zip(compute, experts, active, loss))
+    ]  # fmt: skip
+
+
+def test_fit_says_when_the_data_do_not_identify_a_parameter():
+    rng = np.random.default_rng(5)
+    compute = np.geomspace(1e12, 1e15, 6)
+    noise = np.exp(rng.normal(0.0, 0.003, compute.size))
+    # No floor in the data: E drifts toward 0 and the table says it is not identified.
+    pure = _rows(compute, [0] * 6, [1e6] * 6, power_law(compute, 0.0, 400.0, 0.2) * noise)
+    fit = scaling_fit.fit_table(pure, "final_val_loss", samples=10)
+    assert fit["power_law"]["dense"]["params"]["E"]["value"] < 1e-3
+    assert "pure power law" in fit["power_law"]["dense"]["note"]
+    assert "note: E -> 0" in scaling_fit.format_fits(fit)
+    # With a floor well inside the curve's range, no note.
+    floor = _rows(compute, [0] * 6, [1e6] * 6, power_law(compute, 1.6, 400.0, 0.2) * noise)
+    fit = scaling_fit.fit_table(floor, "final_val_loss", samples=10)
+    assert "note" not in fit["power_law"]["dense"]
+
+    # The routed law: a loss that ignores the expert count has no resolved effect ...
+    sizes, counts = np.geomspace(1e5, 1e7, 4), np.array([0, 2, 8, 32])
+    n, experts = np.repeat(sizes, counts.size), np.tile(counts, sizes.size)
+    flat = np.exp(-0.08 * np.log(n) + 1.5 + rng.normal(0.0, 0.01, n.size))
+    fit = scaling_fit.fit_table(_rows(6 * n * 1e7, experts, n, flat), "final_val_loss", 20)
+    ratio = fit["routed_law"]["params"]["ratio"]
+    assert ratio["low"] <= 1.0 <= ratio["high"]
+    assert "do not resolve an effect of the expert count" in fit["routed_law"]["note"]
+    # ... and one generated with a clear expert effect has it resolved, at the value the
+    # law gives at the sizes' geometric mean (32 experts against dense).
+    params = [-0.08, -0.2, 0.008, 1.5, 1.85, 300.0]  # slope -0.09 at N = 1e6
+    routed = np.exp(routed_log_loss(params, n, np.maximum(experts, 1)))
+    routed = routed * np.exp(rng.normal(0.0, 0.002, n.size))
+    fit = scaling_fit.fit_table(_rows(6 * n * 1e7, experts, n, routed), "final_val_loss", 20)
+    assert "note" not in fit["routed_law"]
+    center = np.exp(np.mean(np.log(sizes)))
+    true = np.exp(
+        routed_log_loss(params, np.array([center]), np.array([32.0]))
+        - routed_log_loss(params, np.array([center]), np.array([1.0]))
+    )[0]
+    ratio = fit["routed_law"]["params"]["ratio"]
+    assert ratio["low"] <= true <= ratio["high"] < 1.0, (true, ratio)
+    assert "at N = 1e+06 active parameters" in fit["routed_law"]["at"]
