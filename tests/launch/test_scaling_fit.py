@@ -170,8 +170,8 @@ def test_summary_counts_steps_to_reach_the_dense_loss(tmp_path):
 def _rows(compute, experts, active, loss):
     return [
         {"run": f"r{i}", "seed": 0, "num_experts": e, "params_active": n, "total_flops": c,
-         "final_val_loss": l, "d": i}
-        for i, (c, e, n, l) in enumerate(zip(compute, experts, active, loss))
+         "final_val_loss": value, "d": i}
+        for i, (c, e, n, value) in enumerate(zip(compute, experts, active, loss))
     ]  # fmt: skip
 
 
