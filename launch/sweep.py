@@ -3,7 +3,7 @@
     moeforge sweep configs/sweeps/switch_experts.yaml --dry-run        # the plan, no training
     moeforge sweep configs/sweeps/switch_experts.yaml --parallel 2     # runs/sweeps/switch_experts
     moeforge sweep SWEEP.yaml --executor slurm --parallel 32           # pip install moeforge[slurm]
-    moeforge fit runs/sweeps/switch_experts/results.csv                # then the laws and plots
+    moeforge fit runs/sweeps/sizes/results.csv                         # then the laws and plots
 
 A sweep file names a base config and what varies (docs/scaling.md has the whole format):
 
