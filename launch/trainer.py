@@ -346,6 +346,15 @@ def _check_resume(
             f"{before['world_size']} processes or use a new --run-dir"
         )
     checkpoint.check_layout_change(run_dir, {"ep": par.ep, "tp": par.tp}, tag)
+    steps_before = int(saved_train.get("steps", train.steps))
+    if steps_before != train.steps:
+        # The scheduler keeps only its step count: the cosine is recomputed over the new length.
+        log.warning(
+            "train.steps changed from %d to %d since step %d was saved: the warmup-cosine "
+            "schedule now decays over %d steps, so the learning rate jumps at step %d and this "
+            "run will not match a fresh %d-step run (for that, use a new --run-dir)",
+            steps_before, train.steps, point.step, train.steps, point.step, train.steps,
+        )  # fmt: skip
     return tag, saved
 
 

@@ -280,3 +280,23 @@ def test_two_ranks_fall_back_from_a_deleted_rank_file(tmp_path):
     got, want = result["resumed"], result["straight"]
     assert sorted(got) == [1, 2, 3, 4, 5, 6]
     assert all(got[s] == pytest.approx(want[s], abs=ATOL) for s in got), (got, want)
+
+
+def test_resume_with_more_steps_warns_that_the_schedule_jumps(straight, tmp_path, messages):
+    run_dir = tmp_path / "longer"
+    shutil.copytree(straight, run_dir)
+    run(run_dir, "train.steps=8")
+    warned = [m for m in messages if m.startswith("train.steps changed from 6 to 8")]
+    assert len(warned) == 1 and "learning rate jumps at step 6" in warned[0], messages
+    lr = {
+        r["step"]: r["lr"]
+        for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+        if "lr" in r
+    }
+    assert lr[7] > lr[6]  # what the warning says: the decayed run's rate goes back up
+    # Resuming at the saved length says nothing.
+    messages.clear()
+    again = tmp_path / "same"
+    shutil.copytree(straight, again)
+    run(again)
+    assert not [m for m in messages if m.startswith("train.steps changed")]
