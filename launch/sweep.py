@@ -303,6 +303,27 @@ def run_state(run: PlannedRun) -> str:
     return "new"
 
 
+def check_budget_unchanged(runs: list[PlannedRun], out_dir: Path) -> None:
+    """Refuse a plan whose steps differ from the directory's previous plan for a run that has
+    started: resuming it would recompute its cosine schedule over the new length mid-run,
+    so it would equal neither the old run nor a fresh one of the new length."""
+    previous = out_dir / "plan.json"
+    if not previous.is_file():
+        return
+    try:
+        before = {r["name"]: r["steps"] for r in json.loads(previous.read_text())}
+    except (ValueError, KeyError, TypeError):
+        return  # an unreadable old plan says nothing about the runs; the trainer still checks
+    for run in runs:
+        steps = before.get(run.name)
+        if steps is not None and steps != run.steps and run_state(run) != "new":
+            raise UserError(
+                f"{run.name} was planned for {steps} steps in {out_dir} and has started; this "
+                f"plan gives it {run.steps}: a changed budget is a new sweep, so use a new "
+                "--out (or restore the budget)"
+            )
+
+
 def command(run: PlannedRun, fresh: bool = False, stop_at: int | None = None) -> list[str]:
     """The ``moeforge train`` command line of ``run`` (torchrun when its launcher says so)."""
     if run.launcher == "torchrun":
@@ -522,6 +543,7 @@ def main(argv: list[str]) -> int:
         for run in runs:
             print(" ".join(command(run)))
         return 0
+    check_budget_unchanged(runs, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "plan.json").write_text(json.dumps([asdict(r) for r in runs], indent=1))
     complete = True

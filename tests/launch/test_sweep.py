@@ -7,6 +7,8 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -114,6 +116,16 @@ def test_run_state_reads_the_run_directory(tmp_path):
     assert sweep.run_state(run) == "partial"
     checkpoint_at(run.steps)
     assert sweep.run_state(run) == "done"
+
+    # The same directory with another budget: a started run is refused, in one line.
+    runs = _plan(TINY, tmp_path)
+    sweep.check_budget_unchanged(runs, tmp_path)  # no previous plan
+    old = [dict(asdict(r), steps=r.steps * 2) for r in runs]
+    (tmp_path / "plan.json").write_text(json.dumps(old))
+    with pytest.raises(UserError, match=rf"^{run.name} was planned for {run.steps * 2} steps"):
+        sweep.main([str(TINY), "--out", str(tmp_path)])
+    shutil.rmtree(run_dir)  # nothing started: every run may take the new budget
+    sweep.check_budget_unchanged(runs, tmp_path)
 
 
 # The real thing: 4 tiny runs, each a moeforge train subprocess ---------------------------
