@@ -14,10 +14,16 @@ clocks are compared across hosts), is named. Naming takes at most ``stale_after`
 (5 s by default); a live peer clears itself within about one interval. Under torchrun the
 store is the agent's and outlives every worker; under other launchers rank 0 hosts it, so an
 unreachable store means rank 0 is gone.
+
+The beating thread is stopped and joined at interpreter exit. Left running, a beat that is
+inside the store's C++ call when Python finalizes is unwound by CPython's thread exit
+through a noexcept frame, and the process aborts ("terminate called without an active
+exception") after the run has finished.
 """
 
 from __future__ import annotations
 
+import atexit
 import threading
 import time
 from datetime import timedelta
@@ -67,11 +73,19 @@ class Heartbeat:
 
         self._thread = threading.Thread(target=beat, name="moeforge-heartbeat", daemon=True)
         self._thread.start()
+        atexit.register(self.join)
         return self
 
     def stop(self) -> None:
         """Stop beating (peers would name this rank if a collective failed afterwards)."""
         self._stop.set()
+
+    def join(self) -> None:
+        """Stop beating and wait for a beat in flight (it gives up within the store's
+        timeout); runs at interpreter exit."""
+        self.stop()
+        if self._thread is not None:
+            self._thread.join(STORE_TIMEOUT.total_seconds() + self.interval)
 
     def leave(self) -> None:
         """Stop beating and tell peers this rank ends on purpose (having reported a failure),
