@@ -7,6 +7,7 @@
 
 A sweep file names a base config and what varies (docs/scaling.md has the whole format):
 
+    extends: other.yaml                # optional: start from another sweep file's keys
     base: ../tiny.yaml                 # a moeforge config, relative to this file
     set: {train.eval_every: 100}       # overrides every run gets
     axes:                              # one entry per grid dimension; keys inside one
@@ -118,14 +119,44 @@ class PlannedRun:
 # Loading and planning ----------------------------------------------------------------------
 
 
-def load_spec(path: Path) -> SweepSpec:
-    """Read and validate a sweep file; every problem is one UserError line."""
+def _read_raw(path: Path, children: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A sweep file's mapping with its ``extends`` chain merged in: the file's own keys win,
+    and ``set``, ``budget`` and ``submitit`` merge key by key. The parent's ``base`` stays
+    relative to the parent; its ``name`` is not inherited (two sweeps, two directories)."""
     if not path.is_file():
-        raise UserError(f"sweep file {path} does not exist; pass an existing YAML file")
+        where = f" (extended by {children[-1]})" if children else ""
+        raise UserError(f"sweep file {path}{where} does not exist; pass an existing YAML file")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise UserError(f"sweep file {path} is not valid YAML ({err}); fix its syntax") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"sweep file {path} is not a mapping of keys; see docs/scaling.md")
+    parent_name = raw.pop("extends", None)
+    if parent_name is None:
+        return raw
+    parent_path = (path.parent / str(parent_name)).resolve()
+    chain = (*children, path.resolve())
+    if parent_path in chain:
+        raise UserError(
+            f"sweep file {path}: 'extends' makes a cycle through {parent_path}; "
+            "remove one of the extends"
+        )
+    parent = _read_raw(parent_path, chain)
+    parent.pop("name", None)
+    if "base" in parent and (parent_path.parent / str(parent["base"])).is_file():
+        parent["base"] = str((parent_path.parent / str(parent["base"])).resolve())
+    merged = {**parent, **raw}
+    for key in ("set", "budget", "submitit"):
+        if isinstance(parent.get(key), dict) and isinstance(raw.get(key), dict):
+            merged[key] = {**parent[key], **raw[key]}
+    return merged
+
+
+def load_spec(path: Path) -> SweepSpec:
+    """Read and validate a sweep file (and any it extends); every problem is one UserError
+    line."""
+    raw = _read_raw(path)
     try:
         spec = SweepSpec.model_validate(raw)
     except ValidationError as err:

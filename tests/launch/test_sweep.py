@@ -113,6 +113,41 @@ def test_zipped_axes_move_together_and_bad_files_name_the_problem(tmp_path):
         _plan(bad, tmp_path)
 
 
+def test_a_sweep_file_extends_another(tmp_path):
+    # The child's keys win; set and budget merge key by key; base stays relative to the
+    # parent; name is not inherited. The plan equals the parent's with the changes applied.
+    parent = tmp_path / "configs" / "parent.yaml"
+    parent.parent.mkdir()
+    shutil.copy(REPO / "configs" / "tiny.yaml", tmp_path / "configs" / "tiny.yaml")
+    parent.write_text(
+        "base: tiny.yaml\nname: parent_dir\nset: {train.eval_batches: 2, train.log_every: 5}\n"
+        "axes: {moe.num_experts: [0, 4]}\nseeds: [0, 1]\n"
+        "budget: {flops_per_run: 2.0e11, evals_per_run: 2}\n"
+    )
+    child = tmp_path / "elsewhere" / "child.yaml"
+    child.parent.mkdir()
+    child.write_text(
+        "extends: ../configs/parent.yaml\nset: {train.log_every: 7}\nseeds: [5]\n"
+        "budget: {flops_per_run: 4.0e11}\n"
+    )
+    spec = sweep.load_spec(child)
+    assert spec.name is None and spec.seeds == [5]
+    assert spec.set == {"train.eval_batches": 2, "train.log_every": 7}
+    assert spec.budget.flops_per_run == 4.0e11 and spec.budget.evals_per_run == 2
+    runs, parents = _plan(child, tmp_path / "c"), _plan(parent, tmp_path / "p")
+    assert [r.num_experts for r in runs] == [0, 4]
+    for run, twin in zip(runs, parents[::2]):
+        assert run.steps == 2 * twin.steps  # twice the FLOPs, same models
+        assert run.flops_per_token == twin.flops_per_token
+        assert "train.log_every=7" in run.overrides and "train.seed=5" in run.overrides
+    child.write_text("extends: nowhere.yaml\n")
+    with pytest.raises(UserError, match=r"nowhere.yaml \(extended by .*child.yaml\) does not"):
+        sweep.load_spec(child)
+    child.write_text("extends: child.yaml\n")
+    with pytest.raises(UserError, match="'extends' makes a cycle"):
+        sweep.load_spec(child)
+
+
 def test_run_state_reads_the_run_directory(tmp_path):
     run = _plan(TINY, tmp_path)[0]
     run_dir = Path(run.run_dir)
