@@ -8,8 +8,11 @@ Per logged step, ``RUN_DIR/metrics.jsonl`` gets one JSON object with step, loss 
 that is back-propagated), ce_loss, aux_loss, z_loss (sums over MoE layers), dropped_fraction
 and router_entropy (means over MoE layers), lr, tokens_per_s (all ranks) and grad_norm (the
 engine's global gradient norm of the window's last step, when it computes one), the
-cumulative tokens and model FLOPs of the run (moe/accounting.py's FLOPs per token) and, on
-CUDA, mfu (model FLOPs utilisation: FLOPs per token x tokens_per_s over the peak of all
+cumulative tokens and model FLOPs of the run (moe/accounting.py's FLOPs per token), for MoE
+models padded_flops (cumulative: what fixed [E, C, d] capacity buffers multiply beyond the
+model's FLOPs; an upper bound for layouts that trim or group their rows) and
+saved_flops_per_token (the expert FLOPs per token the window's dropped assignments skipped,
+from its dropped_fraction) and, on CUDA, mfu (model FLOPs utilisation: FLOPs per token x tokens_per_s over the peak of all
 ranks' GPUs, from train.peak_tflops or the table of known GPUs); evaluations add
 records with val_loss (nats per token) and val_bpb (bits per byte of the targets' text),
 plus val_accuracy in classify mode (images: launch/images.py).
@@ -76,7 +79,7 @@ from launch.log import get_logger, quiet_deepspeed
 from launch.metrics import MetricsWriter, eval_words, example_words, print_summary
 from launch.precision import emulated_bf16_warning, resolve_precision
 from launch.preflight import preflight
-from moe.accounting import Accounting, account, mfu, peak_tflops
+from moe.accounting import Accounting, account, mfu, peak_tflops, saved_flops
 from moe.expert_parallel import apply_expert_parallel
 from moe.pipeline import (
     PipelineLayers,
@@ -487,8 +490,8 @@ def build_model_data(run: Run) -> None:
         if is_moe_block(i, config.moe) and run.model.blocks[i].ffn is not None
     ]
     run.counts = count_parameters(run.model)
-    seq_len = tokens_per_micro_batch(config) // config.train.micro_batch
-    run.accounting = account(run.model, seq_len)
+    routed = tokens_per_micro_batch(config)  # one routing call's tokens: the exact capacity
+    run.accounting = account(run.model, routed // config.train.micro_batch, routed_tokens=routed)
 
 
 def _dense_parameter_bytes(model: torch.nn.Module) -> int:
@@ -736,7 +739,9 @@ def train_loop(run: Run, started: float) -> TrainResult:
     # a resumed run starts from its checkpoint's step, every step having the same batch.
     seq_len = run.accounting.seq_len
     counted_len = patch_tokens or seq_len
-    flops_per_token = run.accounting.training.total * seq_len / counted_len
+    per_counted = seq_len / counted_len
+    flops_per_token = run.accounting.training.total * per_counted
+    padded_per_token = run.accounting.training.padded * per_counted
     tokens_total = start_step * train_cfg.micro_batch * train_cfg.grad_accum * dp * counted_len
     peak = peak_flops(run, device)
     last_mfu = None
@@ -793,6 +798,11 @@ def train_loop(run: Run, started: float) -> TrainResult:
                     "tokens_per_s": last_rate, "tokens": tokens_total,
                     "flops": tokens_total * flops_per_token,
                 }  # fmt: skip
+                if run.accounting.training.experts:  # what capacity limits cost and spared
+                    record["padded_flops"] = tokens_total * padded_per_token
+                    record["saved_flops_per_token"] = (
+                        saved_flops(run.accounting, dropped) * per_counted
+                    )
                 if peak is not None:
                     last_mfu = record["mfu"] = mfu(flops_per_token, last_rate, peak, run.world)
                 if last_grad_norm is not None:  # the engine's, over every layout's shards

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from launch import launcher, trainer
 from launch.config import config_from_dict
 from launch.precision import resolve_precision
-from moe.accounting import mfu, peak_tflops
+from moe.accounting import account_config, mfu, peak_tflops
 from parallel import deepspeed_bridge as bridge
 from parallel import rendezvous
 from tests.launch.corpus import write_corpus
@@ -273,7 +274,7 @@ def test_peak_tflops_must_be_positive():
 
 TINY = """
 model: {d_model: 32, num_layers: 2, num_heads: 2, d_ff: 64, max_seq_len: 16}
-moe: {num_experts: 4, capacity_factor: null}
+moe: {num_experts: 4, capacity_factor: 1.25, expert_layout: buffer}
 data: {seq_len: 16, path: CORPUS}
 precision: fp32
 train: {steps: 3, micro_batch: 2, grad_accum: 2, log_every: 1, eval_every: 0, eval_batches: 1}
@@ -290,7 +291,7 @@ sys.exit(cli.main(sys.argv[1:]))
 
 
 @pytest.mark.slow
-def test_metrics_carry_cumulative_tokens_flops_and_mfu(tmp_path):
+def test_metrics_carry_cumulative_tokens_flops_padding_and_mfu(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(TINY.replace("CORPUS", str(write_corpus(tmp_path))))
     run_dir = tmp_path / "run"
@@ -311,3 +312,18 @@ def test_metrics_carry_cumulative_tokens_flops_and_mfu(tmp_path):
     for r in steps:  # one rank, 1 TFLOP/s
         assert r["mfu"] == pytest.approx(flops_per_token * r["tokens_per_s"] / 1e12)
     assert "MFU" in done.stderr + done.stdout
+    # Capacity 1.25 over 2 x 16 routed tokens: 4 experts x 10 rows hold 32 assignments, so 8
+    # empty rows per 32 tokens ride along; drops skip their share of the experts' FLOPs.
+    cfg = config_from_dict(yaml.safe_load(config.read_text()))
+    acc = account_config(cfg.model, cfg.moe, cfg.attention, seq_len=16, vocab_size=260,
+                         routed_tokens=32)  # fmt: skip
+    assert acc.training.total == pytest.approx(flops_per_token)
+    # 6 training FLOPs per weight (2 forward, 4 backward) x 0.25 rows x one expert's w1, w2
+    padded_per_token = 6 * 0.25 * 2 * 32 * 64
+    assert acc.training.padded == pytest.approx(padded_per_token)
+    assert any(r["saved_flops_per_token"] > 0 for r in steps)  # these steps drop
+    for r in steps:
+        assert r["padded_flops"] == pytest.approx(r["tokens"] * padded_per_token)
+        assert r["saved_flops_per_token"] == pytest.approx(
+            r["dropped_fraction"] * acc.training.experts
+        )
