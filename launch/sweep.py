@@ -144,8 +144,9 @@ def _read_raw(path: Path, children: tuple[Path, ...] = ()) -> dict[str, Any]:
         )
     parent = _read_raw(parent_path, chain)
     parent.pop("name", None)
-    if "base" in parent and (parent_path.parent / str(parent["base"])).is_file():
-        parent["base"] = str((parent_path.parent / str(parent["base"])).resolve())
+    beside_parent = parent_path.parent / str(parent.get("base", ""))
+    if "base" in parent and beside_parent.is_file():
+        parent["base"] = str(beside_parent.resolve())
     merged = {**parent, **raw}
     for key in ("set", "budget", "submitit"):
         if isinstance(parent.get(key), dict) and isinstance(raw.get(key), dict):

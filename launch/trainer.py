@@ -12,10 +12,10 @@ cumulative tokens and model FLOPs of the run (moe/accounting.py's FLOPs per toke
 models padded_flops (cumulative: what fixed [E, C, d] capacity buffers multiply beyond the
 model's FLOPs; an upper bound for layouts that trim or group their rows) and
 saved_flops_per_token (the expert FLOPs per token the window's dropped assignments skipped,
-from its dropped_fraction) and, on CUDA, mfu (model FLOPs utilisation: FLOPs per token x tokens_per_s over the peak of all
-ranks' GPUs, from train.peak_tflops or the table of known GPUs); evaluations add
-records with val_loss (nats per token) and val_bpb (bits per byte of the targets' text),
-plus val_accuracy in classify mode (images: launch/images.py).
+from its dropped_fraction) and, on CUDA, mfu (model FLOPs utilisation: FLOPs per token x
+tokens_per_s over the peak of all ranks' GPUs, from train.peak_tflops or the table of known
+GPUs); evaluations add records with val_loss (nats per token) and val_bpb (bits per byte of
+the targets' text), plus val_accuracy in classify mode (images: launch/images.py).
 Values are averaged over the micro steps of the step and over data-parallel ranks.
 Re-running a run directory that holds a checkpoint continues it exactly from its newest
 valid checkpoint (a damaged newer one is named in one line and skipped): same data order
